@@ -1,0 +1,148 @@
+// factor_update_ on CUDA: one launch for all layers of a (factor dtype, input dtype) group.
+// Each block owns one 32x32 tile of the upper triangle of one layer's factor, stages 32-row slabs
+// of the two column panels of X~ = [X, 1] in shared memory, accumulates in acc_t (fp32 or fp64),
+// and writes the tile and its mirror, so only one triangle is computed.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "factor_update.h"
+
+namespace natgrad {
+namespace {
+
+constexpr int kTile = 32;   // tile edge = threads in x
+constexpr int kRows = 8;    // threads in y; each thread owns kTile / kRows rows of the tile
+constexpr int kChunk = 32;  // rows of X staged per step
+
+struct Layer {
+  void* F;
+  const void* X;
+  int64_t n, d, dim;           // rows of X, width of X, width of X~
+  int64_t xs0, xs1, fs0, fs1;  // strides of X and F
+  int64_t tile_begin, T;       // first tile of this layer in the grid; tiles per edge
+  double scale;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void factor_update_kernel(const Layer* __restrict__ layers, int num_layers, acc_t decay) {
+  // The layer of this block: the last one whose first tile is <= blockIdx.x.
+  int lo = 0, hi = num_layers - 1;
+  const int64_t b = blockIdx.x;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (layers[mid].tile_begin <= b) lo = mid; else hi = mid - 1;
+  }
+  const Layer L = layers[lo];
+  int64_t ti, tj;
+  factor_update::upper_tile(b - L.tile_begin, L.T, &ti, &tj);
+  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  const auto* x = static_cast<const scalar_t*>(L.X);
+  const bool ones = L.dim > L.d;
+
+  __shared__ acc_t As[kChunk][kTile + 1];  // +1: no bank conflicts on the transposed read
+  __shared__ acc_t Bs[kChunk][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  acc_t acc[kTile / kRows];
+#pragma unroll
+  for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);
+
+  for (int64_t k0 = 0; k0 < L.n; k0 += kChunk) {
+    for (int r = ty; r < kChunk; r += kRows) {
+      As[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs0, L.xs1, ones, k0 + r, i0 + tx);
+      Bs[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs0, L.xs1, ones, k0 + r, j0 + tx);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int r = 0; r < kChunk; ++r) {
+      const acc_t bv = Bs[r][tx];
+#pragma unroll
+      for (int q = 0; q < kTile / kRows; ++q) acc[q] += As[r][ty + q * kRows] * bv;
+    }
+    __syncthreads();
+  }
+
+  auto* F = static_cast<acc_t*>(L.F);
+  const acc_t scale = static_cast<acc_t>(L.scale);
+  const int64_t j = j0 + tx;
+#pragma unroll
+  for (int q = 0; q < kTile / kRows; ++q) {
+    const int64_t i = i0 + ty + q * kRows;
+    if (i >= L.dim || j >= L.dim) continue;
+    if (ti == tj) {
+      // Diagonal tile: every (i, j) and its mirror lie in this tile, computed with the same sums.
+      acc_t* f = F + i * L.fs0 + j * L.fs1;
+      *f = decay * *f + scale * acc[q];
+    } else {
+      const acc_t v = decay * F[i * L.fs0 + j * L.fs1] + scale * acc[q];
+      F[i * L.fs0 + j * L.fs1] = v;
+      F[j * L.fs0 + i * L.fs1] = v;
+    }
+  }
+}
+
+}  // namespace
+
+void factor_update_cuda(at::TensorList factors, at::TensorList inputs, double decay,
+                        at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
+  TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
+                  append_ones.size() == factors.size(),
+              "factor_update_: factors, inputs, scales and append_ones must have the same length");
+  if (factors.empty()) return;
+  const c10::cuda::CUDAGuard guard(factors[0].device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  // One launch per (factor dtype, input dtype) pair; in practice every layer shares one pair.
+  std::vector<bool> done(factors.size(), false);
+  for (size_t first = 0; first < factors.size(); ++first) {
+    if (done[first]) continue;
+    const auto fdt = factors[first].scalar_type(), xdt = inputs[first].scalar_type();
+    std::vector<Layer> layers;
+    int64_t tiles = 0;
+    for (size_t i = first; i < factors.size(); ++i) {
+      if (done[i] || factors[i].scalar_type() != fdt || inputs[i].scalar_type() != xdt) continue;
+      done[i] = true;
+      const at::Tensor& F = factors[i];
+      const at::Tensor& X = inputs[i];
+      const int64_t d = X.size(1), dim = d + (append_ones.get(i) ? 1 : 0);
+      TORCH_CHECK(F.dim() == 2 && F.size(0) == dim && F.size(1) == dim, "factor_update_: factors[", i,
+                  "] must be (", dim, ", ", dim, ")");
+      if (dim == 0) continue;
+      const int64_t T = (dim + kTile - 1) / kTile;
+      layers.push_back(Layer{F.data_ptr(), X.data_ptr(), X.size(0), d, dim, X.stride(0), X.stride(1),
+                             F.stride(0), F.stride(1), tiles, T, scales[i]});
+      tiles += factor_update::upper_tile_count(T);
+    }
+    if (layers.empty()) continue;
+    TORCH_CHECK(tiles < (int64_t(1) << 31), "factor_update_: too many tiles for one launch");
+    // The layer table travels with the launch: pinned host buffer, async copy on the stream.
+    const int64_t bytes = static_cast<int64_t>(layers.size() * sizeof(Layer));
+    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), layers.data(), bytes);
+    at::Tensor dev = host.to(factors[first].device(), /*non_blocking=*/true);
+
+    const dim3 block(kTile, kRows), grid(static_cast<unsigned>(tiles));
+    AT_DISPATCH_SWITCH(xdt, "factor_update_cuda",
+        AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
+          using x_t = scalar_t;
+          if (fdt == at::kDouble) {
+            factor_update_kernel<x_t, double><<<grid, block, 0, stream>>>(
+                static_cast<const Layer*>(dev.data_ptr()), static_cast<int>(layers.size()), decay);
+          } else {
+            TORCH_CHECK(fdt == at::kFloat, "factor_update_: factors must be float32 or float64");
+            factor_update_kernel<x_t, float><<<grid, block, 0, stream>>>(
+                static_cast<const Layer*>(dev.data_ptr()), static_cast<int>(layers.size()),
+                static_cast<float>(decay));
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }));
+  }
+}
+
+TORCH_LIBRARY_IMPL(natgrad, CUDA, m) { m.impl("factor_update_", &factor_update_cuda); }
+
+}  // namespace natgrad

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up everything the two README commands need, idempotently: a virtualenv in .venv, torch
+# (the CUDA build, so that the CUDA kernels are compiled), the build tools, and natgrad_cuda itself,
+# built with its C++ and CUDA sources. Re-running it rebuilds only what changed (build/ is kept).
+#
+# Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv),
+# TORCH_SPEC (default torch==2.14.1), NATGRAD_CUDA (AUTO|ON|OFF, default AUTO).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+# torch first (several GB for the CUDA build; pip skips it when already satisfied), then the build
+# tools, since the package is built without isolation against this very torch.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing $TORCH_SPEC"
+  "${PIP[@]}" install -q "$TORCH_SPEC"
+fi
+"${PIP[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy
+
+echo "[setup] building and installing natgrad_cuda (NATGRAD_CUDA=${NATGRAD_CUDA:-AUTO})"
+"${PIP[@]}" install -q --no-build-isolation ".[test,demo]"
+"$VENV/bin/python" -m natgrad_cuda info
