@@ -1,29 +1,21 @@
 // factor_update_: F_i <- decay * F_i + scale_i * X~_i^T X~_i for many layers in one call,
-// X~_i = [X_i, 1] when append_ones_i. Declarations of the per-device entry points and the math
-// shared by the CPU and CUDA kernels.
+// X~_i = [X_i, 1] when append_ones_i. The math shared by the CPU and CUDA kernels; each kernel file
+// registers its own entry point with the dispatcher.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/core/List.h>
-#include <c10/util/ArrayRef.h>
+#include <cstdint>
 
 #include "common.h"
 
 namespace natgrad {
 
-void factor_update_cpu(at::TensorList factors, at::TensorList inputs, double decay,
-                       at::ArrayRef<double> scales, const c10::List<bool>& append_ones);
-#ifdef NATGRAD_WITH_CUDA
-void factor_update_cuda(at::TensorList factors, at::TensorList inputs, double decay,
-                        at::ArrayRef<double> scales, const c10::List<bool>& append_ones);
-#endif
-
 namespace factor_update {
 
 // Element (row k, column c) of X~ = [X, 1] without materialising the ones column; rows past n
 // and columns past the width read as zero so that partial tiles need no branches in the inner loop.
-template <typename acc_t, typename scalar_t>
-NATGRAD_HOST_DEVICE inline acc_t load_augmented(const scalar_t* x, int64_t n, int64_t d,
+// ptr_t: a pointer to the input's elements (a checked pointer in the emulated build).
+template <typename acc_t, typename ptr_t>
+NATGRAD_HOST_DEVICE inline acc_t load_augmented(const ptr_t& x, int64_t n, int64_t d,
                                                 int64_t stride0, int64_t stride1, bool ones,
                                                 int64_t k, int64_t c) {
   if (k >= n) return acc_t(0);

@@ -7,11 +7,22 @@
 #include <sstream>
 #include <string>
 
+#include "emu/counters.h"
+#include "schemas.h"
+
 namespace py = pybind11;
 
 TORCH_LIBRARY(natgrad, m) {
-  m.def("factor_update_(Tensor(a!)[] factors, Tensor[] inputs, float decay, float[] scales, "
-        "bool[] append_ones) -> ()");
+  for (const char* schema : natgrad::kOpSchemas) m.def(schema);
+}
+TORCH_LIBRARY(natgrad_emu, m) {
+  for (const char* schema : natgrad::kOpSchemas) m.def(schema);
+}
+TORCH_LIBRARY(natgrad_testing, m) {
+  for (const char* schema : natgrad::kTestingSchemas) m.def(schema);
+}
+TORCH_LIBRARY(natgrad_testing_emu, m) {
+  for (const char* schema : natgrad::kTestingSchemas) m.def(schema);
 }
 
 namespace {
@@ -22,6 +33,7 @@ py::dict build_info() {
   info["torch"] = NATGRAD_TORCH_VERSION;
   py::list backends;
   backends.append("cpu");
+  backends.append("emulated");
 #ifdef NATGRAD_WITH_CUDA
   backends.append("cuda");
   info["cuda_version"] = NATGRAD_CUDA_VERSION;
@@ -41,6 +53,17 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "natgrad_cuda compiled kernels; the ops live in torch.ops.natgrad";
+  m.doc() = "natgrad_cuda compiled kernels; the ops live in torch.ops.natgrad (natgrad_emu: emulated CUDA)";
   m.def("build_info", &build_info, "What this extension was built with and for");
+  m.def("emulation_counters", [] {
+    const natgrad::emu::Counters c = natgrad::emu::counters();
+    py::dict by_name;
+    for (const auto& [name, n] : c.by_name) by_name[py::str(name)] = n;
+    py::dict out;
+    out["launches"] = c.launches;
+    out["library_calls"] = c.library_calls;
+    out["by_name"] = by_name;
+    return out;
+  }, "Kernel launches and library calls made by the emulated CUDA backend since the last reset");
+  m.def("reset_emulation_counters", &natgrad::emu::reset_counters);
 }

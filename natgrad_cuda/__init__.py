@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ext, ops, reference  # noqa: E402
+from . import _ext, emulation, ops, reference  # noqa: E402
 from . import curvature  # noqa: E402
 
 
@@ -26,4 +26,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "ops", "reference", "curvature", "__version__"]
+__all__ = ["build_info", "ops", "reference", "curvature", "emulation", "__version__"]

@@ -114,11 +114,15 @@ def factor_update_(
     elif impl == "native":
         torch.ops.natgrad.factor_update_(factors, inputs, decay, scales, append_ones)
     else:
-        torch.ops.natgrad.factor_update_emulated_(factors, inputs, decay, scales, append_ones)
+        torch.ops.natgrad_emu.factor_update_(factors, inputs, decay, scales, append_ones)
 
 
 if _ext.loaded():
 
     @torch.library.register_fake("natgrad::factor_update_")
     def _factor_update_fake(factors, inputs, decay, scales, append_ones):
+        return None
+
+    @torch.library.register_fake("natgrad_emu::factor_update_")
+    def _factor_update_emu_fake(factors, inputs, decay, scales, append_ones):
         return None

@@ -1,13 +1,18 @@
-"""ops.factor_update_: reference against the native CPU kernel over shapes, dtypes and layouts."""
+"""ops.factor_update_: reference against the native CPU kernel and the emulated CUDA kernel over
+shapes, dtypes and layouts; opcheck; bad input; launches per call on the CUDA path."""
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import natgrad_cuda as ng
 from natgrad_cuda import ops, reference
 
 native = pytest.mark.skipif(not ng._ext.native_available("cpu"), reason="extension not built")
+emulated = pytest.mark.skipif(not ng.emulation.available(), reason="emulated backend not built")
+# The compiled implementations, each checked against the reference.
+IMPLS = [pytest.param("native", marks=native), pytest.param("emulated", marks=emulated)]
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
@@ -38,32 +43,32 @@ def test_reference_matches_definition():
     torch.testing.assert_close(F, 0.25 * torch.eye(5, dtype=torch.float64) + 0.5 * Xa.T @ Xa, rtol=0, atol=1e-13)
 
 
-@native
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "rows,widths",
     [([0], [3]), ([1], [1]), ([7], [5]), ([13, 1, 64], [31, 33, 1]), ([129], [97]), ([300], [257]),
-     ([5] * 20, list(range(1, 21))), ([2048], [65])],
+     ([5] * 20, list(range(1, 21))), ([2048], [65]), ([3, 40], [0, 32])],
 )
 @pytest.mark.parametrize("transpose", [False, True])
-def test_native_matches_reference_fp64(rows, widths, transpose):
+def test_matches_reference_fp64(impl, rows, widths, transpose):
     factors, inputs, ones = _case(rows, widths, transpose=transpose)
     expected = [F.clone() for F in factors]
     scales = [1.0 / (i + 1) for i in range(len(factors))]
     ops.factor_update_(expected, inputs, 0.9, scales, ones, impl="reference")
-    ops.factor_update_(factors, inputs, 0.9, scales, ones, impl="native")
+    ops.factor_update_(factors, inputs, 0.9, scales, ones, impl=impl)
     for F, E in zip(factors, expected):
         assert _rel(F, E) < TOL[torch.float64]
         assert torch.equal(F, F.T) or _rel(F, F.T) < 1e-15
 
 
-@native
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
-def test_native_dtypes(xdtype, fdtype):
+def test_dtypes(impl, xdtype, fdtype):
     factors, inputs, ones = _case([37, 64], [17, 40], fdtype=fdtype, xdtype=xdtype, seed=3)
     expected = [F.clone() for F in factors]
     ops.factor_update_(expected, inputs, 0.5, [0.1, 2.0], ones, impl="reference")
-    ops.factor_update_(factors, inputs, 0.5, [0.1, 2.0], ones, impl="native")
+    ops.factor_update_(factors, inputs, 0.5, [0.1, 2.0], ones, impl=impl)
     for F, E in zip(factors, expected):
         assert F.dtype == fdtype
         assert _rel(F, E) < TOL[fdtype]
@@ -78,13 +83,64 @@ def test_default_impl_is_native_when_built():
     assert _rel(factors[0], expected[0]) < 1e-13
 
 
+@emulated
+def test_mixed_dtypes_in_one_call():
+    # Layers of different (factor, input) dtypes: grouped, one launch per group.
+    f1, x1, o1 = _case([20], [9], fdtype=torch.float32, xdtype=torch.float16, seed=5)
+    f2, x2, o2 = _case([30], [12], fdtype=torch.float64, xdtype=torch.float64, seed=6)
+    f3, x3, o3 = _case([10], [7], fdtype=torch.float32, xdtype=torch.float16, seed=7)
+    factors, inputs, ones = f1 + f2 + f3, x1 + x2 + x3, o1 + o2 + o3
+    expected = [F.clone() for F in factors]
+    ops.factor_update_(expected, inputs, 0.7, [1.0, 0.5, 2.0], ones, impl="reference")
+    with ng.emulation.count() as c:
+        ops.factor_update_(factors, inputs, 0.7, [1.0, 0.5, 2.0], ones, impl="emulated")
+    assert c.launches == 2
+    for F, E in zip(factors, expected):
+        assert _rel(F, E) < TOL[F.dtype]
+
+
+@emulated
+@pytest.mark.parametrize("layers", [1, 4, 64])
+def test_one_launch_per_call_on_the_cuda_path(layers):
+    factors, inputs, ones = _case([16] * layers, [(7 * i) % 40 + 1 for i in range(layers)], fdtype=torch.float32,
+                                  xdtype=torch.float32)
+    with ng.emulation.count() as c:
+        ops.factor_update_(factors, inputs, 0.95, [1.0] * layers, ones, impl="emulated")
+    assert (c.launches, c.library_calls) == (1, 0)
+
+
 @native
-def test_opcheck():
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70), st.booleans()), min_size=1, max_size=5),
+    decay=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzzed_shapes_all_impls_agree(shapes, decay, seed):
+    shapes = [(n, d, a) for n, d, a in shapes if d + a > 0] or [(3, 2, True)]
+    rows, widths, ones = zip(*shapes)
+    factors, inputs, ones = _case(rows, widths, ones=list(ones), seed=seed)
+    scales = [0.5 + i for i in range(len(factors))]
+    expected = [F.clone() for F in factors]
+    ops.factor_update_(expected, inputs, decay, scales, ones, impl="reference")
+    for impl in ("native", "emulated"):
+        if impl == "emulated" and not ng.emulation.available():
+            continue
+        got = [F.clone() for F in factors]
+        ops.factor_update_(got, inputs, decay, scales, ones, impl=impl)
+        for F, E in zip(got, expected):
+            assert _rel(F, E) < 1e-12, impl
+
+
+@native
+@pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
+def test_opcheck(ns):
     factors, inputs, ones = _case([11, 4], [6, 3], fdtype=torch.float32, xdtype=torch.float32)
-    torch.library.opcheck(torch.ops.natgrad.factor_update_.default, (factors, inputs, 0.95, [0.5, 1.0], ones))
+    op = getattr(torch.ops, ns).factor_update_.default
+    torch.library.opcheck(op, (factors, inputs, 0.95, [0.5, 1.0], ones))
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("native", marks=native)])
+@pytest.mark.parametrize("impl", ["reference"] + IMPLS)
 def test_bad_input(impl):
     X = torch.randn(4, 3)
     with pytest.raises(ValueError, match="inputs"):

@@ -7,8 +7,9 @@
 #include "factor_update.h"
 
 namespace natgrad {
+namespace cpu_kernels {
 
-void factor_update_cpu(at::TensorList factors, at::TensorList inputs, double decay,
+void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
                        at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
   TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
                   append_ones.size() == factors.size(),
@@ -33,6 +34,7 @@ void factor_update_cpu(at::TensorList factors, at::TensorList inputs, double dec
   }
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("factor_update_", &factor_update_cpu); }
+TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("factor_update_", &factor_update_); }
 
+}  // namespace cpu_kernels
 }  // namespace natgrad

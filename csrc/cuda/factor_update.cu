@@ -2,17 +2,15 @@
 // Each block owns one 32x32 tile of the upper triangle of one layer's factor, stages 32-row slabs
 // of the two column panels of X~ = [X, 1] in shared memory, accumulates in acc_t (fp32 or fp64),
 // and writes the tile and its mirror, so only one triangle is computed.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <vector>
 
+#include "cuda/runtime.h"
 #include "factor_update.h"
 
 namespace natgrad {
+namespace NATGRAD_KERNEL_NS {
 namespace {
 
 constexpr int kTile = 32;   // tile edge = threads in x
@@ -20,8 +18,8 @@ constexpr int kRows = 8;    // threads in y; each thread owns kTile / kRows rows
 constexpr int kChunk = 32;  // rows of X staged per step
 
 struct Layer {
-  void* F;
-  const void* X;
+  dev_ptr<char> F;  // typed by the kernel's template arguments
+  dev_ptr<const char> X;
   int64_t n, d, dim;           // rows of X, width of X, width of X~
   int64_t xs0, xs1, fs0, fs1;  // strides of X and F
   int64_t tile_begin, T;       // first tile of this layer in the grid; tiles per edge
@@ -29,7 +27,7 @@ struct Layer {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void factor_update_kernel(const Layer* __restrict__ layers, int num_layers, acc_t decay) {
+__global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers, acc_t decay) {
   // The layer of this block: the last one whose first tile is <= blockIdx.x.
   int lo = 0, hi = num_layers - 1;
   const int64_t b = blockIdx.x;
@@ -41,7 +39,7 @@ __global__ void factor_update_kernel(const Layer* __restrict__ layers, int num_l
   int64_t ti, tj;
   factor_update::upper_tile(b - L.tile_begin, L.T, &ti, &tj);
   const int64_t i0 = ti * kTile, j0 = tj * kTile;
-  const auto* x = static_cast<const scalar_t*>(L.X);
+  const dev_ptr<const scalar_t> x = ptr_cast<const scalar_t>(L.X);
   const bool ones = L.dim > L.d;
 
   __shared__ acc_t As[kChunk][kTile + 1];  // +1: no bank conflicts on the transposed read
@@ -66,7 +64,7 @@ __global__ void factor_update_kernel(const Layer* __restrict__ layers, int num_l
     __syncthreads();
   }
 
-  auto* F = static_cast<acc_t*>(L.F);
+  const dev_ptr<acc_t> F = ptr_cast<acc_t>(L.F);
   const acc_t scale = static_cast<acc_t>(L.scale);
   const int64_t j = j0 + tx;
 #pragma unroll
@@ -75,8 +73,8 @@ __global__ void factor_update_kernel(const Layer* __restrict__ layers, int num_l
     if (i >= L.dim || j >= L.dim) continue;
     if (ti == tj) {
       // Diagonal tile: every (i, j) and its mirror lie in this tile, computed with the same sums.
-      acc_t* f = F + i * L.fs0 + j * L.fs1;
-      *f = decay * *f + scale * acc[q];
+      acc_t& f = F[i * L.fs0 + j * L.fs1];
+      f = decay * f + scale * acc[q];
     } else {
       const acc_t v = decay * F[i * L.fs0 + j * L.fs1] + scale * acc[q];
       F[i * L.fs0 + j * L.fs1] = v;
@@ -85,16 +83,14 @@ __global__ void factor_update_kernel(const Layer* __restrict__ layers, int num_l
   }
 }
 
-}  // namespace
-
-void factor_update_cuda(at::TensorList factors, at::TensorList inputs, double decay,
+void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
                         at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
   TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
                   append_ones.size() == factors.size(),
               "factor_update_: factors, inputs, scales and append_ones must have the same length");
   if (factors.empty()) return;
-  const c10::cuda::CUDAGuard guard(factors[0].device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(factors[0].device());
+  const stream_t stream = current_stream();
 
   // One launch per (factor dtype, input dtype) pair; in practice every layer shares one pair.
   std::vector<bool> done(factors.size(), false);
@@ -113,36 +109,37 @@ void factor_update_cuda(at::TensorList factors, at::TensorList inputs, double de
                   "] must be (", dim, ", ", dim, ")");
       if (dim == 0) continue;
       const int64_t T = (dim + kTile - 1) / kTile;
-      layers.push_back(Layer{F.data_ptr(), X.data_ptr(), X.size(0), d, dim, X.stride(0), X.stride(1),
+      layers.push_back(Layer{device_ptr<char>(F), device_ptr<const char>(X), X.size(0), d, dim, X.stride(0), X.stride(1),
                              F.stride(0), F.stride(1), tiles, T, scales[i]});
       tiles += factor_update::upper_tile_count(T);
     }
     if (layers.empty()) continue;
     TORCH_CHECK(tiles < (int64_t(1) << 31), "factor_update_: too many tiles for one launch");
-    // The layer table travels with the launch: pinned host buffer, async copy on the stream.
-    const int64_t bytes = static_cast<int64_t>(layers.size() * sizeof(Layer));
-    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr(), layers.data(), bytes);
-    at::Tensor dev = host.to(factors[first].device(), /*non_blocking=*/true);
+    // The layer table travels with the launch: one async host-to-device copy.
+    const at::Tensor table = upload(layers.data(), layers.size() * sizeof(Layer), factors[first]);
+    const dev_ptr<const Layer> table_ptr = device_ptr<const Layer>(table);
+    const int num_layers = static_cast<int>(layers.size());
 
     const dim3 block(kTile, kRows), grid(static_cast<unsigned>(tiles));
-    AT_DISPATCH_SWITCH(xdt, "factor_update_cuda",
+    AT_DISPATCH_SWITCH(xdt, "factor_update_",
         AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
           using x_t = scalar_t;
           if (fdt == at::kDouble) {
-            factor_update_kernel<x_t, double><<<grid, block, 0, stream>>>(
-                static_cast<const Layer*>(dev.data_ptr()), static_cast<int>(layers.size()), decay);
+            NATGRAD_LAUNCH((factor_update_kernel<x_t, double>), grid, block, 0, stream, table_ptr,
+                           num_layers, decay);
           } else {
             TORCH_CHECK(fdt == at::kFloat, "factor_update_: factors must be float32 or float64");
-            factor_update_kernel<x_t, float><<<grid, block, 0, stream>>>(
-                static_cast<const Layer*>(dev.data_ptr()), static_cast<int>(layers.size()),
-                static_cast<float>(decay));
+            NATGRAD_LAUNCH((factor_update_kernel<x_t, float>), grid, block, 0, stream, table_ptr,
+                           num_layers, static_cast<float>(decay));
           }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          NATGRAD_KERNEL_LAUNCH_CHECK();
         }));
   }
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CUDA, m) { m.impl("factor_update_", &factor_update_cuda); }
+}  // namespace
 
+NATGRAD_CUDA_IMPL(natgrad, m) { m.impl("factor_update_", &factor_update_); }
+
+}  // namespace NATGRAD_KERNEL_NS
 }  // namespace natgrad

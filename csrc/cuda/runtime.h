@@ -1,0 +1,109 @@
+// What the .cu sources use from CUDA and ATen's CUDA layer, behind names that compile twice: with
+// nvcc for GPUs, and with the host compiler for the emulated backend (NATGRAD_EMULATE), which runs
+// the same kernel and host code on CPU tensors. Every .cu includes this instead of CUDA headers.
+//
+//   dev_ptr<T>                 a global-memory pointer in kernel code (checked in emulation)
+//   device_ptr<T>(tensor)      the dev_ptr to a tensor's data
+//   ptr_cast<U>(p)             reinterpret a dev_ptr
+//   NATGRAD_LAUNCH((kernel), grid, block, smem, stream, args...)   kernel launch (the kernel in
+//                              parentheses, so template arguments may hold commas); counted in emulation
+//   NATGRAD_DYNAMIC_SHARED(T, name)                        dynamic shared memory as dev_ptr<T>
+//   current_stream(), DeviceGuard, upload(host bytes, like) stream, device and host-to-device copy
+//   NATGRAD_CUDA_IMPL(ns, m)   TORCH_LIBRARY_IMPL for ns/CUDA, or ns_emu/CPU in emulation
+//   NATGRAD_KERNEL_NS          namespace for the entry points, distinct in the two builds
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "common.h"
+
+#ifdef NATGRAD_EMULATE
+#include "emu/emu.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#endif
+
+#define NATGRAD_UNPAREN(...) __VA_ARGS__
+
+namespace natgrad {
+
+#ifdef NATGRAD_EMULATE
+#define NATGRAD_KERNEL_NS emulated_kernels
+template <typename T>
+using dev_ptr = emu::checked_ptr<T>;
+using emu::ptr_cast;
+using stream_t = int;
+inline stream_t current_stream() { return 0; }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device& device) {
+    TORCH_CHECK(device.is_cpu(), "the emulated CUDA backend runs on CPU tensors, got a tensor on ", device);
+  }
+};
+// The accessible bytes of a tensor: those its sizes and strides reach, nothing more of its storage.
+template <typename T>
+dev_ptr<T> device_ptr(const at::Tensor& t) {
+  auto* p = static_cast<T*>(t.data_ptr());
+  int64_t lo = 0, hi = t.numel() > 0 ? 1 : 0;
+  for (int64_t d = 0; d < t.dim() && t.numel() > 0; ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto* base = reinterpret_cast<const char*>(t.data_ptr());
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return dev_ptr<T>(p, base + lo * item, base + hi * item, "global");
+}
+#define NATGRAD_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::natgrad::emu::launch(#kernel, NATGRAD_UNPAREN kernel, grid, block, smem, __VA_ARGS__)
+#define NATGRAD_DYNAMIC_SHARED(T, name)                                                             \
+  ::natgrad::dev_ptr<T> name(static_cast<T*>(::natgrad::emu::dynamic_shared_base()),                \
+                             ::natgrad::emu::dynamic_shared_base(),                                 \
+                             static_cast<char*>(::natgrad::emu::dynamic_shared_base()) +            \
+                                 ::natgrad::emu::dynamic_shared_bytes(),                            \
+                             "dynamic shared")
+#define NATGRAD_CUDA_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns##_emu, CPU, m)
+#define NATGRAD_KERNEL_LAUNCH_CHECK()
+#else
+#define NATGRAD_KERNEL_NS cuda_kernels
+template <typename T>
+using dev_ptr = T*;
+template <typename U, typename T>
+NATGRAD_HOST_DEVICE inline U* ptr_cast(T* p) {
+  return reinterpret_cast<U*>(const_cast<std::remove_const_t<T>*>(p));
+}
+using stream_t = cudaStream_t;
+inline stream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+template <typename T>
+dev_ptr<T> device_ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+#define NATGRAD_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  NATGRAD_UNPAREN kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define NATGRAD_DYNAMIC_SHARED(T, name)                 \
+  extern __shared__ unsigned char natgrad_dyn_smem_[]; \
+  T* name = reinterpret_cast<T*>(natgrad_dyn_smem_)
+#define NATGRAD_CUDA_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CUDA, m)
+#define NATGRAD_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#endif
+
+// Host bytes (a table of per-layer descriptors, say) as a device tensor like `like`, copied
+// asynchronously on the current stream from pinned memory (a plain CPU tensor in emulation).
+inline at::Tensor upload(const void* data, size_t bytes, const at::Tensor& like) {
+  auto opts = at::TensorOptions().dtype(at::kByte);
+#ifdef NATGRAD_EMULATE
+  at::Tensor out = at::empty({static_cast<int64_t>(bytes)}, opts);
+  std::memcpy(out.data_ptr(), data, bytes);
+  return out;
+#else
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, opts.pinned_memory(true));
+  std::memcpy(host.data_ptr(), data, bytes);
+  return host.to(like.device(), /*non_blocking=*/true);
+#endif
+}
+
+}  // namespace natgrad

@@ -1,0 +1,194 @@
+// Kernels that exercise the CUDA features our kernels rely on: thread and block indices, static
+// and dynamic shared memory, barriers, warp shuffles and votes, atomics, and two deliberate bugs
+// (a divergent barrier, out-of-bounds reads) that the emulation must report. Registered as
+// natgrad_testing (CUDA) and natgrad_testing_emu (the same source run on the CPU); tests only.
+#include <vector>
+
+#include "cuda/reduce.cuh"
+#include "cuda/runtime.h"
+
+namespace natgrad {
+namespace NATGRAD_KERNEL_NS {
+namespace {
+
+dim3 to_dim3(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK(v.size() == 3, name, " must have 3 entries");
+  return dim3(static_cast<unsigned>(v[0]), static_cast<unsigned>(v[1]), static_cast<unsigned>(v[2]));
+}
+
+// out[global linear thread] = (blockIdx, threadIdx, gridDim, blockDim) as 12 ints.
+__global__ void thread_indices_kernel(dev_ptr<int> out) {
+  const int64_t block = blockIdx.x + gridDim.x * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
+  const int64_t threads = blockDim.x * blockDim.y * blockDim.z;
+  const int64_t t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const dev_ptr<int> o = out + (block * threads + t) * 12;
+  const unsigned v[12] = {blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z,
+                          gridDim.x,  gridDim.y,  gridDim.z,  blockDim.x,  blockDim.y,  blockDim.z};
+  for (int k = 0; k < 12; ++k) o[k] = static_cast<int>(v[k]);
+}
+
+at::Tensor thread_indices(const at::Tensor& like, at::IntArrayRef grid_v, at::IntArrayRef block_v) {
+  const dim3 grid = to_dim3(grid_v, "grid"), block = to_dim3(block_v, "block");
+  const int64_t n = int64_t(grid.x) * grid.y * grid.z * block.x * block.y * block.z;
+  at::Tensor out = at::full({n, 12}, -1, like.options().dtype(at::kInt));
+  NATGRAD_LAUNCH((thread_indices_kernel), grid, block, 0, current_stream(), device_ptr<int>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Grid-stride sum: block reduction through static shared memory and shuffles, then one atomic per block.
+__global__ void block_sum_kernel(dev_ptr<const float> x, int64_t n, dev_ptr<float> out) {
+  __shared__ float scratch[32];
+  float v = 0.f;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    v += x[i];
+  v = block_reduce_sum(v, scratch);
+  if (threadIdx.x == 0) atomicAdd(&out[0], v);
+}
+
+at::Tensor block_sum(const at::Tensor& x, int64_t threads) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::zeros({1}, x.options());
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(64, (x.numel() + threads - 1) / threads));
+  NATGRAD_LAUNCH((block_sum_kernel), dim3(blocks), dim3(threads), 0, current_stream(),
+                 device_ptr<const float>(xc), xc.numel(), device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Per thread i (one warp per 32 elements): [xor-butterfly warp sum, inclusive shfl_up scan,
+// shfl from lane 31 - lane, shfl_down by 1, ballot(x > 0), any(x > 0), all(x > 0)].
+__global__ void warp_ops_kernel(dev_ptr<const float> x, dev_ptr<float> out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x % 32;
+  const float v = x[i];
+  float sum = v;
+  for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+  float scan = v;
+  for (int d = 1; d < 32; d <<= 1) {
+    const float up = __shfl_up_sync(0xffffffffu, scan, d);
+    if (lane >= d) scan += up;
+  }
+  const float mirrored = __shfl_sync(0xffffffffu, v, 31 - lane);
+  const float down = __shfl_down_sync(0xffffffffu, v, 1);
+  const unsigned ballot = __ballot_sync(0xffffffffu, v > 0.f);
+  const int any = __any_sync(0xffffffffu, v > 0.f), all = __all_sync(0xffffffffu, v > 0.f);
+  const dev_ptr<float> o = out + int64_t(i) * 7;
+  o[0] = sum;
+  o[1] = scan;
+  o[2] = mirrored;
+  o[3] = down;
+  o[4] = static_cast<float>(__popc(ballot)) + (ballot >> lane & 1u) * 0.5f;  // popcount, own bit
+  o[5] = static_cast<float>(any);
+  o[6] = static_cast<float>(all);
+}
+
+at::Tensor warp_ops(const at::Tensor& x) {
+  TORCH_CHECK(x.numel() % 64 == 0 && x.numel() > 0, "warp_ops: x.numel() must be a positive multiple of 64");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.numel(), 7}, x.options());
+  NATGRAD_LAUNCH((warp_ops_kernel), dim3(x.numel() / 64), dim3(64), 0, current_stream(),
+                 device_ptr<const float>(xc), device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Reverses each chunk of `block` elements through dynamic shared memory.
+__global__ void reverse_blocks_kernel(dev_ptr<const float> x, int64_t n, dev_ptr<float> out) {
+  NATGRAD_DYNAMIC_SHARED(float, buf);
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t base = blockIdx.x * int64_t(blockDim.x);
+  const int64_t len = std::min<int64_t>(blockDim.x, n - base);
+  if (threadIdx.x < len) buf[threadIdx.x] = x[i];
+  __syncthreads();
+  if (threadIdx.x < len) out[i] = buf[len - 1 - threadIdx.x];
+}
+
+at::Tensor reverse_blocks(const at::Tensor& x, int64_t block) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const int64_t blocks = (x.numel() + block - 1) / block;
+  NATGRAD_LAUNCH((reverse_blocks_kernel), dim3(blocks), dim3(block), block * sizeof(float), current_stream(),
+                 device_ptr<const float>(xc), xc.numel(), device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Atomics: atomicAdd counts each bin, atomicMax and atomicMin find the largest and smallest bin.
+__global__ void histogram_kernel(dev_ptr<const int64_t> idx, int64_t n, dev_ptr<int> counts, dev_ptr<int> range) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    atomicAdd(&counts[idx[i]], 1);
+    atomicMax(&range[1], static_cast<int>(idx[i]));
+    atomicMin(&range[0], static_cast<int>(idx[i]));
+  }
+}
+
+at::Tensor histogram(const at::Tensor& idx, int64_t bins) {
+  const at::Tensor ic = idx.contiguous();
+  at::Tensor counts = at::zeros({bins}, idx.options().dtype(at::kInt));
+  at::Tensor range = at::tensor({1 << 30, -1}, idx.options().dtype(at::kInt));
+  NATGRAD_LAUNCH((histogram_kernel), dim3(3), dim3(96), 0, current_stream(), device_ptr<const int64_t>(ic),
+                 ic.numel(), device_ptr<int>(counts), device_ptr<int>(range));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return at::cat({counts, range});  // bins..., min, max
+}
+
+// Deliberate bug: half of the block returns before the barrier the other half waits at.
+__global__ void divergent_barrier_kernel(dev_ptr<float> x) {
+  if (threadIdx.x < 16) return;
+  x[threadIdx.x] = 1.f;
+  __syncthreads();
+}
+
+at::Tensor divergent_barrier(const at::Tensor& x) {
+  at::Tensor out = x.clone();
+  NATGRAD_LAUNCH((divergent_barrier_kernel), dim3(1), dim3(64), 0, current_stream(), device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate bug when offset is large: every thread reads x[threadIdx.x + offset] from global memory.
+__global__ void read_at_kernel(dev_ptr<const float> x, int64_t offset, dev_ptr<float> out) {
+  out[threadIdx.x] = x[threadIdx.x + offset];
+}
+
+at::Tensor read_at(const at::Tensor& x, int64_t offset) {
+  at::Tensor out = at::zeros({32}, x.options());
+  NATGRAD_LAUNCH((read_at_kernel), dim3(1), dim3(32), 0, current_stream(), device_ptr<const float>(x), offset,
+                 device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The same through a static __shared__ array of 32 floats.
+__global__ void shared_read_at_kernel(dev_ptr<const float> x, int64_t offset, dev_ptr<float> out) {
+  __shared__ float tile[32];
+  tile[threadIdx.x] = x[threadIdx.x];
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x + offset];
+}
+
+at::Tensor shared_read_at(const at::Tensor& x, int64_t offset) {
+  TORCH_CHECK(x.numel() >= 32, "shared_read_at: x needs 32 elements");
+  at::Tensor out = at::zeros({32}, x.options());
+  NATGRAD_LAUNCH((shared_read_at_kernel), dim3(1), dim3(32), 0, current_stream(), device_ptr<const float>(x),
+                 offset, device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+NATGRAD_CUDA_IMPL(natgrad_testing, m) {
+  m.impl("thread_indices", &thread_indices);
+  m.impl("block_sum", &block_sum);
+  m.impl("warp_ops", &warp_ops);
+  m.impl("reverse_blocks", &reverse_blocks);
+  m.impl("histogram", &histogram);
+  m.impl("divergent_barrier", &divergent_barrier);
+  m.impl("read_at", &read_at);
+  m.impl("shared_read_at", &shared_read_at);
+}
+
+}  // namespace NATGRAD_KERNEL_NS
+}  // namespace natgrad

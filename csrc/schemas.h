@@ -1,0 +1,25 @@
+// Every op schema, once. registry.cpp defines each in the `natgrad` namespace (CPU and CUDA
+// kernels) and again in `natgrad_emu`, where the CUDA source compiled for the CPU registers (the
+// emulated backend); testing-only kernels live in `natgrad_testing` / `natgrad_testing_emu`.
+#pragma once
+
+namespace natgrad {
+
+inline constexpr const char* kOpSchemas[] = {
+    "factor_update_(Tensor(a!)[] factors, Tensor[] inputs, float decay, float[] scales, "
+    "bool[] append_ones) -> ()",
+};
+
+// Kernels that exercise the CUDA features the emulation layer must get right (tests only).
+inline constexpr const char* kTestingSchemas[] = {
+    "thread_indices(Tensor like, int[] grid, int[] block) -> Tensor",
+    "block_sum(Tensor x, int threads) -> Tensor",
+    "warp_ops(Tensor x) -> Tensor",
+    "reverse_blocks(Tensor x, int block) -> Tensor",
+    "histogram(Tensor idx, int bins) -> Tensor",
+    "divergent_barrier(Tensor x) -> Tensor",
+    "read_at(Tensor x, int offset) -> Tensor",
+    "shared_read_at(Tensor x, int offset) -> Tensor",
+};
+
+}  // namespace natgrad

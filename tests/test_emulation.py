@@ -1,0 +1,111 @@
+"""The CUDA emulation layer: each CUDA feature our kernels use, run through csrc/cuda/testing_kernels.cu
+compiled for the CPU, and the two bugs it must report (a divergent barrier, out-of-bounds reads)."""
+import pytest
+import torch
+
+import natgrad_cuda as ng
+
+pytestmark = pytest.mark.skipif(not ng.emulation.available(), reason="emulated backend not built")
+
+
+@pytest.fixture(scope="module")
+def T():
+    return torch.ops.natgrad_testing_emu
+
+
+@pytest.mark.parametrize("grid,block", [([1, 1, 1], [1, 1, 1]), ([3, 2, 1], [5, 3, 2]), ([2, 1, 3], [64, 1, 1]),
+                                        ([1, 1, 1], [32, 32, 1])])
+def test_thread_and_block_indices(T, grid, block):
+    out = T.thread_indices(torch.empty(0), grid, block)
+    n = torch.tensor(grid).prod().item() * torch.tensor(block).prod().item()
+    assert out.shape == (n, 12)
+    assert (out[:, 6:9] == torch.tensor(grid, dtype=torch.int32)).all()
+    assert (out[:, 9:12] == torch.tensor(block, dtype=torch.int32)).all()
+    # every (block, thread) pair exactly once
+    pairs = {tuple(r) for r in out[:, :6].tolist()}
+    assert len(pairs) == n
+    for axis in range(3):
+        assert set(out[:, axis].tolist()) == set(range(grid[axis]))
+        assert set(out[:, 3 + axis].tolist()) == set(range(block[axis]))
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 1000, 4099])
+@pytest.mark.parametrize("threads", [32, 96, 256, 1024])
+def test_block_sum_static_shared_shuffles_atomics(T, n, threads):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(T.block_sum(x, threads), x.sum().reshape(1), rtol=1e-5, atol=1e-4)
+
+
+def test_warp_shuffles_and_votes(T):
+    x = torch.randn(256, generator=torch.Generator().manual_seed(1))
+    x[64:96] = x[64:96].abs() + 0.1  # a warp where every lane votes yes
+    x[96:128] = -x[96:128].abs() - 0.1  # and one where none does
+    out = T.warp_ops(x)
+    w = x.reshape(-1, 32)
+    lane = torch.arange(32)
+    torch.testing.assert_close(out[:, 0].reshape(-1, 32), w.sum(1, keepdim=True).expand(-1, 32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 1].reshape(-1, 32), w.cumsum(1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, 2].reshape(-1, 32), w.flip(1))
+    down = torch.cat([w[:, 1:], w[:, 31:]], 1)  # lane 31 keeps its own value
+    assert torch.equal(out[:, 3].reshape(-1, 32), down)
+    pos = w > 0
+    assert torch.equal(out[:, 4].reshape(-1, 32), pos.sum(1, keepdim=True).float() + 0.5 * pos.float())
+    assert torch.equal(out[:, 5].reshape(-1, 32), pos.any(1, keepdim=True).float().expand(-1, 32))
+    assert torch.equal(out[:, 6].reshape(-1, 32), pos.all(1, keepdim=True).float().expand(-1, 32))
+    assert out[64:96, 6].eq(1).all() and out[96:128, 5].eq(0).all()
+
+
+@pytest.mark.parametrize("n,block", [(1, 32), (100, 32), (1000, 128), (77, 1024)])
+def test_dynamic_shared_memory(T, n, block):
+    x = torch.arange(n, dtype=torch.float32)
+    out = T.reverse_blocks(x, block)
+    expected = torch.cat([c.flip(0) for c in x.split(block)])
+    assert torch.equal(out, expected)
+
+
+def test_atomics(T):
+    idx = torch.randint(3, 17, (5000,), generator=torch.Generator().manual_seed(0))
+    out = T.histogram(idx, 20)
+    assert torch.equal(out[:20], torch.bincount(idx, minlength=20).int())
+    assert out[20].item() == idx.min().item() and out[21].item() == idx.max().item()
+
+
+def test_divergent_barrier_is_reported(T):
+    with pytest.raises(RuntimeError, match=r"__syncthreads\(\).*not reached by every thread.*16 thread"):
+        T.divergent_barrier(torch.zeros(64))
+
+
+def test_out_of_bounds_global_read_is_reported(T):
+    x = torch.arange(40, dtype=torch.float32)
+    assert torch.equal(T.read_at(x, 8), x[8:40])  # the last element is fine
+    with pytest.raises(RuntimeError, match=r"read_at_kernel.*thread \(31, 0, 0\).*out-of-bounds global"):
+        T.read_at(x, 9)
+    with pytest.raises(RuntimeError, match="out-of-bounds global"):
+        T.read_at(x, -1)
+    # A view may not reach past its own elements into the rest of its storage.
+    with pytest.raises(RuntimeError, match="out-of-bounds global"):
+        T.read_at(x[:32], 1)
+
+
+def test_out_of_bounds_shared_read_is_reported(T):
+    x = torch.arange(32, dtype=torch.float32)
+    assert torch.equal(T.shared_read_at(x, 0), x)
+    with pytest.raises(RuntimeError, match=r"index 32 out of bounds for type 'float \[32\]'"):
+        T.shared_read_at(x, 1)
+
+
+def test_launch_counters(T):
+    x = torch.randn(100)
+    with ng.emulation.count() as c:
+        T.block_sum(x, 64)
+        T.reverse_blocks(x, 32)
+        T.reverse_blocks(x, 32)
+    assert c.launches == 3 and c.library_calls == 0
+    assert c.by_name == {"block_sum_kernel": 1, "reverse_blocks_kernel": 2}
+
+
+def test_a_failed_launch_leaves_the_emulator_usable(T):
+    with pytest.raises(RuntimeError):
+        T.divergent_barrier(torch.zeros(64))
+    x = torch.randn(300)
+    torch.testing.assert_close(T.block_sum(x, 128), x.sum().reshape(1), rtol=1e-5, atol=1e-4)
