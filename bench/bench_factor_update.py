@@ -1,0 +1,86 @@
+"""ops.factor_update_: native CPU against the reference (side by side, median of per-repetition
+ratios), FLOPs and bytes, launches and library calls on the CUDA path (counted in emulation), and
+the estimated H100 time of ../shared/PERF.md.
+
+    python bench/bench_factor_update.py [--reps 15] [--out bench/results/factor_update.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, h100_estimate, interleaved, ratio_summary, save_json, summary  # noqa: E402
+
+import natgrad_cuda as ng  # noqa: E402
+from natgrad_cuda import ops  # noqa: E402
+
+# (name, [(rows, width, append_ones)], input dtype): one call's layers.
+CASES = [
+    ("1 layer 4096 x 1024 fp32", [(4096, 1024, True)], torch.float32),
+    ("1 layer 4096 x 1024 bf16", [(4096, 1024, True)], torch.bfloat16),
+    ("conv patches 8192 x 577", [(8192, 576, True)], torch.float32),
+    ("16 layers 128 x 256 (MLP)", [(128, 256, True)] * 16, torch.float32),
+    ("64 layers 128 x 64", [(128, 64, True)] * 64, torch.float32),
+    ("200 layers 32 x 16", [(32, 16, True)] * 200, torch.float32),
+    ("mixed 12 layers 1..513 wide", [(256, d, bool(i % 2)) for i, d in enumerate([1, 3, 17, 31, 64, 65, 127, 128, 129, 255, 256, 513])], torch.float32),
+]
+
+
+def make(layers, dtype, rows_override=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(rows_override or n, d, generator=g).to(dtype) for n, d, _ in layers]
+    factors = [torch.eye(d + a) for _, d, a in layers]
+    ones = [a for _, _, a in layers]
+    return factors, inputs, ones
+
+
+def flops_bytes(layers, dtype):
+    item = torch.tensor([], dtype=dtype).element_size()
+    flops = sum(2 * n * (d + a) * (d + a + 1) / 2 for n, d, a in layers)  # one triangle, multiply + add
+    bytes_moved = sum(n * d * item + 2 * 4 * (d + a) ** 2 for n, d, a in layers)  # read X, read and write F
+    return flops, bytes_moved
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "factor_update.json"))
+    args = p.parse_args(argv)
+
+    rows = []
+    header = f"{'case':<30}{'ref ms':>9}{'native ms':>11}{'native/ref':>12}{'GFLOP':>8}{'MB':>8}{'launch':>8}{'lib':>5}{'H100 us':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, layers, dtype in CASES:
+        factors, inputs, ones = make(layers, dtype)
+        scales = [1.0 / max(1, n) for n, _, _ in layers]
+        t = interleaved({
+            "reference": lambda: ops.factor_update_(factors, inputs, 0.95, scales, ones, impl="reference"),
+            "native": lambda: ops.factor_update_(factors, inputs, 0.95, scales, ones, impl="native"),
+        }, reps=args.reps)
+        # Launches do not depend on the row count: count them on the same layers with few rows,
+        # which keeps the emulated run short.
+        ef, ei, eo = make(layers, dtype, rows_override=3)
+        with ng.emulation.count() as c:
+            ops.factor_update_(ef, ei, 0.95, scales, eo, impl="emulated")
+        flops, bytes_moved = flops_bytes(layers, dtype)
+        est = h100_estimate(flops, bytes_moved, c.launches + c.library_calls)
+        r = ratio_summary(t["native"], t["reference"])
+        row = {"case": name, "layers": len(layers), "dtype": str(dtype), "reference_s": summary(t["reference"]),
+               "native_s": summary(t["native"]), "native_over_reference": r, "flops": flops, "bytes": bytes_moved,
+               "launches": c.launches, "library_calls": c.library_calls, "h100_estimate_s": est}
+        rows.append(row)
+        print(f"{name:<30}{row['reference_s']['median'] * 1e3:>9.3f}{row['native_s']['median'] * 1e3:>11.3f}"
+              f"{r['median']:>8.2f} ±{(r['q3'] - r['q1']) / 2:<3.2f}{flops / 1e9:>8.2f}{bytes_moved / 1e6:>8.1f}"
+              f"{c.launches:>8}{c.library_calls:>5}{est * 1e6:>9.1f}")
+    print("\nnative/ref: median of per-repetition time ratios (± half the interquartile range); "
+          "launches counted in emulation; H100 estimate = max(FLOPs / 67 TFLOP/s, bytes / 3 TB/s) + launches x 4 us")
+    save_json(args.out, {"op": "factor_update_", "environment": environment(), "reps": args.reps, "cases": rows})
+
+
+if __name__ == "__main__":
+    main()

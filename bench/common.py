@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmarks: side-by-side timing, the H100 estimate of PERF.md, output."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+# ../shared/PERF.md: NVIDIA H100 SXM limits and per-launch latency.
+H100_FP32_FLOPS = 67e12
+H100_BF16_TENSOR_FLOPS = 989e12
+H100_BYTES_PER_S = 3.0e12  # measured copy bandwidth
+LAUNCH_SECONDS = 4e-6
+
+
+def h100_estimate(flops: float, bytes_moved: float, launches: int, peak: float = H100_FP32_FLOPS) -> float:
+    """max(FLOPs / peak, bytes / bandwidth) + launches x 4 us, in seconds."""
+    return max(flops / peak, bytes_moved / H100_BYTES_PER_S) + launches * LAUNCH_SECONDS
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Runs the functions round-robin (A B A B ...) so that machine noise hits them alike; seconds per call."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(samples: List[float]) -> dict:
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 4 else [min(samples), statistics.median(samples), max(samples)]
+    return {"median": statistics.median(samples), "q1": q[0], "q3": q[2], "n": len(samples)}
+
+
+def ratio_summary(num: List[float], den: List[float]) -> dict:
+    """Per-repetition ratios of two interleaved series: median and spread."""
+    r = [a / b for a, b in zip(num, den)]
+    return summary(r)
+
+
+def environment() -> dict:
+    import natgrad_cuda as ng
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "natgrad_cuda": ng.build_info()}
+
+
+def save_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    print(f"saved {path}")

@@ -1,0 +1,165 @@
+"""Supported-layer rules: which layers K-FAC covers, the rows their factors are built from, and
+where their parameters sit in the dense (P, P) matrix. Conventions: ``CURVATURE.md``.
+
+A layer's input x and output gradient g become rows: A accumulates sum(rows^T rows) * scale / N and
+G accumulates sum(rows^T rows) / Z.
+- expand: one row per data point and weight-sharing position (scale 1/S for A);
+- reduce: one row per data point, the mean of x over positions (scale 1) and the sum of g.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "is_supported",
+    "find_layers",
+    "input_rows",
+    "grad_rows",
+    "ParamSlot",
+    "parameter_slots",
+    "write_dense_blocks",
+]
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def is_supported(module: nn.Module) -> bool:
+    # Circular, reflect and replicate padding put input entries in the patches that unfold's zero
+    # padding does not.
+    if isinstance(module, _CONVS):
+        return module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
+    """The supported layers with a trainable parameter, and the names of the other modules with
+    trainable parameters of their own, which K-FAC does not cover. Frozen modules are neither."""
+    layers, unsupported = [], []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if is_supported(module):
+            layers.append((name, module))
+        else:
+            unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+    return layers, unsupported
+
+
+def _batched(module_name: str, t: Tensor, min_dim: int, what: str) -> None:
+    if t.dim() < min_dim:
+        raise ValueError(f"layer {module_name!r}: K-FAC needs a batched {what}, got shape {tuple(t.shape)}")
+
+
+def _zero_padding(module: nn.Module) -> List[Tuple[int, int]]:
+    """(left, right) padding per spatial dimension; "same" puts an odd remainder on the right, as torch does."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """Conv input (B, C_in, *spatial) -> unfolded patches (B, C_in/groups * prod(kernel), positions).
+
+    Rows are in (input channel, kernel row, kernel column) order, the order of weight.flatten(1).
+    Grouped conv: the input channels are averaged over the groups first, as curvlinops does.
+    """
+    B, c_in = x.shape[:2]
+    g = module.groups
+    x = x.reshape(B, g, c_in // g, *x.shape[2:]).mean(1)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    # F.pad takes (left, right) pairs, last dimension first
+    x = F.pad(x, [side for pair in reversed(_zero_padding(module)) for side in pair])
+    if isinstance(module, nn.Conv1d):  # a Conv1d is a Conv2d with a kernel of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+
+
+def input_rows(name: str, module: nn.Module, x: Tensor, kfac_approx: str) -> Tuple[Tensor, float]:
+    """Rows for A from the layer input x, and the scale of their outer products (before 1/N)."""
+    x = x.detach()
+    if isinstance(module, nn.Linear):
+        _batched(name, x, 2, "input (B, ..., in_features)")
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # (B, S, d_in)
+    else:
+        _batched(name, x, module.weight.dim(), "input (B, C_in, *spatial)")
+        x = _patches(module, x).transpose(1, 2)  # (B, S, d_in)
+    if kfac_approx == "expand":
+        return x.reshape(-1, x.shape[-1]), 1.0 / x.shape[1]
+    return x.mean(1), 1.0
+
+
+def grad_rows(module: nn.Module, g: Tensor, kfac_approx: str) -> Tensor:
+    """Rows for G from the gradient g with respect to the layer output."""
+    g = g.detach()
+    if isinstance(module, nn.Linear):
+        g = g.reshape(g.shape[0], math.prod(g.shape[1:-1]), g.shape[-1])  # (B, S, d_out)
+    else:
+        g = g.flatten(2).transpose(1, 2)  # (B, C_out, *spatial) -> (B, S, d_out)
+    if kfac_approx == "expand":
+        return g.reshape(-1, g.shape[-1])
+    return g.sum(1)
+
+
+# ---- dense layout ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one layer's parameters sit in the flattened model.parameters() vector."""
+
+    weight: int  # offset of weight.flatten()
+    out_features: int
+    in_features: int  # d_in = weight.numel() / out_features
+    bias: Optional[int]  # offset of bias, None without one
+
+
+def parameter_slots(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Tuple[Dict[str, ParamSlot], int]:
+    """Offsets of every layer's weight and bias in model.parameters() order, and the total size P."""
+    offsets, total = {}, 0
+    for p in model.parameters():
+        offsets[id(p)] = total
+        total += p.numel()
+    slots = {}
+    for name, module in layers:
+        w = module.weight
+        slots[name] = ParamSlot(
+            weight=offsets[id(w)],
+            out_features=w.shape[0],
+            in_features=w[0].numel(),
+            bias=offsets[id(module.bias)] if module.bias is not None else None,
+        )
+    return slots, total
+
+
+def write_dense_blocks(out: Tensor, slot: ParamSlot, A: Tensor, G: Tensor, joint: bool) -> None:
+    """Write one layer's K-FAC blocks into the dense matrix ``out`` (layout: CURVATURE.md).
+
+    With joint weight and bias, A carries the bias as its last entry: the bias block is A[-1, -1] G
+    and the weight-bias block kron(G, A[:d, -1:]), i.e. kron(G, A) with the bias entries moved after
+    all weight entries.
+    """
+    d = slot.in_features
+    w = slice(slot.weight, slot.weight + slot.out_features * d)
+    out[w, w] = torch.kron(G, A[:d, :d])
+    if slot.bias is None:
+        return
+    b = slice(slot.bias, slot.bias + slot.out_features)
+    if joint:
+        out[b, b] = A[d, d] * G
+        cross = torch.kron(G, A[:d, d:])
+        out[w, b] = cross
+        out[b, w] = cross.T
+    else:
+        out[b, b] = G

@@ -1,0 +1,151 @@
+"""Per-loss rules: which losses are supported and what the curvature needs from each.
+
+A loss is a sum (reduction "sum") or mean (reduction "mean") of per-term losses l_r over the model's
+outputs flattened to (terms, C): CrossEntropy takes (B, C, ...) outputs, MSE and BCE take (B, ..., C).
+``LossSpec`` holds these rules; it is built from an ``nn`` loss module (``LossSpec.from_module``) or
+from a name (``LossSpec.from_name``, what the optimizer uses). Conventions: ``CURVATURE.md``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LossSpec", "LOSS_NAMES", "REDUCTIONS"]
+
+LOSS_NAMES = ("cross_entropy", "mse", "bce")
+REDUCTIONS = ("mean", "sum")
+
+_MODULE_NAMES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce"}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One supported loss: ``name`` in ``LOSS_NAMES`` and ``reduction`` in ``REDUCTIONS``."""
+
+    name: str
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        if self.name not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.name!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+
+    @classmethod
+    def from_name(cls, name: str, reduction: str = "mean") -> "LossSpec":
+        return cls(name, reduction)
+
+    @classmethod
+    def from_module(cls, loss_fn: nn.Module) -> "LossSpec":
+        """Validate ``loss_fn``; options that change the loss's Hessian are refused, not ignored."""
+        name = _MODULE_NAMES.get(type(loss_fn))
+        if name is None:
+            raise ValueError(
+                "loss_fn must be nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss, "
+                f"got {type(loss_fn).__name__}"
+            )
+        if loss_fn.reduction not in REDUCTIONS:
+            raise ValueError(f"loss_fn.reduction must be one of {REDUCTIONS}, got {loss_fn.reduction!r}")
+        if name == "cross_entropy":
+            if loss_fn.weight is not None:
+                raise ValueError("loss_fn: nn.CrossEntropyLoss with class weights is not supported")
+            if loss_fn.label_smoothing != 0.0:
+                raise ValueError("loss_fn: nn.CrossEntropyLoss with label_smoothing is not supported")
+            if loss_fn.ignore_index != -100:
+                raise ValueError("loss_fn: nn.CrossEntropyLoss with a non-default ignore_index is not supported")
+        if name == "bce" and (loss_fn.weight is not None or loss_fn.pos_weight is not None):
+            raise ValueError("loss_fn: nn.BCEWithLogitsLoss with weight or pos_weight is not supported")
+        return cls(name, loss_fn.reduction)
+
+    # ---- shapes -------------------------------------------------------------------------------
+
+    def check(self, outputs: Tensor, targets: Tensor) -> None:
+        """Raise ValueError unless ``targets`` fit ``outputs`` for this loss."""
+        if outputs.dim() < 2:
+            raise ValueError(
+                f"model outputs must be batched with a class / feature dimension, got shape {tuple(outputs.shape)}"
+            )
+        if not isinstance(targets, Tensor):
+            raise ValueError(f"data: targets must be tensors, got {type(targets).__name__}")
+        if self.name == "cross_entropy":
+            index_shape = outputs.shape[:1] + outputs.shape[2:]
+            if _is_index(targets) and targets.shape == index_shape:
+                return
+            if targets.is_floating_point() and targets.shape == outputs.shape:
+                return  # class probabilities
+            raise ValueError(
+                f"data: targets of shape {tuple(targets.shape)} and dtype {targets.dtype} do not fit outputs of "
+                f"shape {tuple(outputs.shape)} for cross_entropy: give integer class indices of shape "
+                f"{tuple(index_shape)} or probabilities of shape {tuple(outputs.shape)}"
+            )
+        if targets.shape != outputs.shape or not targets.is_floating_point():
+            raise ValueError(
+                f"data: targets of shape {tuple(targets.shape)} and dtype {targets.dtype} do not fit outputs of "
+                f"shape {tuple(outputs.shape)} for {self.name}: they need the outputs' shape and a floating dtype"
+            )
+
+    def flatten_outputs(self, outputs: Tensor) -> Tensor:
+        """(terms, C) view of the outputs, differentiable."""
+        if self.name == "cross_entropy":
+            outputs = outputs.movedim(1, -1)
+        return outputs.reshape(-1, outputs.shape[-1])
+
+    def flatten_targets(self, targets: Tensor, outputs: Tensor) -> Tensor:
+        """Targets as (terms,) class indices or (terms, C), matching ``flatten_outputs``."""
+        if self.name == "cross_entropy" and _is_index(targets):
+            return targets.reshape(-1).long()
+        return self.flatten_outputs(targets.to(outputs.dtype))
+
+    def normalizer(self, terms: int, classes: int) -> int:
+        """This batch's share of Z, the divisor of the reduction (ignored for "sum", where Z = 1)."""
+        return terms if self.name == "cross_entropy" else terms * classes
+
+    # ---- per-term losses ----------------------------------------------------------------------
+
+    def term_losses(self, f: Tensor, y: Tensor) -> Tensor:
+        """l_r for flattened outputs f (terms, C) and targets y: (terms,), each summed over C."""
+        if self.name == "cross_entropy":
+            return F.cross_entropy(f, y, reduction="none")
+        if self.name == "mse":
+            return (f - y).square().sum(-1)
+        return F.binary_cross_entropy_with_logits(f, y, reduction="none").sum(-1)
+
+    def hessian_sqrt(self, f: Tensor) -> Tensor:
+        """S_r with S_r S_r^T = the Hessian of l_r at f_r: (terms, C, C), detached.
+
+        CE uses the non-symmetric factor diag(sqrt p) - p sqrt(p)^T: it is what curvlinops uses, and
+        a different square root gives a different K-FAC whenever several terms feed one g.
+        """
+        f = f.detach()
+        if self.name == "cross_entropy":
+            p = f.softmax(-1)
+            s = p.sqrt()
+            return torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
+        if self.name == "mse":
+            eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+            return (math.sqrt(2.0) * eye).expand(f.shape[0], -1, -1)
+        sig = f.sigmoid()
+        return torch.diag_embed((sig * (1 - sig)).sqrt())
+
+    def sample_targets(self, f: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """Targets drawn from the model's predictive distribution at f (terms, C).
+
+        MSE's noise has variance 1/2 so that E[g g^T] is its Hessian 2I. One draw over all terms of
+        the batch, in curvlinops' order, so that a seeded run reproduces its MC K-FAC.
+        """
+        f = f.detach()
+        if self.name == "cross_entropy":
+            return f.softmax(-1).multinomial(num_samples=1, generator=generator).squeeze(-1)
+        if self.name == "mse":
+            noise = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
+            return f + math.sqrt(0.5) * noise
+        return f.sigmoid().bernoulli(generator=generator)
+
+
+def _is_index(targets: Tensor) -> bool:
+    return not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)

@@ -1,0 +1,283 @@
+"""K-FAC factors of a model's Fisher / GGN over a data set: ``kfac(model, loss_fn, data, ...)``.
+
+Conventions (normalisation, the loss-Hessian square roots, the dense layout) follow curvlinops 3.x
+and are written down in ``CURVATURE.md``. Every factor accumulation goes through
+``natgrad_cuda.ops.factor_update_``, so the native kernels do the heavy lifting when compiled.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..reference import accumulation_dtype
+from ._layers import ParamSlot, find_layers, grad_rows, input_rows, parameter_slots, write_dense_blocks
+from ._losses import LossSpec
+
+__all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches"]
+
+FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
+KFAC_APPROXES = ("expand", "reduce")
+
+
+@dataclass
+class KFACCurvature:
+    """K-FAC factors, keyed by the module's name in ``model.named_modules()``.
+
+    ``input_covariances[name]`` is A (with the bias's constant 1 as its last entry when weight and
+    bias are joint), ``gradient_covariances[name]`` is G; ``dense()`` assembles the (P, P) matrix.
+    """
+
+    input_covariances: Dict[str, Tensor]
+    gradient_covariances: Dict[str, Tensor]
+    fisher_type: str
+    kfac_approx: str
+    separate_weight_and_bias: bool
+    mc_samples: int
+    num_data: int
+    num_params: int  # P: the size of all of model.parameters(), flattened
+    _slots: Dict[str, ParamSlot] = field(repr=False)
+
+    @property
+    def modules(self) -> List[str]:
+        return list(self.input_covariances)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.input_covariances.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.input_covariances.values())).device
+
+    def is_joint(self, name: str) -> bool:
+        """Whether module ``name``'s weight and bias share one Kronecker product."""
+        return not self.separate_weight_and_bias and self._slots[name].bias is not None
+
+    def dense(self) -> Tensor:
+        """The block-diagonal (P, P) matrix in model.parameters() order; zero blocks for the
+        parameters of layers K-FAC does not cover."""
+        out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
+        for name, slot in self._slots.items():
+            write_dense_blocks(
+                out, slot, self.input_covariances[name], self.gradient_covariances[name], self.is_joint(name)
+            )
+        return out
+
+
+def kfac(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data,
+    fisher_type: str = "mc",
+    mc_samples: int = 1,
+    kfac_approx: str = "expand",
+    separate_weight_and_bias: bool = True,
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> KFACCurvature:
+    """K-FAC of ``model``'s curvature for ``loss_fn`` over ``data``.
+
+    data: one (inputs, targets) pair or an iterable of them (list, generator, DataLoader); the
+    result equals that of one batch holding all of them. fisher_type: "type-2" (exact loss Hessian,
+    one backward pass per output class), "mc" (``mc_samples`` sampled targets per data point;
+    ignored otherwise), "empirical" (the true targets) or "forward-only" (G = I). kfac_approx:
+    "expand" or "reduce" for weight-shared layers. seed: None draws MC targets from torch's global
+    RNG, an int from a private generator seeded with it. backend: the ``impl`` of
+    ``ops.factor_update_``. Supported layers: nn.Linear, nn.Conv1d, nn.Conv2d (zero padding); other
+    modules with trainable parameters get a warning and zero blocks in ``dense()``.
+    """
+    spec = LossSpec.from_module(loss_fn)
+    _check_options(fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed, backend)
+    if fisher_type != "mc":
+        mc_samples = 1
+
+    layers, unsupported = find_layers(model)
+    if not layers:
+        raise ValueError(
+            "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding "
+            "and a trainable parameter)"
+        )
+    if unsupported:
+        warnings.warn(
+            f"K-FAC does not support the layers {', '.join(unsupported)}; their parameters get zero "
+            "blocks in the curvature",
+            UserWarning,
+            stacklevel=2,
+        )
+    slots, num_params = parameter_slots(model, layers)
+    joint = {name: not separate_weight_and_bias and slots[name].bias is not None for name, _ in layers}
+    A, G = {}, {}
+    for name, module in layers:
+        w = module.weight
+        dtype = accumulation_dtype(w.dtype)
+        d_in = slots[name].in_features + int(joint[name])
+        A[name] = torch.zeros(d_in, d_in, dtype=dtype, device=w.device)
+        G[name] = torch.zeros(w.shape[0], w.shape[0], dtype=dtype, device=w.device)
+
+    trainable = [p for _, m in layers for p in m.parameters(recurse=False) if p.requires_grad]
+    no_ones = dict.fromkeys(G, False)
+    pass_ = _Pass(layers, kfac_approx, capture_grads=fisher_type != "forward-only")
+    num_data, z = 0, 0
+    generator = None
+    try:
+        for inputs, targets in iter_batches(data):
+            with torch.enable_grad() if pass_.capture_grads else torch.no_grad():
+                outputs = model(inputs)
+            spec.check(outputs, targets)
+            _flush(A, pass_.take_inputs(), joint, backend)
+            num_data += outputs.shape[0]
+            if not pass_.capture_grads:
+                continue
+            f = spec.flatten_outputs(outputs)
+            z += spec.normalizer(*f.shape)
+            if fisher_type == "mc" and seed is not None and generator is None:
+                generator = torch.Generator(device=f.device).manual_seed(seed)
+            for phi in _backward_scalars(spec, fisher_type, f, spec.flatten_targets(targets, outputs),
+                                         mc_samples, generator):
+                # Gradients with respect to the parameters (not the layer outputs, which an in-place
+                # op downstream may have rebased) drive the backward; the tensor hooks receive the
+                # output gradients on the way. The graph is retained for the next scalar and freed
+                # with this batch's outputs. .grad stays untouched.
+                torch.autograd.grad(phi, trainable, retain_graph=True, allow_unused=True)
+                _flush(G, pass_.take_grads(), no_ones, backend)
+    finally:
+        pass_.remove()
+    if num_data == 0:
+        raise ValueError("data is empty: it holds no (inputs, targets) batch with a data point")
+
+    for a in A.values():
+        a.div_(num_data)
+    if fisher_type == "forward-only":
+        G = {name: torch.eye(g.shape[0], dtype=g.dtype, device=g.device) for name, g in G.items()}
+    else:
+        divisor = mc_samples * (z if spec.reduction == "mean" else 1)
+        for g in G.values():
+            g.div_(divisor)
+    return KFACCurvature(
+        input_covariances=A,
+        gradient_covariances=G,
+        fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
+        separate_weight_and_bias=separate_weight_and_bias,
+        mc_samples=mc_samples,
+        num_data=num_data,
+        num_params=num_params,
+        _slots=slots,
+    )
+
+
+def _check_options(fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed, backend) -> None:
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    if kfac_approx not in KFAC_APPROXES:
+        raise ValueError(f"kfac_approx must be one of {KFAC_APPROXES}, got {kfac_approx!r}")
+    if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    if not isinstance(separate_weight_and_bias, bool):
+        raise ValueError(f"separate_weight_and_bias must be a bool, got {separate_weight_and_bias!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be None or an int, got {seed!r}")
+    if backend not in ops.IMPLS:
+        raise ValueError(f"backend must be one of {ops.IMPLS}, got {backend!r}")
+
+
+def iter_batches(data) -> Iterator[Tuple[Tensor, Tensor]]:
+    """(inputs, targets) pairs from one pair or an iterable of pairs (consumed once)."""
+    if _is_batch(data):
+        yield data[0], data[1]
+        return
+    try:
+        batches = iter(data)
+    except TypeError:
+        raise ValueError(
+            f"data must be an (inputs, targets) pair or an iterable of them, got {type(data).__name__}"
+        ) from None
+    for batch in batches:
+        if not _is_batch(batch):
+            raise ValueError(
+                f"data: every batch must be an (inputs, targets) pair with tensor inputs, got {type(batch).__name__}"
+            )
+        yield batch[0], batch[1]
+
+
+def _is_batch(obj) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], Tensor)
+
+
+def _backward_scalars(spec: LossSpec, fisher_type: str, f: Tensor, y: Tensor, mc_samples: int,
+                      generator: Optional[torch.Generator]) -> Iterable[Tensor]:
+    """The scalars phi whose output gradients g make G = sum g g^T / (Z * M) (CURVATURE.md)."""
+    if fisher_type == "type-2":
+        S = spec.hessian_sqrt(f)
+        for c in range(f.shape[1]):
+            yield (f * S[:, :, c]).sum()
+    elif fisher_type == "mc":
+        for _ in range(mc_samples):
+            yield spec.term_losses(f, spec.sample_targets(f, generator)).sum()
+    else:
+        yield spec.term_losses(f, y).sum()
+
+
+class _Pass:
+    """Forward hooks on the K-FAC layers: each call records rows for A from the layer's input and,
+    when gradients are wanted, hooks its output tensor to record rows for G."""
+
+    def __init__(self, layers: List[Tuple[str, nn.Module]], kfac_approx: str, capture_grads: bool):
+        self.kfac_approx = kfac_approx
+        self.capture_grads = capture_grads
+        self._inputs: List[Tuple[str, Tensor, float]] = []
+        self._grads: List[Tuple[str, Tensor, float]] = []
+        self._handles = [module.register_forward_hook(self._forward_hook(name)) for name, module in layers]
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            self._inputs.append((name, *input_rows(name, module, inputs[0], self.kfac_approx)))
+            if self.capture_grads and output.requires_grad:
+                # A tensor hook registered before any in-place op downstream still receives the
+                # gradient with respect to this (pre-in-place) output.
+                output.register_hook(
+                    lambda g: self._grads.append((name, grad_rows(module, g, self.kfac_approx), 1.0))
+                )
+
+        return hook
+
+    def take_inputs(self) -> List[Tuple[str, Tensor, float]]:
+        taken, self._inputs = self._inputs, []
+        return taken
+
+    def take_grads(self) -> List[Tuple[str, Tensor, float]]:
+        taken, self._grads = self._grads, []
+        return taken
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _flush(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
+           backend: Optional[str]) -> None:
+    """F += scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one call.
+
+    A module called twice in one pass (a shared layer) has two items; they go to separate calls so
+    that no call updates a factor twice.
+    """
+    while items:
+        seen, now, later = set(), [], []
+        for item in items:
+            (later if item[0] in seen else now).append(item)
+            seen.add(item[0])
+        ops.factor_update_(
+            [factors[name] for name, _, _ in now],
+            [rows for _, rows, _ in now],
+            1.0,
+            [scale for _, _, scale in now],
+            [append_ones[name] for name, _, _ in now],
+            impl=backend,
+        )
+        items = later
