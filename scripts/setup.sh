@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-VENV=${VENV:-.venv}
+VENV=$(realpath -m "${VENV:-.venv}")
 TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -28,4 +28,5 @@ fi
 
 echo "[setup] building and installing natgrad_cuda (NATGRAD_CUDA=${NATGRAD_CUDA:-AUTO})"
 "${PIP[@]}" install -q --no-build-isolation ".[test,demo]"
-"$VENV/bin/python" -m natgrad_cuda info
+# From outside the source tree, so that the installed package (with its extension) is the one imported.
+(cd / && "$VENV/bin/python" -m natgrad_cuda info)
