@@ -1,37 +1,98 @@
-// factor_update_ on the CPU: one BLAS call (addmm) per layer for X^T X, the ones column handled
-// by a column sum, so [X, 1] is never materialised.
+// factor_update_ on the CPU. Wide layers: one BLAS call (addmm) per layer for X^T X, the ones column
+// by a column sum, so [X, 1] is never materialised. Narrow layers (where per-op overhead, not
+// arithmetic, is the cost): a direct loop over one triangle, parallel over layers.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "factor_update.h"
 
 namespace natgrad {
 namespace cpu_kernels {
+namespace {
+
+// Up to this width (of X~) the direct loop beats an addmm call and its ATen bookkeeping.
+constexpr int64_t kDirectMaxDim = 64;
+
+// Rank-1 updates of the upper triangle, row by row of X~, in acc_t; then F <- decay F + scale acc,
+// written to both triangles.
+template <typename x_t, typename acc_t>
+void direct_update(const at::Tensor& F, const at::Tensor& X, bool ones, double decay, double scale) {
+  const int64_t n = X.size(0), d = X.size(1), dim = d + (ones ? 1 : 0);
+  const x_t* x = X.data_ptr<x_t>();
+  const int64_t s0 = X.stride(0), s1 = X.stride(1);
+  std::vector<acc_t> acc(dim * dim, acc_t(0)), row(dim);
+  for (int64_t k = 0; k < n; ++k) {
+    for (int64_t c = 0; c < dim; ++c) row[c] = factor_update::load_augmented<acc_t>(x, n, d, s0, s1, ones, k, c);
+    for (int64_t i = 0; i < dim; ++i) {
+      const acc_t a = row[i];
+      acc_t* out = acc.data() + i * dim;
+      for (int64_t j = i; j < dim; ++j) out[j] += a * row[j];
+    }
+  }
+  acc_t* f = F.data_ptr<acc_t>();
+  const int64_t f0 = F.stride(0), f1 = F.stride(1);
+  const acc_t dec = static_cast<acc_t>(decay), sc = static_cast<acc_t>(scale);
+  for (int64_t i = 0; i < dim; ++i)
+    for (int64_t j = i; j < dim; ++j) {
+      const acc_t v = dec * f[i * f0 + j * f1] + sc * acc[i * dim + j];
+      f[i * f0 + j * f1] = v;
+      f[j * f0 + i * f1] = v;
+    }
+}
+
+void blas_update(const at::Tensor& F, const at::Tensor& input, bool ones, double decay, double scale) {
+  const int64_t n = input.size(0), d = input.size(1);
+  // The factor's dtype is the accumulation dtype (fp32 or fp64): half inputs are widened first.
+  const at::Tensor X = input.to(F.scalar_type());
+  F.narrow(0, 0, d).narrow(1, 0, d).addmm_(X.t(), X, /*beta=*/decay, /*alpha=*/scale);
+  if (ones) {
+    at::Tensor col = F.select(1, d).narrow(0, 0, d);
+    col.mul_(decay).add_(X.sum(0), scale);
+    F.select(0, d).narrow(0, 0, d).copy_(col);
+    F.select(0, d).select(0, d).mul_(decay).add_(scale * static_cast<double>(n));
+  }
+}
+
+}  // namespace
 
 void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
-                       at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
+                    at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
   TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
                   append_ones.size() == factors.size(),
               "factor_update_: factors, inputs, scales and append_ones must have the same length");
+  std::vector<int64_t> narrow_layers;
   for (size_t i = 0; i < factors.size(); ++i) {
     const at::Tensor& F = factors[i];
-    const int64_t n = inputs[i].size(0), d = inputs[i].size(1);
-    const int64_t dim = d + (append_ones.get(i) ? 1 : 0);
+    const int64_t d = inputs[i].size(1), dim = d + (append_ones.get(i) ? 1 : 0);
     TORCH_CHECK(F.dim() == 2 && F.size(0) == dim && F.size(1) == dim, "factor_update_: factors[", i,
                 "] must be (", dim, ", ", dim, ")");
+    TORCH_CHECK(F.scalar_type() == at::kFloat || F.scalar_type() == at::kDouble,
+                "factor_update_: factors[", i, "] must be float32 or float64");
     if (dim == 0) continue;
-    // The factor's dtype is the accumulation dtype (fp32 or fp64): half inputs are widened first.
-    const at::Tensor X = inputs[i].to(F.scalar_type());
-    at::Tensor Fw = F.narrow(0, 0, d).narrow(1, 0, d);
-    Fw.addmm_(X.t(), X, /*beta=*/decay, /*alpha=*/scales[i]);
-    if (append_ones.get(i)) {
-      at::Tensor col = F.select(1, d).narrow(0, 0, d);
-      col.mul_(decay).add_(X.sum(0), scales[i]);
-      F.select(0, d).narrow(0, 0, d).copy_(col);
-      F.select(0, d).select(0, d).mul_(decay).add_(scales[i] * static_cast<double>(n));
+    if (dim <= kDirectMaxDim) {
+      narrow_layers.push_back(static_cast<int64_t>(i));
+    } else {
+      blas_update(F, inputs[i], append_ones.get(i), decay, scales[i]);  // BLAS threads itself
     }
   }
+  at::parallel_for(0, static_cast<int64_t>(narrow_layers.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i = narrow_layers[k];
+      const at::Tensor& F = factors[i];
+      const at::Tensor& X = inputs[i];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "factor_update_", [&] {
+        if (F.scalar_type() == at::kDouble) {
+          direct_update<scalar_t, double>(F, X, append_ones.get(i), decay, scales[i]);
+        } else {
+          direct_update<scalar_t, float>(F, X, append_ones.get(i), decay, scales[i]);
+        }
+      });
+    }
+  });
 }
 
 TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("factor_update_", &factor_update_); }
