@@ -20,6 +20,7 @@ inline constexpr const char* kTestingSchemas[] = {
     "divergent_barrier(Tensor x) -> Tensor",
     "read_at(Tensor x, int offset) -> Tensor",
     "shared_read_at(Tensor x, int offset) -> Tensor",
+    "gemm(Tensor a, Tensor b, bool miswire) -> Tensor",
 };
 
 }  // namespace natgrad

@@ -109,3 +109,23 @@ def test_a_failed_launch_leaves_the_emulator_usable(T):
         T.divergent_barrier(torch.zeros(64))
     x = torch.randn(300)
     torch.testing.assert_close(T.block_sum(x, 128), x.sum().reshape(1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 3, 7), (17, 31, 2), (64, 65, 33)])
+def test_emulated_cublas_gemm_is_column_major(T, dtype, m, k, n):
+    # fp32 goes through cublasSgemm with the operands swapped (OP_N), fp64 through cublasDgemm with
+    # OP_T on both: a mix-up of either convention gives a wrong product or a rejected call.
+    g = torch.Generator().manual_seed(m * k * n)
+    a, b = torch.randn(m, k, generator=g, dtype=dtype), torch.randn(k, n, generator=g, dtype=dtype)
+    with ng.emulation.count() as c:
+        out = T.gemm(a, b, False)
+    torch.testing.assert_close(out, a @ b)
+    assert (c.launches, c.library_calls) == (0, 1)
+    assert c.by_name == {"cublasSgemm" if dtype == torch.float32 else "cublasDgemm": 1}
+
+
+def test_emulated_cublas_rejects_a_wrong_leading_dimension(T):
+    a, b = torch.randn(9, 4), torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="cuBLAS status 7"):
+        T.gemm(a, b, True)

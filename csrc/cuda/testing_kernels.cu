@@ -4,6 +4,7 @@
 // natgrad_testing (CUDA) and natgrad_testing_emu (the same source run on the CPU); tests only.
 #include <vector>
 
+#include "cuda/blas.h"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
 
@@ -177,9 +178,41 @@ at::Tensor shared_read_at(const at::Tensor& x, int64_t offset) {
   return out;
 }
 
+// Row-major a @ b through column-major cuBLAS: C^T = B^T A^T, i.e. gemm on the same buffers with the
+// operands swapped. `miswire` passes them in row-major order instead, a wiring mistake that cuBLAS
+// (and its emulation) must reject through the leading dimensions.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool miswire) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gemm: shapes do not fit");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gemm: a and b must share a dtype");
+  const at::Tensor A = a.contiguous(), B = b.contiguous();
+  const int m = static_cast<int>(A.size(0)), k = static_cast<int>(A.size(1)), n = static_cast<int>(B.size(1));
+  at::Tensor C = at::empty({m, n}, A.options());
+  const DeviceGuard guard(A.device());
+  AT_DISPATCH_SWITCH(A.scalar_type(), "gemm", AT_DISPATCH_CASE(at::kFloat, [&] {
+    const float one = 1.f, zero = 0.f;
+    if (miswire) {
+      NATGRAD_CUBLAS_CHECK(cublasSgemm(blas_handle(), CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &one, A.data_ptr<float>(), k,
+                                       B.data_ptr<float>(), n, &zero, C.data_ptr<float>(), n));
+    } else {
+      NATGRAD_CUBLAS_CHECK(cublasSgemm(blas_handle(), CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, &one, B.data_ptr<float>(), n,
+                                       A.data_ptr<float>(), k, &zero, C.data_ptr<float>(), n));
+    }
+  }) AT_DISPATCH_CASE(at::kDouble, [&] {
+    // The transposed operands: read as column-major, A's buffer is A^T (k x m) and B's is B^T
+    // (n x k); op T turns them back, and the column-major m x n result is C^T in row-major order.
+    const double one = 1., zero = 0.;
+    NATGRAD_CUBLAS_CHECK(cublasDgemm(blas_handle(), CUBLAS_OP_T, CUBLAS_OP_T, m, n, k, &one, A.data_ptr<double>(),
+                                     std::max(1, k), B.data_ptr<double>(), std::max(1, n), &zero,
+                                     C.data_ptr<double>(), std::max(1, m)));
+    C = C.view({n, m}).t().contiguous();
+  }));
+  return C;
+}
+
 }  // namespace
 
 NATGRAD_CUDA_IMPL(natgrad_testing, m) {
+  m.impl("gemm", &gemm);
   m.impl("thread_indices", &thread_indices);
   m.impl("block_sum", &block_sum);
   m.impl("warp_ops", &warp_ops);
