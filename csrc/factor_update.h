@@ -3,6 +3,10 @@
 // registers its own entry point with the dispatcher.
 #pragma once
 
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 
 #include "common.h"
@@ -10,6 +14,25 @@
 namespace natgrad {
 
 namespace factor_update {
+
+// Host-side checks of every kernel entry point (ops.py checks first, with friendlier messages;
+// these guard direct torch.ops calls).
+inline void check_lengths(at::TensorList factors, at::TensorList inputs, at::ArrayRef<double> scales,
+                          const c10::List<bool>& append_ones) {
+  TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
+                  append_ones.size() == factors.size(),
+              "factor_update_: factors, inputs, scales and append_ones must have the same length");
+}
+
+// The width of X~_i = [X_i, 1?], checked against factors[i]'s shape and dtype.
+inline int64_t checked_dim(const at::Tensor& F, const at::Tensor& X, bool ones, size_t i) {
+  const int64_t dim = X.size(1) + (ones ? 1 : 0);
+  TORCH_CHECK(F.dim() == 2 && F.size(0) == dim && F.size(1) == dim, "factor_update_: factors[", i,
+              "] must be (", dim, ", ", dim, ")");
+  TORCH_CHECK(F.scalar_type() == at::kFloat || F.scalar_type() == at::kDouble, "factor_update_: factors[", i,
+              "] must be float32 or float64");
+  return dim;
+}
 
 // Element (row k, column c) of X~ = [X, 1] without materialising the ones column; rows past n
 // and columns past the width read as zero so that partial tiles need no branches in the inner loop.

@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _ext
-from . import reference
+from . import _ext, emulation, reference
 
 __all__ = ["factor_update_", "IMPLS"]
 
@@ -37,7 +36,7 @@ def _resolve_impl(impl: Optional[str], device: torch.device) -> str:
             f"{device.type!r} (build_info()['backends'] = {_ext.backends()})"
         )
     if impl == "emulated":
-        if "emulated" not in _ext.backends():
+        if not emulation.available():
             raise RuntimeError(
                 "impl='emulated' asked for, but the CUDA emulation backend is not compiled "
                 f"(build_info()['backends'] = {_ext.backends()})"

@@ -61,22 +61,15 @@ void blas_update(const at::Tensor& F, const at::Tensor& input, bool ones, double
 
 void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
                     at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
-                  append_ones.size() == factors.size(),
-              "factor_update_: factors, inputs, scales and append_ones must have the same length");
+  factor_update::check_lengths(factors, inputs, scales, append_ones);
   std::vector<int64_t> narrow_layers;
   for (size_t i = 0; i < factors.size(); ++i) {
-    const at::Tensor& F = factors[i];
-    const int64_t d = inputs[i].size(1), dim = d + (append_ones.get(i) ? 1 : 0);
-    TORCH_CHECK(F.dim() == 2 && F.size(0) == dim && F.size(1) == dim, "factor_update_: factors[", i,
-                "] must be (", dim, ", ", dim, ")");
-    TORCH_CHECK(F.scalar_type() == at::kFloat || F.scalar_type() == at::kDouble,
-                "factor_update_: factors[", i, "] must be float32 or float64");
+    const int64_t dim = factor_update::checked_dim(factors[i], inputs[i], append_ones.get(i), i);
     if (dim == 0) continue;
     if (dim <= kDirectMaxDim) {
       narrow_layers.push_back(static_cast<int64_t>(i));
     } else {
-      blas_update(F, inputs[i], append_ones.get(i), decay, scales[i]);  // BLAS threads itself
+      blas_update(factors[i], inputs[i], append_ones.get(i), decay, scales[i]);  // BLAS threads itself
     }
   }
   at::parallel_for(0, static_cast<int64_t>(narrow_layers.size()), 1, [&](int64_t begin, int64_t end) {

@@ -85,9 +85,7 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
 
 void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
                         at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
-                  append_ones.size() == factors.size(),
-              "factor_update_: factors, inputs, scales and append_ones must have the same length");
+  factor_update::check_lengths(factors, inputs, scales, append_ones);
   if (factors.empty()) return;
   const DeviceGuard guard(factors[0].device());
   const stream_t stream = current_stream();
@@ -104,9 +102,7 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
       done[i] = true;
       const at::Tensor& F = factors[i];
       const at::Tensor& X = inputs[i];
-      const int64_t d = X.size(1), dim = d + (append_ones.get(i) ? 1 : 0);
-      TORCH_CHECK(F.dim() == 2 && F.size(0) == dim && F.size(1) == dim, "factor_update_: factors[", i,
-                  "] must be (", dim, ", ", dim, ")");
+      const int64_t d = X.size(1), dim = factor_update::checked_dim(F, X, append_ones.get(i), i);
       if (dim == 0) continue;
       const int64_t T = (dim + kTile - 1) / kTile;
       layers.push_back(Layer{device_ptr<char>(F), device_ptr<const char>(X), X.size(0), d, dim, X.stride(0), X.stride(1),
@@ -127,8 +123,7 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
           if (fdt == at::kDouble) {
             NATGRAD_LAUNCH((factor_update_kernel<x_t, double>), grid, block, 0, stream, table_ptr,
                            num_layers, decay);
-          } else {
-            TORCH_CHECK(fdt == at::kFloat, "factor_update_: factors must be float32 or float64");
+          } else {  // float32: checked_dim admits no other factor dtype
             NATGRAD_LAUNCH((factor_update_kernel<x_t, float>), grid, block, 0, stream, table_ptr,
                            num_layers, static_cast<float>(decay));
           }

@@ -56,7 +56,7 @@ class KFACCurvature:
 
     def is_joint(self, name: str) -> bool:
         """Whether module ``name``'s weight and bias share one Kronecker product."""
-        return not self.separate_weight_and_bias and self._slots[name].bias is not None
+        return _is_joint(self._slots[name], self.separate_weight_and_bias)
 
     def dense(self) -> Tensor:
         """The block-diagonal (P, P) matrix in model.parameters() order; zero blocks for the
@@ -110,7 +110,7 @@ def kfac(
             stacklevel=2,
         )
     slots, num_params = parameter_slots(model, layers)
-    joint = {name: not separate_weight_and_bias and slots[name].bias is not None for name, _ in layers}
+    joint = {name: _is_joint(slots[name], separate_weight_and_bias) for name, _ in layers}
     A, G = {}, {}
     for name, module in layers:
         w = module.weight
@@ -169,6 +169,11 @@ def kfac(
         num_params=num_params,
         _slots=slots,
     )
+
+
+def _is_joint(slot: ParamSlot, separate_weight_and_bias: bool) -> bool:
+    """Weight and bias share one Kronecker product: A carries a constant 1 for the bias."""
+    return not separate_weight_and_bias and slot.bias is not None
 
 
 def _check_options(fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed, backend) -> None:
