@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 
 from . import _ext, emulation, ops, reference  # noqa: E402
 from . import curvature  # noqa: E402
+from .optimizer import KFAC, KFACPreconditioner  # noqa: E402
 
 
 def build_info() -> dict:
@@ -26,4 +27,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "ops", "reference", "curvature", "emulation", "__version__"]
+__all__ = ["KFAC", "KFACPreconditioner", "build_info", "ops", "reference", "curvature", "emulation", "__version__"]

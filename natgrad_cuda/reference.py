@@ -5,11 +5,14 @@ Every function here has the same name and arguments as its op in ``natgrad_cuda.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["factor_update_", "accumulation_dtype"]
+__all__ = ["factor_update_", "eigh_batched", "precondition", "accumulation_dtype", "INVERSES"]
+
+INVERSES = ("eigen", "factored")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,3 +38,74 @@ def factor_update_(
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
         new = decay * F.to(acc) + scale * (X.T @ X)
         F.copy_(new)
+
+
+def eigh_batched(mats: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(eigenvalues ascending, eigenvectors) of every symmetric matrix, like torch.linalg.eigh.
+
+    A decomposition that fails or is not finite is retried in float64 (and cast back); one that
+    still fails comes back filled with NaN, so that the caller can keep an earlier one.
+    """
+    out = []
+    for M in mats:
+        result = _try_eigh(M)
+        if result is None and M.dtype != torch.float64:
+            result = _try_eigh(M.double())
+            if result is not None:
+                result = (result[0].to(M.dtype), result[1].to(M.dtype))
+        if result is None:
+            nan = float("nan")
+            result = (M.new_full(M.shape[:1], nan), torch.full_like(M, nan))
+        out.append(result)
+    return out
+
+
+def _try_eigh(M: torch.Tensor):
+    if not bool(torch.isfinite(M).all()):
+        return None
+    try:
+        evals, evecs = torch.linalg.eigh(M)
+    except RuntimeError:  # LAPACK did not converge
+        return None
+    if not (bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all())):
+        return None
+    return evals, evecs
+
+
+def precondition(
+    grads: Sequence[torch.Tensor],
+    QA: Sequence[torch.Tensor],
+    dA: Sequence[torch.Tensor],
+    QG: Sequence[torch.Tensor],
+    dG: Sequence[torch.Tensor],
+    damping: float,
+    inverse: str = "eigen",
+) -> List[torch.Tensor]:
+    """The damped inverse of G (x) A applied to every layer's (out, in) gradient matrix M.
+
+    A = QA diag(dA) QA^T and G = QG diag(dG) QG^T (eigenvalues clamped at zero by the caller).
+    inverse="eigen": (G (x) A + damping I)^-1 exactly, QG [(QG^T M QA) / (dG dA^T + damping)] QA^T.
+    inverse="factored": (G + sqrt(damping)/pi I)^-1 M (A + pi sqrt(damping) I)^-1 with
+    pi = sqrt((tr A / dim A) / (tr G / dim G)) (Martens and Grosse 2015), the same sandwich with the
+    denominator (dG + sqrt(damping)/pi)(dA + pi sqrt(damping))^T. Computed in the factors' dtype
+    and returned in the gradient's.
+    """
+    out = []
+    for M, qa, da, qg, dg in zip(grads, QA, dA, QG, dG):
+        V = qg.T @ M.to(qa.dtype) @ qa
+        if inverse == "eigen":
+            denom = torch.outer(dg, da) + damping
+        else:
+            pi = factored_pi(da, dg)
+            root = math.sqrt(damping)
+            denom = torch.outer(dg + root / pi, da + pi * root)
+        out.append((qg @ (V / denom) @ qa.T).to(M.dtype))
+    return out
+
+
+def factored_pi(dA: torch.Tensor, dG: torch.Tensor) -> torch.Tensor:
+    """pi = sqrt((tr A / dim A) / (tr G / dim G)) from the eigenvalues; 1 when either trace is zero
+    (a dead layer), so that the damping still splits evenly."""
+    ta, tg = dA.mean(), dG.mean()
+    ok = (ta > 0) & (tg > 0)
+    return torch.where(ok, (ta / torch.where(ok, tg, 1.0)).sqrt(), torch.ones_like(ta))

@@ -1,0 +1,187 @@
+"""Training problems on scikit-learn's bundled digits (1797 8x8 images; nothing is downloaded), shared
+by the main job (examples/train_digits.py) and the training benchmark (bench/bench_training.py).
+
+- "cnn": a small CNN classifier, cross-entropy;
+- "autoencoder": Martens and Grosse's deep autoencoder benchmark scaled down to digits,
+  64-256-128-32-128-256-64 with tanh, mean squared error.
+
+``train(...)`` runs one optimizer for a number of steps on shuffled minibatches and records the
+full training loss every ``eval_every`` steps against steps and against optimizer seconds (the time
+of the forward, backward and step only; evaluation is not timed).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad_cuda as ng
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Data:
+    """Digits scaled to [0, 1], (N, 1, 8, 8) images and integer labels, a fixed train/test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = perm[:n_test], perm[n_test:]
+    return Data(x[train], y[train], x[test], y[test])
+
+
+def make_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),  # 8x8 -> 4x4
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def make_autoencoder() -> nn.Module:
+    sizes = [64, 256, 128, 32, 128, 256, 64]
+    layers: List[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Problem:
+    name: str
+    make_model: Callable[[], nn.Module]
+    loss: str  # natgrad_cuda's loss name
+    target_loss: float  # full training loss that counts as "reached"
+    steps: int
+    batch_size: int = 128
+
+    def loss_fn(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss == "cross_entropy":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, x.flatten(1))
+
+
+PROBLEMS: Dict[str, Problem] = {
+    "cnn": Problem("cnn", make_cnn, "cross_entropy", target_loss=0.05, steps=300),
+    "autoencoder": Problem("autoencoder", make_autoencoder, "mse", target_loss=0.015, steps=600),
+}
+
+# Learning-rate grids (each optimizer's best is picked by final training loss).
+LR_GRIDS = {
+    "sgd": [0.03, 0.1, 0.3, 1.0],
+    "adam": [1e-3, 3e-3, 1e-2, 3e-2],
+    "kfac": [0.03, 0.1, 0.3, 1.0],
+}
+
+
+def make_optimizer(kind: str, model: nn.Module, lr: float, problem: Problem, **kfac_kwargs):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if kind == "kfac":
+        return ng.KFAC(model, lr=lr, loss=problem.loss, seed=0, **kfac_kwargs)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+@dataclass
+class Run:
+    kind: str
+    lr: float
+    steps: List[int] = field(default_factory=list)
+    seconds: List[float] = field(default_factory=list)
+    train_loss: List[float] = field(default_factory=list)
+    test_accuracy: Optional[float] = None
+    diverged: bool = False
+
+    @property
+    def final_loss(self) -> float:
+        return self.train_loss[-1] if self.train_loss and not self.diverged else math.inf
+
+    def reached(self, target: float):
+        """(steps, seconds) at the first evaluation at or below ``target``, or (None, None)."""
+        for s, t, loss in zip(self.steps, self.seconds, self.train_loss):
+            if loss <= target:
+                return s, t
+        return None, None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "lr": self.lr, "steps": self.steps, "seconds": self.seconds,
+                "train_loss": self.train_loss, "test_accuracy": self.test_accuracy, "diverged": self.diverged}
+
+
+@torch.no_grad()
+def full_loss(problem: Problem, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(problem.loss_fn(model(x), x, y))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def train(problem: Problem, kind: str, lr: float, data: Data, *, seed: int = 0, steps: Optional[int] = None,
+          eval_every: int = 10, progress=None, **kfac_kwargs) -> Run:
+    """Train a fresh model (initialised from ``seed``) with one optimizer; minibatches reshuffled
+    every epoch from a generator seeded alike, so every optimizer sees the same batches."""
+    steps = steps or problem.steps
+    torch.manual_seed(seed)
+    model = problem.make_model()
+    opt = make_optimizer(kind, model, lr, problem, **kfac_kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = len(data.y_train)
+    run = Run(kind, lr)
+    elapsed, order, pos = 0.0, torch.randperm(n, generator=gen), 0
+
+    def record(step):
+        loss = full_loss(problem, model, data.x_train, data.y_train)
+        run.steps.append(step), run.seconds.append(elapsed), run.train_loss.append(loss)
+        return loss
+
+    record(0)
+    for step in range(1, steps + 1):
+        if pos + problem.batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + problem.batch_size]
+        pos += problem.batch_size
+        x, y = data.x_train[idx], data.y_train[idx]
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        out = model(x)
+        loss = problem.loss_fn(out, x, y)
+        if kind == "kfac":
+            opt.backward(loss, out)
+        else:
+            loss.backward()
+        opt.step()
+        elapsed += time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+        if step % eval_every == 0 or step == steps:
+            value = record(step)
+            if not math.isfinite(value) or value > 1e3:
+                run.diverged = True
+                if progress is not None:
+                    progress.update(steps - step)
+                break
+    if problem.loss == "cross_entropy":
+        run.test_accuracy = accuracy(model, data.x_test, data.y_test)
+    return run

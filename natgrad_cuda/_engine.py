@@ -1,0 +1,476 @@
+"""The K-FAC machinery shared by ``KFAC`` and ``KFACPreconditioner``: hooks that record the rows of
+the Kronecker factors, their exponential moving averages, the damped eigenbasis inverses and the
+preconditioned directions.
+
+The factors follow the curvature layer's conventions (``natgrad_cuda.curvature``, CURVATURE.md): the
+rows come from ``curvature._layers``, the backward scalars of each Fisher type from
+``curvature.kfac``, and every accumulation goes through ``ops.factor_update_``. One step's
+contribution is gathered in pending sums and enters the moving averages only in ``commit``, after
+the gradients proved finite, so that a skipped step leaves the factors alone.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .curvature import _layers
+from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
+from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, _backward_scalars, _flush, _is_joint
+from .reference import INVERSES, accumulation_dtype
+
+__all__ = ["Engine", "BACKENDS", "check_number"]
+
+BACKENDS = ("auto", "reference", "native", "emulated")
+# The Fisher types whose G needs the loss: the sampled or exact loss Hessian, or the normaliser Z.
+_NEEDS_LOSS = ("mc", "type-2", "empirical")
+
+
+def check_number(name: str, value, *, low: float = None, high: float = None, low_open: bool = False,
+                 integer: bool = False, allow_none: bool = False):
+    """Validate one hyperparameter; the ValueError names it."""
+    if value is None and allow_none:
+        return None
+    kind = "an int" if integer else "a real number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return value
+
+
+class _Layer:
+    """One K-FAC layer: its parameters and how its gradient becomes the (out, in[+1]) matrix M."""
+
+    def __init__(self, name: str, module: nn.Module, joint: bool):
+        self.name, self.module, self.joint = name, module, joint
+        self.weight = module.weight
+        self.bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.out_dim = self.weight.shape[0]
+        self.in_dim = self.weight[0].numel() + int(joint)
+        self.factor_dtype = accumulation_dtype(self.weight.dtype)
+
+    def blocks(self) -> List[Tuple[List[Tensor], bool]]:
+        """(parameters, is the separate bias) per preconditioned block: [W | b] jointly, or W and b
+        apart (b with A = 1, the bias block of CURVATURE.md being G alone)."""
+        if self.joint:
+            return [([self.weight, self.bias], False)]
+        if self.bias is None:
+            return [([self.weight], False)]
+        return [([self.weight], False), ([self.bias], True)]
+
+
+def block_matrix(params: List[Tensor], tensors: List[Tensor]) -> Tensor:
+    """Parameter-shaped tensors (weight, bias) of one block as the (out, in[+1]) matrix."""
+    cols = [t.reshape(params[0].shape[0], -1) for t in tensors]
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+
+
+def split_block(params: List[Tensor], M: Tensor) -> List[Tensor]:
+    """Inverse of ``block_matrix``: the block matrix M back to parameter-shaped tensors."""
+    if len(params) == 1:
+        return [M.reshape(params[0].shape)]
+    w, b = params
+    return [M[:, :-1].reshape(w.shape), M[:, -1].reshape(b.shape)]
+
+
+class _Record:
+    """One recorded forward of the model: its batch size and loss normaliser Z (from its outputs)."""
+
+    __slots__ = ("n", "z", "counted")
+
+    def __init__(self):
+        self.n: Optional[int] = None
+        self.z: Optional[int] = None
+        self.counted = False
+
+
+class Engine:
+    """Hooks, factors and inverses of one model. ``hyper()`` returns the current hyperparameters
+    (a param group of ``KFAC`` or the preconditioner's own dict), read at every use so that
+    schedulers and damping adaptation take effect at once."""
+
+    def __init__(self, model: nn.Module, hyper: Callable[[], dict], *, loss: Optional[str], reduction: str,
+                 fisher_type: str, mc_samples: int, kfac_approx: str, separate_weight_and_bias: bool,
+                 inverse: str, backend: str, seed: Optional[int], grad_scaler):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+        if loss is None and fisher_type in _NEEDS_LOSS:
+            raise ValueError(
+                f"fisher_type={fisher_type!r} needs loss= (one of {LOSS_NAMES}): the loss's Hessian and "
+                "normaliser define G; only fisher_type='forward-only' works without it"
+            )
+        if loss is not None and loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {LOSS_NAMES} or None, got {loss!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_number("mc_samples", mc_samples, low=1, integer=True)
+        if kfac_approx not in KFAC_APPROXES:
+            raise ValueError(f"kfac_approx must be one of {KFAC_APPROXES}, got {kfac_approx!r}")
+        if not isinstance(separate_weight_and_bias, bool):
+            raise ValueError(f"separate_weight_and_bias must be a bool, got {separate_weight_and_bias!r}")
+        if inverse not in INVERSES:
+            raise ValueError(f"inverse must be one of {INVERSES}, got {inverse!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be None or an int, got {seed!r}")
+        if grad_scaler is not None and not hasattr(grad_scaler, "get_scale"):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
+
+        found, unsupported = _layers.find_layers(model)
+        if not found:
+            raise ValueError(
+                "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding and a "
+                "trainable weight)"
+            )
+        for name, module in found:
+            if not module.weight.requires_grad:
+                raise ValueError(f"layer {name!r}: K-FAC needs its weight trainable (a frozen weight with a "
+                                 "trainable bias is not supported)")
+        self.unsupported = unsupported
+        slots, _ = _layers.parameter_slots(model, found)
+        self.layers = [_Layer(name, module, _is_joint(slots[name], separate_weight_and_bias)
+                              and module.bias.requires_grad) for name, module in found]
+        self.model, self.hyper = model, hyper
+        self.spec = LossSpec.from_name(loss, reduction) if loss is not None else None
+        self.fisher_type, self.kfac_approx, self.inverse = fisher_type, kfac_approx, inverse
+        self.mc_samples = mc_samples if fisher_type == "mc" else 1
+        self.impl = None if backend == "auto" else backend
+        self.grad_scaler = grad_scaler
+
+        device = self.layers[0].weight.device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+        self.steps = 0  # completed (not skipped) steps
+        self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in self.layers}
+        self.last_rho: Optional[float] = None
+        self._reset_pending()
+        # During the curvature passes of backward(); otherwise "empirical" lets loss.backward() feed G.
+        self._grad_mode = "empirical" if fisher_type == "empirical" else None
+        self._record: Optional[_Record] = None
+        self._suspended = False
+        # Layer hooks before the root's forward hook: a model that is itself one layer needs its
+        # layer hook to run while the forward's record is still open.
+        self._handles = [model.register_forward_pre_hook(self._root_pre_hook)]
+        self._handles += [layer.module.register_forward_hook(self._layer_hook(layer)) for layer in self.layers]
+        self._handles.append(model.register_forward_hook(self._root_hook))
+
+    # ---- recording ----------------------------------------------------------------------------
+
+    def _reset_pending(self) -> None:
+        self._rows_A: List[Tuple[str, Tensor, float]] = []
+        self._rows_G: List[Tuple[str, Tensor, float]] = []
+        self._rows_G_empirical: List[Tuple[str, Tensor, float]] = []
+        self._sum_A: Dict[str, Tensor] = {}
+        self._sum_G: Dict[str, Tensor] = {}
+        self._records: List[_Record] = []
+        self._g_divisor = 0.0
+
+    def factor_step_due(self) -> bool:
+        return self.steps % self.hyper()["factor_update_freq"] == 0
+
+    def inverse_step_due(self) -> bool:
+        return self.steps % self.hyper()["inv_update_freq"] == 0
+
+    def _root_pre_hook(self, module, args):
+        capture = torch.is_grad_enabled() and not self._suspended and self.factor_step_due()
+        self._record = _Record() if capture else None
+        if capture:
+            self._records.append(self._record)
+
+    def _root_hook(self, module, args, output):
+        if self._record is not None and isinstance(output, Tensor):
+            self._note_outputs(self._record, output)
+        self._record = None
+
+    def _note_outputs(self, record: _Record, outputs: Tensor) -> None:
+        if outputs.dim() < 2:
+            raise ValueError(f"model outputs must be batched with a class / feature dimension, got shape "
+                             f"{tuple(outputs.shape)}")
+        record.n = outputs.shape[0]
+        if self.spec is not None:
+            record.z = self.spec.normalizer(*self.spec.flatten_outputs(outputs).shape)
+
+    def _layer_hook(self, layer: _Layer):
+        def hook(module, inputs, output):
+            record = self._record
+            if record is None:
+                return
+            self._rows_A.append((layer.name, *_layers.input_rows(layer.name, module, inputs[0], self.kfac_approx)))
+            if self.fisher_type != "forward-only" and isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(lambda g: self._grad_hook(layer, record, g))
+
+        return hook
+
+    def _grad_hook(self, layer: _Layer, record: _Record, g: Tensor) -> None:
+        mode = self._grad_mode
+        if mode is None or record not in self._records:  # a stale forward of a finished step
+            return
+        rows = _layers.grad_rows(layer.module, g, self.kfac_approx)
+        if mode == "curvature":
+            self._rows_G.append((layer.name, rows, 1.0))
+        else:  # the loss's own gradient g_loss = g_phi / Z (mean): G gets Z^2 g g^T / sum(Z)
+            if record.z is None:
+                raise ValueError("fisher_type='empirical': the model's output is not a tensor, so its loss "
+                                 "normaliser is unknown; call opt.backward(loss, outputs)")
+            if not record.counted:
+                record.counted = True
+                self._g_divisor += record.z if self.spec.reduction == "mean" else 0.0
+            scale = float(record.z) ** 2 if self.spec.reduction == "mean" else 1.0
+            self._rows_G_empirical.append((layer.name, rows, scale))
+
+    def backward(self, loss: Tensor, outputs: Tensor) -> None:
+        """loss.backward(), preceded on factor-update steps by the curvature passes that give G."""
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar tensor, got {loss!r:.80}")
+        if not isinstance(outputs, Tensor):
+            raise ValueError(f"outputs must be the model's output tensor, got {type(outputs).__name__}")
+        record = self._records[-1] if self._records else None
+        if record is not None and self.factor_step_due():
+            self._note_outputs(record, outputs)
+            if self.fisher_type in ("mc", "type-2"):
+                self._curvature_passes(outputs)
+        loss.backward()
+        self.flush()
+
+    def _curvature_passes(self, outputs: Tensor) -> None:
+        f = self.spec.flatten_outputs(outputs)
+        if f.dtype in (torch.float16, torch.bfloat16):  # sample and build S in fp32 under autocast
+            f = f.float()
+        z = self.spec.normalizer(*f.shape)
+        self._g_divisor += self.mc_samples * (z if self.spec.reduction == "mean" else 1)
+        params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
+        self._grad_mode = "curvature"
+        try:
+            for phi in _backward_scalars(self.spec, self.fisher_type, f, None, self.mc_samples, self.generator):
+                # .grad stays untouched; the output hooks record g on the way.
+                torch.autograd.grad(phi, params, retain_graph=True, allow_unused=True)
+        finally:
+            self._grad_mode = "empirical" if self.fisher_type == "empirical" else None
+
+    def flush(self, empirical_scale: Optional[float] = None) -> None:
+        """Accumulate the recorded rows into this step's pending sums (one op call for all layers).
+
+        The empirical rows wait for ``empirical_scale`` (1 / GradScaler scale^2, known at the step).
+        """
+        rows_A, self._rows_A = self._rows_A, []
+        self._accumulate(self._sum_A, rows_A, {layer.name: layer.joint for layer in self.layers}, "A")
+        rows_G, self._rows_G = self._rows_G, []
+        if empirical_scale is not None:
+            rows_G += [(n, r, s * empirical_scale) for n, r, s in self._rows_G_empirical]
+            self._rows_G_empirical = []
+        self._accumulate(self._sum_G, rows_G, dict.fromkeys(self.state, False), "G")
+
+    def _accumulate(self, sums: Dict[str, Tensor], rows, ones: Dict[str, bool], which: str) -> None:
+        if not rows:
+            return
+        for layer in self.layers:
+            if layer.name not in sums and any(n == layer.name for n, _, _ in rows):
+                d = layer.in_dim if which == "A" else layer.out_dim
+                sums[layer.name] = torch.zeros(d, d, dtype=layer.factor_dtype, device=layer.weight.device)
+        _flush(sums, rows, ones, self.impl)
+
+    def discard(self) -> None:
+        """Forget this step's recordings (a skipped step)."""
+        self._reset_pending()
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def grads_finite(self, params: List[Tensor]) -> bool:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+    def commit(self, grad_scale: Optional[float]) -> None:
+        """This step's factors into the moving averages, then the eigendecompositions when due."""
+        if self._records or self._sum_A or self._rows_A:
+            scale = 1.0
+            if self.fisher_type == "empirical":
+                s = grad_scale if grad_scale is not None else (
+                    self.grad_scaler.get_scale() if self.grad_scaler is not None and self.grad_scaler.is_enabled()
+                    else 1.0)
+                scale = 1.0 / (s * s)
+            self.flush(empirical_scale=scale)
+            self._commit_factors()
+        self._reset_pending()
+        if self.inverse_step_due() or any("QA" not in st for st in self._updated_states()):
+            self.update_inverses()
+
+    def _updated_states(self):
+        return [st for st in self.state.values() if "A" in st]
+
+    def _commit_factors(self) -> None:
+        n = sum(r.n for r in self._records if r.n is not None)
+        if n == 0:
+            return
+        g_div = self._g_divisor if self.spec is None or self.spec.reduction == "mean" else float(self.mc_samples)
+        new: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for layer in self.layers:
+            A = self._sum_A.get(layer.name)
+            if A is None:
+                continue  # the layer did not run in this step's forward
+            if self.fisher_type == "forward-only":
+                G = torch.eye(layer.out_dim, dtype=A.dtype, device=A.device)
+            else:
+                G = self._sum_G.get(layer.name)
+                if G is None or g_div == 0:
+                    continue  # no curvature pass reached it (e.g. backward() was not called)
+                G = G / g_div
+            new[layer.name] = (A / n, G)
+        if not new:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for pair in new.values() for t in pair]).all()
+        if not bool(finite):
+            warnings.warn("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); "
+                          "the moving averages keep their previous values", RuntimeWarning, stacklevel=4)
+            return
+        decay = self.hyper()["factor_decay"]
+        for name, (A, G) in new.items():
+            st = self.state[name]
+            if "A" not in st:  # the first estimate starts the average (no bias towards zero)
+                st["A"], st["G"] = A.clone(), G.clone()
+            else:
+                st["A"].mul_(decay).add_(A, alpha=1.0 - decay)
+                st["G"].mul_(decay).add_(G, alpha=1.0 - decay)
+
+    def update_inverses(self) -> None:
+        """Eigendecompositions of every factor, one batched call; a failed one keeps the previous."""
+        names = [name for name, st in self.state.items() if "A" in st]
+        if not names:
+            return
+        mats = [self.state[n][k] for n in names for k in ("A", "G")]
+        results = reference.eigh_batched(mats)
+        ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
+        for i, name in enumerate(names):
+            st = self.state[name]
+            for j, key in enumerate(("A", "G")):
+                k = 2 * i + j
+                if ok[k]:
+                    d, Q = results[k]
+                    st["d" + key], st["Q" + key] = d.clamp_min(0), Q
+                elif "Q" + key in st:
+                    warnings.warn(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                                  "float64; keeping the previous one", RuntimeWarning, stacklevel=3)
+                else:
+                    warnings.warn(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                                  "float64; the layer uses its plain gradient until one succeeds", RuntimeWarning,
+                                  stacklevel=3)
+
+    def preconditioned(self) -> Tuple[Dict[int, Tensor], List[Tuple[List[Tensor], Tensor, Tensor, Tensor]]]:
+        """{id(param): preconditioned gradient} for every K-FAC layer with an inverse, undamped by
+        KL clipping, and per block (params, M, A_block, G) for the quadratic model."""
+        h = self.hyper()
+        Ms, QA, dA, QG, dG, blocks = [], [], [], [], [], []
+        for layer in self.layers:
+            st = self.state[layer.name]
+            if "QA" not in st or "QG" not in st:
+                continue
+            for params, is_bias in layer.blocks():
+                if any(p.grad is None for p in params):
+                    continue
+                M = block_matrix(params, [p.grad for p in params])
+                if is_bias:
+                    one = torch.ones(1, 1, dtype=st["QA"].dtype, device=M.device)
+                    qa, da, A = one, one[0], one
+                else:
+                    qa, da, A = st["QA"], st["dA"], st["A"]
+                Ms.append(M), QA.append(qa), dA.append(da), QG.append(st["QG"]), dG.append(st["dG"])
+                blocks.append((params, M, A, st["G"]))
+        if not Ms:
+            return {}, []
+        Ps = reference.precondition(Ms, QA, dA, QG, dG, h["damping"], self.inverse)
+        out = {}
+        for (params, M, _, _), P in zip(blocks, Ps):
+            for p, d in zip(params, split_block(params, P)):
+                out[id(p)] = d
+        return out, [(params, M, A, G) for (params, M, A, G) in blocks]
+
+    def kl_scale(self, directions: Dict[int, Tensor], lr: float, kl_clip: Optional[float]) -> Optional[Tensor]:
+        """nu = min(1, sqrt(kl_clip / (lr^2 sum <P, g>))) over the K-FAC layers, as a 0-d tensor (no sync)."""
+        if not kl_clip or not directions:
+            return None
+        terms = [(directions[id(p)].double() * p.grad.double()).sum()
+                 for layer in self.layers for p in (layer.weight, layer.bias)
+                 if p is not None and id(p) in directions]
+        vg = torch.stack(terms).sum() * lr * lr
+        return torch.where(vg > 0, (kl_clip / vg.clamp_min(1e-300)).sqrt().clamp(max=1.0), torch.ones_like(vg))
+
+    def quadratic_change(self, deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks) -> float:
+        """The K-FAC quadratic model's predicted change of the loss for the parameter change delta:
+        <g, delta> over all parameters + 1/2 sum over blocks <D, G D A> (undamped)."""
+        lin = sum(float((grads[k].double() * deltas[k].double()).sum()) for k in deltas if k in grads)
+        quad = 0.0
+        for params, _, A, G in blocks:
+            D = block_matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
+            quad += float((D * (G @ D @ A)).sum())
+        return lin + 0.5 * quad
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "layers": {name: {k: v.clone() for k, v in st.items()} for name, st in self.state.items()},
+            "generator": self.generator.get_state(),
+            "last_rho": self.last_rho,
+            "fisher_type": self.fisher_type,
+            "inverse": self.inverse,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        try:
+            steps, layers, gen = sd["steps"], sd["layers"], sd["generator"]
+        except (KeyError, TypeError):
+            raise ValueError("state_dict: not a K-FAC state (missing steps, layers or generator)") from None
+        if set(layers) != set(self.state):
+            raise ValueError(f"state_dict: its K-FAC layers {sorted(layers)} are not this model's {sorted(self.state)}")
+        for layer in self.layers:
+            saved = layers[layer.name]
+            for key, t in saved.items():
+                want = {"A": (layer.in_dim,) * 2, "G": (layer.out_dim,) * 2, "QA": (layer.in_dim,) * 2,
+                        "QG": (layer.out_dim,) * 2, "dA": (layer.in_dim,), "dG": (layer.out_dim,)}.get(key)
+                if want is None or tuple(t.shape) != want:
+                    raise ValueError(f"state_dict: layer {layer.name!r} entry {key!r} has shape {tuple(t.shape)}, "
+                                     f"expected {want}")
+        self.steps = int(steps)
+        device = self.layers[0].weight.device
+        for layer in self.layers:
+            self.state[layer.name] = {k: t.to(device=device, dtype=layer.factor_dtype).clone()
+                                      for k, t in layers[layer.name].items()}
+        self.generator.set_state(gen)
+        self.last_rho = sd.get("last_rho")
+        self._reset_pending()
+
+    def suspended(self):
+        """Context in which forwards are not recorded (the damping adaptation's loss evaluations)."""
+        engine = self
+
+        class _Ctx:
+            def __enter__(self):
+                engine._suspended = True
+
+            def __exit__(self, *exc):
+                engine._suspended = False
+
+        return _Ctx()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,384 @@
+"""``KFAC``, a torch.optim.Optimizer, and ``KFACPreconditioner``, which rewrites ``.grad`` for any optimizer.
+
+One K-FAC step (Martens and Grosse 2015; CURVATURE.md for the conventions):
+
+1. factors, every ``factor_update_freq`` steps: A and G of each supported layer from this step's
+   forward and a curvature pass (sampled targets for "mc", the loss-Hessian columns for "type-2",
+   the true gradients for "empirical"), into exponential moving averages with ``factor_decay``;
+2. inverses, every ``inv_update_freq`` steps: eigendecompositions of every A and G, eigenvalues
+   clamped at zero;
+3. preconditioning: (G (x) A + damping I)^-1 applied exactly in the eigenbases (``inverse="eigen"``)
+   or the factored Tikhonov inverse with the pi correction (``inverse="factored"``);
+4. trust region: the K-FAC directions scaled by nu = min(1, sqrt(kl_clip / (lr^2 sum <P, g>)));
+5. ``KFAC`` only: weight decay, momentum and the update, like torch.optim.SGD, for every parameter;
+   parameters outside supported layers follow the same momentum SGD with their plain gradient; and
+   optionally Levenberg-Marquardt adaptation of the damping from the quadratic model's reduction ratio.
+
+A step whose gradients hold a NaN or Inf is skipped: parameters, factors and momentum stay as they
+were, and a warning says so (under a GradScaler the scaler's own skips are silent).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._engine import Engine, check_number
+
+__all__ = ["KFAC", "KFACPreconditioner", "lm_damping"]
+
+# Defaults, chosen on the digits CNN and autoencoder of bench/bench_training.py (README, "How the
+# defaults were chosen"): they train both well without tuning; lr is the one to tune first.
+DEFAULTS = dict(
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=0.0,
+    damping=1e-3,
+    factor_decay=0.95,
+    factor_update_freq=1,
+    inv_update_freq=10,
+    kl_clip=1e-3,
+    adapt_damping=False,
+    adapt_damping_interval=5,
+    min_damping=1e-8,
+    max_damping=1e4,
+)
+
+
+def _check_hyper(h: dict) -> None:
+    check_number("lr", h["lr"], low=0.0)
+    check_number("momentum", h["momentum"], low=0.0, high=1.0)
+    if h["momentum"] == 1.0:
+        raise ValueError("momentum must be < 1, got 1.0")
+    check_number("weight_decay", h["weight_decay"], low=0.0)
+    check_number("damping", h["damping"], low=0.0, low_open=True)
+    check_number("factor_decay", h["factor_decay"], low=0.0, high=1.0)
+    if h["factor_decay"] == 1.0:
+        raise ValueError("factor_decay must be < 1 (1 would never take in new curvature), got 1.0")
+    check_number("factor_update_freq", h["factor_update_freq"], low=1, integer=True)
+    check_number("inv_update_freq", h["inv_update_freq"], low=1, integer=True)
+    check_number("kl_clip", h["kl_clip"], low=0.0, low_open=True, allow_none=True)
+    if not isinstance(h["adapt_damping"], bool):
+        raise ValueError(f"adapt_damping must be a bool, got {h['adapt_damping']!r}")
+    check_number("adapt_damping_interval", h["adapt_damping_interval"], low=1, integer=True)
+    check_number("min_damping", h["min_damping"], low=0.0, low_open=True)
+    check_number("max_damping", h["max_damping"], low=0.0, low_open=True)
+    if h["min_damping"] > h["max_damping"]:
+        raise ValueError(f"min_damping ({h['min_damping']}) must be <= max_damping ({h['max_damping']})")
+
+
+def lm_damping(damping: float, rho: float, interval: int, min_damping: float, max_damping: float) -> float:
+    """Levenberg-Marquardt rule of Martens and Grosse (2015, section 6.5): with omega = (19/20)^interval,
+    damping * omega when rho > 3/4, damping / omega when rho < 1/4 (or not a number), else unchanged;
+    clamped to [min_damping, max_damping]."""
+    omega = (19.0 / 20.0) ** interval
+    if not math.isfinite(rho) or rho < 0.25:
+        damping = damping / omega
+    elif rho > 0.75:
+        damping = damping * omega
+    return min(max(damping, min_damping), max_damping)
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC natural-gradient descent for ``model``'s nn.Linear, nn.Conv1d and nn.Conv2d layers.
+
+    Use::
+
+        opt = KFAC(model, lr=0.1, loss="cross_entropy")
+        opt.zero_grad(); out = model(x); loss = F.cross_entropy(out, y)
+        opt.backward(loss, out)   # loss.backward() plus, on factor steps, the curvature pass
+        opt.step()
+
+    Arguments (all keyword-only; ``loss`` is needed unless fisher_type="forward-only"):
+      lr, momentum, weight_decay: as torch.optim.SGD (weight decay is added to the preconditioned
+        direction, so it is not preconditioned).
+      damping: lambda in (F + lambda I)^-1; the main knob after lr.
+      inverse: "eigen" (exact damping in the eigenbasis, default) or "factored" (Tikhonov damping
+        split between the factors with the pi correction).
+      factor_decay: the moving average's decay of A and G; factor_update_freq, inv_update_freq:
+        steps between factor updates and between eigendecompositions.
+      kl_clip: the trust region kappa (None disables it).
+      fisher_type: "mc" (sampled targets, ``mc_samples`` of them), "type-2" (exact loss Hessian,
+        one backward per output class), "empirical" (the true gradients: a plain loss.backward()
+        is enough), "forward-only" (G = I).
+      loss, reduction: the model's loss ("cross_entropy", "mse", "bce") and its reduction.
+      kfac_approx: "expand" or "reduce" for weight-shared layers; separate_weight_and_bias.
+      adapt_damping: Levenberg-Marquardt adaptation every ``adapt_damping_interval`` steps, within
+        [min_damping, max_damping]; it needs step(closure) (see ``step``).
+      backend: "auto" (native kernels where compiled), "reference", "native" or "emulated".
+      seed: the optimizer's own random generator (MC targets); None seeds it from torch's.
+      grad_scaler: the torch.amp.GradScaler, needed only with fisher_type="empirical" (whose G is
+        built from the scaled gradients).
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf; skipped steps reach us
+
+    def __init__(self, model: nn.Module, *, lr: float = DEFAULTS["lr"], momentum: float = DEFAULTS["momentum"],
+                 weight_decay: float = DEFAULTS["weight_decay"], damping: float = DEFAULTS["damping"],
+                 factor_decay: float = DEFAULTS["factor_decay"],
+                 factor_update_freq: int = DEFAULTS["factor_update_freq"],
+                 inv_update_freq: int = DEFAULTS["inv_update_freq"], kl_clip: Optional[float] = DEFAULTS["kl_clip"],
+                 inverse: str = "eigen", fisher_type: str = "mc", mc_samples: int = 1, loss: Optional[str] = None,
+                 reduction: str = "mean", kfac_approx: str = "expand", separate_weight_and_bias: bool = False,
+                 adapt_damping: bool = DEFAULTS["adapt_damping"],
+                 adapt_damping_interval: int = DEFAULTS["adapt_damping_interval"],
+                 min_damping: float = DEFAULTS["min_damping"], max_damping: float = DEFAULTS["max_damping"],
+                 backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                        factor_decay=factor_decay, factor_update_freq=factor_update_freq,
+                        inv_update_freq=inv_update_freq, kl_clip=kl_clip, adapt_damping=adapt_damping,
+                        adapt_damping_interval=adapt_damping_interval, min_damping=min_damping,
+                        max_damping=max_damping)
+        _check_hyper(defaults)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        super().__init__(params, defaults)
+        self._engine = Engine(model, lambda: self.param_groups[0], loss=loss, reduction=reduction,
+                              fisher_type=fisher_type, mc_samples=mc_samples, kfac_approx=kfac_approx,
+                              separate_weight_and_bias=separate_weight_and_bias, inverse=inverse,
+                              backend=backend, seed=seed, grad_scaler=grad_scaler)
+        if self._engine.unsupported:
+            warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their parameters follow "
+                          "momentum SGD with their plain gradient", UserWarning, stacklevel=2)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "param_groups", None):
+            raise ValueError("KFAC holds one parameter group (all of the model's trainable parameters)")
+        super().add_param_group(param_group)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def backward(self, loss: Tensor, outputs: Tensor) -> None:
+        """``loss.backward()``, preceded on factor-update steps by the curvature pass that gives G.
+
+        ``outputs`` is the model output that ``loss`` was computed from. Under a GradScaler pass the
+        scaled loss (``scaler.scale(loss)``); the curvature pass does not depend on the scale.
+        """
+        self._engine.backward(loss, outputs)
+
+    @property
+    def damping(self) -> float:
+        return self.param_groups[0]["damping"]
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (skipped ones do not count)."""
+        return self._engine.steps
+
+    @property
+    def last_rho(self) -> Optional[float]:
+        """The reduction ratio of the last damping adaptation."""
+        return self._engine.last_rho
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        """One K-FAC step. Returns True when it was taken, False when skipped.
+
+        closure: only for adapt_damping; it evaluates the loss on the step's batch (the same data as
+        the forward that fed backward()) and returns it; the step calls it without gradients before
+        and after the update on adaptation steps. Under a GradScaler, ``scaler.step(opt)``.
+        """
+        group = self.param_groups[0]
+        _check_hyper(group)
+        engine = self._engine
+        params = [p for p in group["params"] if p.grad is not None]
+        adapt = group["adapt_damping"] and engine.steps % group["adapt_damping_interval"] == 0
+        if adapt and closure is None:
+            raise ValueError("adapt_damping=True: step(closure) needs a closure that returns the loss on the "
+                             "step's batch")
+
+        # AMP: GradScaler.step sets these (torch.amp's contract for _step_supports_amp_scaling).
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            engine.discard()
+            return False
+        scale_value = None
+        if grad_scale is not None:
+            scale_value = float(grad_scale)
+            for p in params:
+                p.grad.div_(grad_scale.to(p.grad.device))
+        if not engine.grads_finite(params):
+            warnings.warn("KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, factors and "
+                          "momentum unchanged)", RuntimeWarning, stacklevel=2)
+            engine.discard()
+            return False
+
+        engine.commit(scale_value)
+        directions, blocks = engine.preconditioned()
+        nu = engine.kl_scale(directions, group["lr"], group["kl_clip"])
+        old_loss = self._closure_loss(closure) if adapt else None
+
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        deltas: Dict[int, Tensor] = {}
+        grads = {id(p): p.grad.clone() for p in params} if adapt else {}
+        for p in params:
+            d = directions.get(id(p))
+            if d is None:
+                d = p.grad
+            elif nu is not None:
+                d = d * nu.to(d.dtype)
+            if wd != 0:
+                d = d.add(p, alpha=wd)
+            if momentum != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(d)
+                d = buf
+            if adapt:
+                deltas[id(p)] = -lr * d
+            p.add_(d, alpha=-lr)
+
+        new_loss = None
+        if adapt:
+            new_loss = self._closure_loss(closure)
+            predicted = engine.quadratic_change(deltas, grads, blocks)
+            rho = (new_loss - old_loss) / predicted if predicted < 0 else float("nan")
+            engine.last_rho = rho
+            group["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"],
+                                          group["min_damping"], group["max_damping"])
+        engine.step_done()
+        return True
+
+    def _closure_loss(self, closure) -> float:
+        with torch.no_grad(), self._engine.suspended():
+            value = closure()
+        if isinstance(value, Tensor):
+            value = value.detach().float().item()
+        value = float(value)
+        return value
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["kfac"] = self._engine.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "kfac" not in state_dict:
+            raise ValueError("state_dict: not a KFAC state dict (no 'kfac' entry)")
+        state_dict = dict(state_dict)
+        kfac_state = state_dict.pop("kfac")
+        if kfac_state.get("fisher_type") != self._engine.fisher_type:
+            raise ValueError(f"state_dict: saved with fisher_type={kfac_state.get('fisher_type')!r}, this optimizer "
+                             f"uses {self._engine.fisher_type!r}")
+        backup = self._engine.state_dict()
+        self._engine.load_state_dict(kfac_state)  # validates before it changes anything
+        try:
+            super().load_state_dict(state_dict)
+            _check_hyper(self.param_groups[0])
+        except Exception:
+            self._engine.load_state_dict(backup)
+            raise
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (its forwards are no longer recorded)."""
+        self._engine.remove()
+
+
+class KFACPreconditioner:
+    """Rewrites the gradients of ``model``'s supported layers with their K-FAC directions, for any
+    optimizer to follow::
+
+        pre = KFACPreconditioner(model, loss="cross_entropy", lr=0.01)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        opt.zero_grad(); out = model(x); loss = F.cross_entropy(out, y)
+        pre.backward(loss, out)
+        pre.step()                # .grad <- KL-clipped (F_kfac + damping I)^-1 .grad, in place
+        opt.step()
+
+    Arguments as ``KFAC``, without momentum, weight decay and damping adaptation (the optimizer's
+    business); ``lr`` only enters the KL clip and should be the optimizer's learning rate. Under a
+    GradScaler call ``scaler.unscale_(opt)`` before ``pre.step()``. Attributes ``damping``, ``lr``,
+    ``kl_clip``, ``factor_decay``, ``factor_update_freq``, ``inv_update_freq`` may be changed between
+    steps.
+    """
+
+    _HYPER = ("lr", "damping", "factor_decay", "factor_update_freq", "inv_update_freq", "kl_clip")
+
+    def __init__(self, model: nn.Module, *, lr: float = DEFAULTS["lr"], damping: float = DEFAULTS["damping"],
+                 factor_decay: float = DEFAULTS["factor_decay"],
+                 factor_update_freq: int = DEFAULTS["factor_update_freq"],
+                 inv_update_freq: int = DEFAULTS["inv_update_freq"], kl_clip: Optional[float] = DEFAULTS["kl_clip"],
+                 inverse: str = "eigen", fisher_type: str = "mc", mc_samples: int = 1, loss: Optional[str] = None,
+                 reduction: str = "mean", kfac_approx: str = "expand", separate_weight_and_bias: bool = False,
+                 backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
+        self.lr, self.damping, self.factor_decay, self.kl_clip = lr, damping, factor_decay, kl_clip
+        self.factor_update_freq, self.inv_update_freq = factor_update_freq, inv_update_freq
+        _check_hyper(self._hyper())
+        self._engine = Engine(model, self._hyper, loss=loss, reduction=reduction, fisher_type=fisher_type,
+                              mc_samples=mc_samples, kfac_approx=kfac_approx,
+                              separate_weight_and_bias=separate_weight_and_bias, inverse=inverse, backend=backend,
+                              seed=seed, grad_scaler=grad_scaler)
+        if self._engine.unsupported:
+            warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their gradients are left "
+                          "as they are", UserWarning, stacklevel=2)
+
+    def _hyper(self) -> dict:
+        h = dict(DEFAULTS)
+        h.update({k: getattr(self, k) for k in self._HYPER})
+        return h
+
+    def backward(self, loss: Tensor, outputs: Tensor) -> None:
+        """``loss.backward()``, preceded on factor-update steps by the curvature pass that gives G."""
+        self._engine.backward(loss, outputs)
+
+    @property
+    def steps(self) -> int:
+        return self._engine.steps
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Precondition the gradients in place. Returns False (gradients and factors untouched) when a
+        gradient is not finite, so that the optimizer's step (or the GradScaler) can skip as well."""
+        _check_hyper(self._hyper())
+        engine = self._engine
+        params = [p for layer in engine.layers for p in (layer.weight, layer.bias)
+                  if p is not None and p.grad is not None]
+        if not engine.grads_finite(params):
+            if engine.grad_scaler is None:
+                warnings.warn("KFACPreconditioner: a gradient holds NaN or Inf; gradients left as they are and "
+                              "factors unchanged", RuntimeWarning, stacklevel=2)
+            engine.discard()
+            return False
+        engine.commit(None)
+        directions, _ = engine.preconditioned()
+        nu = engine.kl_scale(directions, self.lr, self.kl_clip)
+        for p in params:
+            d = directions.get(id(p))
+            if d is not None:
+                p.grad.copy_(d * nu.to(d.dtype) if nu is not None else d)
+        engine.step_done()
+        return True
+
+    def state_dict(self) -> dict:
+        sd = self._engine.state_dict()
+        sd["hyper"] = {k: getattr(self, k) for k in self._HYPER}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "hyper" not in state_dict:
+            raise ValueError("state_dict: not a KFACPreconditioner state dict (no 'hyper' entry)")
+        hyper = dict(state_dict["hyper"])
+        saved = {k: getattr(self, k) for k in self._HYPER}
+        for k in self._HYPER:
+            setattr(self, k, hyper.get(k, saved[k]))
+        try:
+            _check_hyper(self._hyper())
+            self._engine.load_state_dict(state_dict)
+        except ValueError:
+            for k, v in saved.items():
+                setattr(self, k, v)
+            raise
+
+    def remove_hooks(self) -> None:
+        self._engine.remove()
