@@ -249,6 +249,8 @@ class Engine:
         f = self.spec.flatten_outputs(outputs)
         if f.dtype in (torch.float16, torch.bfloat16):  # sample and build S in fp32 under autocast
             f = f.float()
+        if not bool(torch.isfinite(f).all()):
+            return  # a diverged model: no curvature from it (its gradients will skip the step)
         z = self.spec.normalizer(*f.shape)
         self._g_divisor += self.mc_samples * (z if self.spec.reduction == "mean" else 1)
         params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
@@ -292,7 +294,8 @@ class Engine:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return True
-        return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        # the max-norm of each gradient: Inf or NaN exactly when an entry is (it cannot overflow); one sync
+        return bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
 
     def commit(self, grad_scale: Optional[float]) -> None:
         """This step's factors into the moving averages, then the eigendecompositions when due."""
@@ -402,10 +405,10 @@ class Engine:
         """nu = min(1, sqrt(kl_clip / (lr^2 sum <P, g>))) over the K-FAC layers, as a 0-d tensor (no sync)."""
         if not kl_clip or not directions:
             return None
-        terms = [(directions[id(p)].double() * p.grad.double()).sum()
+        terms = [torch.vdot(directions[id(p)].reshape(-1), p.grad.reshape(-1).to(directions[id(p)].dtype))
                  for layer in self.layers for p in (layer.weight, layer.bias)
                  if p is not None and id(p) in directions]
-        vg = torch.stack(terms).sum() * lr * lr
+        vg = torch.stack(terms).double().sum() * lr * lr
         return torch.where(vg > 0, (kl_clip / vg.clamp_min(1e-300)).sqrt().clamp(max=1.0), torch.ones_like(vg))
 
     def quadratic_change(self, deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks) -> float:

@@ -639,3 +639,20 @@ def test_float32_model_keeps_float32_state_and_trains():
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert all(t.dtype == torch.float32 for st in opt.state_dict()["kfac"]["layers"].values() for t in st.values())
+
+
+def test_non_finite_outputs_skip_the_step():
+    model, loss = mlp(), "cross_entropy"
+    x, y = data("mlp", loss)
+    opt = ng.KFAC(model, loss=loss)
+    one_step(model, opt, x, y, loss)
+    saved, params = kfac_state(opt), flat(model.parameters()).clone()
+    x_bad = x.clone()
+    x_bad[0, 0] = float("nan")  # the MC pass cannot sample from NaN outputs
+    opt.zero_grad()
+    out = model(x_bad)
+    opt.backward(loss_of(loss, out, y), out)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        assert opt.step() is False
+    assert torch.equal(flat(model.parameters()), params)
+    assert_same_state(saved, kfac_state(opt))
