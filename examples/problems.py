@@ -81,7 +81,7 @@ class Problem:
 
 PROBLEMS: Dict[str, Problem] = {
     "cnn": Problem("cnn", make_cnn, "cross_entropy", target_loss=0.05, steps=300),
-    "autoencoder": Problem("autoencoder", make_autoencoder, "mse", target_loss=0.015, steps=600),
+    "autoencoder": Problem("autoencoder", make_autoencoder, "mse", target_loss=0.01, steps=600),
 }
 
 # Learning-rate grids; each optimizer's best is the one that reaches the target loss in the fewest
@@ -140,7 +140,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(problem: Problem, kind: str, lr: float, data: Data, *, seed: int = 0, steps: Optional[int] = None,
-          eval_every: int = 10, progress=None, **kfac_kwargs) -> Run:
+          eval_every: int = 5, progress=None, **kfac_kwargs) -> Run:
     """Train a fresh model (initialised from ``seed``) with one optimizer; minibatches reshuffled
     every epoch from a generator seeded alike, so every optimizer sees the same batches."""
     steps = steps or problem.steps
