@@ -26,13 +26,14 @@ import common  # noqa: E402
 import problems as P  # noqa: E402
 
 BLOCK = 10
+KINDS = P.OPTIMIZERS
 
 
 def step_times(problem: P.Problem, data: P.Data, lrs: dict, reps: int) -> dict:
     """Seconds per step of each optimizer (at its chosen lr), interleaved blocks of BLOCK steps."""
     torch.manual_seed(0)
     states = {}
-    for kind in P.OPTIMIZERS:
+    for kind in KINDS:
         torch.manual_seed(0)
         model = problem.make_model()
         states[kind] = (model, P.make_optimizer(kind, model, lrs[kind], problem))
@@ -48,7 +49,7 @@ def step_times(problem: P.Problem, data: P.Data, lrs: dict, reps: int) -> dict:
                 opt.zero_grad()
                 out = model(x)
                 loss = problem.loss_fn(out, x, y)
-                if kind == "kfac":
+                if kind.startswith("kfac"):
                     opt.backward(loss, out)
                 else:
                     loss.backward()
@@ -56,9 +57,9 @@ def step_times(problem: P.Problem, data: P.Data, lrs: dict, reps: int) -> dict:
 
         return run
 
-    times = common.interleaved({k: block(k) for k in P.OPTIMIZERS}, reps=reps, warmup=1)
+    times = common.interleaved({k: block(k) for k in KINDS}, reps=reps, warmup=1)
     out = {}
-    for kind in P.OPTIMIZERS:
+    for kind in KINDS:
         out[kind] = {"ms_per_step": 1000 * common.summary(times[kind])["median"] / BLOCK,
                      "ratio_to_sgd": common.ratio_summary(times[kind], times["sgd"])["median"]}
     return out
@@ -85,10 +86,10 @@ def main(argv=None) -> dict:
         problem = P.PROBLEMS[name]
         t0 = time.perf_counter()
         best, runs = {}, {}
-        for kind in P.OPTIMIZERS:
+        for kind in KINDS:
             best[kind], runs[kind] = P.grid_search(problem, kind, data)
-        summary = [P.summary_row(problem, best[k]) for k in P.OPTIMIZERS]
-        timing = step_times(problem, data, {k: best[k].lr for k in P.OPTIMIZERS}, args.reps)
+        summary = [P.summary_row(problem, best[k]) for k in KINDS]
+        timing = step_times(problem, data, {k: best[k].lr for k in KINDS}, args.reps)
         for r in summary:
             r.update({"timed_ms_per_step": timing[r["optimizer"]]["ms_per_step"],
                       "step_time_vs_sgd": timing[r["optimizer"]]["ratio_to_sgd"]})
@@ -97,12 +98,12 @@ def main(argv=None) -> dict:
         print(P.format_table(problem, summary))
         print("step time (side by side, median of " + str(args.reps) + " x " + str(BLOCK) + "-step blocks): " +
               ", ".join(f"{k} {timing[k]['ms_per_step']:.2f} ms ({timing[k]['ratio_to_sgd']:.2f}x SGD)"
-                        for k in P.OPTIMIZERS))
+                        for k in KINDS))
         payload["problems"][name] = {"target_loss": problem.target_loss, "steps": problem.steps,
                                      "batch_size": problem.batch_size, "lr_grid": P.LR_GRIDS[name],
                                      "summary": summary,
                                      "runs": {k: [r.to_json() for r in v] for k, v in runs.items()}}
-        P.plot_runs(axes[row][0], axes[row][1], problem, [best[k] for k in P.OPTIMIZERS])
+        P.plot_runs(axes[row][0], axes[row][1], problem, [best[k] for k in KINDS])
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)
     fig.savefig(os.path.join(args.out, "training.png"), dpi=100)

@@ -86,11 +86,16 @@ PROBLEMS: Dict[str, Problem] = {
 
 # Learning-rate grids; each optimizer's best is the one that reaches the target loss in the fewest
 # steps (ties, and runs that never reach it: the lowest final loss). SGD uses momentum 0.9.
+# "kfac-adaptive" (KFAC(adaptive_step=True): step length and momentum from the exact quadratic model)
+# has no learning rate; its grid is over the damping.
 LR_GRIDS = {
-    "cnn": {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2, 3e-2], "kfac": [0.03, 0.1, 0.3, 1.0]},
-    "autoencoder": {"sgd": [0.3, 1.0, 3.0, 10.0], "adam": [1e-3, 3e-3, 1e-2], "kfac": [0.03, 0.1, 0.3, 1.0]},
+    "cnn": {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2, 3e-2], "kfac": [0.03, 0.1, 0.3, 1.0],
+            "kfac-adaptive": [1e-3, 1e-2, 1e-1]},
+    "autoencoder": {"sgd": [0.3, 1.0, 3.0, 10.0], "adam": [1e-3, 3e-3, 1e-2], "kfac": [0.03, 0.1, 0.3, 1.0],
+                    "kfac-adaptive": [1e-3, 1e-2, 1e-1]},
 }
-OPTIMIZERS = ("sgd", "adam", "kfac")
+GRID_PARAM = {"sgd": "lr", "adam": "lr", "kfac": "lr", "kfac-adaptive": "damping"}
+OPTIMIZERS = ("sgd", "adam", "kfac", "kfac-adaptive")
 
 
 def make_optimizer(kind: str, model: nn.Module, lr: float, problem: Problem, **kfac_kwargs):
@@ -100,6 +105,8 @@ def make_optimizer(kind: str, model: nn.Module, lr: float, problem: Problem, **k
         return torch.optim.Adam(model.parameters(), lr=lr)
     if kind == "kfac":
         return ng.KFAC(model, lr=lr, loss=problem.loss, seed=0, **kfac_kwargs)
+    if kind == "kfac-adaptive":  # ``lr`` is the grid value: the damping
+        return ng.KFAC(model, damping=lr, adaptive_step=True, loss=problem.loss, seed=0, **kfac_kwargs)
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
@@ -168,11 +175,11 @@ def train(problem: Problem, kind: str, lr: float, data: Data, *, seed: int = 0, 
         opt.zero_grad()
         out = model(x)
         loss = problem.loss_fn(out, x, y)
-        if kind == "kfac":
+        if kind.startswith("kfac"):
             opt.backward(loss, out)
         else:
             loss.backward()
-        if kind == "kfac" and kfac_kwargs.get("adapt_damping"):
+        if kind.startswith("kfac") and kfac_kwargs.get("adapt_damping"):
             opt.step(lambda: problem.loss_fn(model(x), x, y))
         else:
             opt.step()
@@ -199,7 +206,7 @@ def rank_key(run: Run, target: float):
 def grid_search(problem: Problem, kind: str, data: Data, *, lrs=None, progress=None, **kfac_kwargs):
     """Every learning rate of the grid; returns (best run, all runs)."""
     lrs = lrs or LR_GRIDS[problem.name][kind]
-    runs = [train(problem, kind, lr, data, progress=progress, **(kfac_kwargs if kind == "kfac" else {}))
+    runs = [train(problem, kind, lr, data, progress=progress, **(kfac_kwargs if kind.startswith("kfac") else {}))
             for lr in lrs]
     return min(runs, key=lambda r: rank_key(r, problem.target_loss)), runs
 
@@ -207,19 +214,19 @@ def grid_search(problem: Problem, kind: str, data: Data, *, lrs=None, progress=N
 def summary_row(problem: Problem, run: Run) -> dict:
     steps, seconds = run.reached(problem.target_loss)
     last = run.steps[-1] if run.steps else 0
-    return {"optimizer": run.kind, "lr": run.lr, "final_train_loss": run.final_loss,
+    return {"optimizer": run.kind, "setting": f"{GRID_PARAM[run.kind]} {run.lr:g}", "lr": run.lr, "final_train_loss": run.final_loss,
             "test_accuracy": run.test_accuracy, "wall_seconds": run.seconds[-1] if run.seconds else None,
             "ms_per_step": 1000 * run.seconds[-1] / last if last else None,
             "steps_to_target": steps, "seconds_to_target": seconds}
 
 
 def format_table(problem: Problem, rows: List[dict]) -> str:
-    head = (f"| optimizer | best lr | final train loss | test acc | wall s | ms/step | steps to {problem.target_loss:g} "
+    head = (f"| optimizer | best setting | final train loss | test acc | wall s | ms/step | steps to {problem.target_loss:g} "
             f"| s to {problem.target_loss:g} |")
     lines = [head, "|" + "---|" * 8]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['final_train_loss']:.4f} | "
+        lines.append(f"| {r['optimizer']} | {r['setting']} | {r['final_train_loss']:.4f} | "
                      f"{fmt(r['test_accuracy'], '.3f')} | {r['wall_seconds']:.2f} | {r['ms_per_step']:.2f} | "
                      f"{fmt(r['steps_to_target'], 'd')} | {fmt(r['seconds_to_target'], '.2f')} |")
     return "\n".join(lines)
@@ -227,7 +234,7 @@ def format_table(problem: Problem, rows: List[dict]) -> str:
 
 def plot_runs(axes_steps, axes_seconds, problem: Problem, runs: List[Run]) -> None:
     for run in runs:
-        label = f"{run.kind} (lr {run.lr:g})"
+        label = f"{run.kind} ({GRID_PARAM[run.kind]} {run.lr:g})"
         axes_steps.semilogy(run.steps, run.train_loss, label=label)
         axes_seconds.semilogy(run.seconds, run.train_loss, label=label)
     for ax, xlabel in ((axes_steps, "steps"), (axes_seconds, "optimizer seconds")):

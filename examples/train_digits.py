@@ -1,4 +1,5 @@
-"""The main job: train a small CNN on scikit-learn's digits with K-FAC, momentum SGD and Adam.
+"""The main job: train a small CNN on scikit-learn's digits with K-FAC, momentum SGD and Adam
+(and K-FAC with the adaptive step of Martens and Grosse, whose grid is over the damping).
 
 Each optimizer runs every learning rate of a small grid from the same initialisation and the same
 minibatches; its best (the fewest steps to the target training loss) is reported in a table of final

@@ -163,7 +163,9 @@ class Engine:
         self._suspended = False
         # Layer hooks before the root's forward hook: a model that is itself one layer needs its
         # layer hook to run while the forward's record is still open.
-        self._handles = [model.register_forward_pre_hook(self._root_pre_hook)]
+        self.keep_inputs = False  # set by KFAC(adaptive_step=True): the last forward's inputs, for J v
+        self.last_inputs = None
+        self._handles = [model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)]
         self._handles += [layer.module.register_forward_hook(self._layer_hook(layer)) for layer in self.layers]
         self._handles.append(model.register_forward_hook(self._root_hook))
 
@@ -184,7 +186,9 @@ class Engine:
     def inverse_step_due(self) -> bool:
         return self.steps % self.hyper()["inv_update_freq"] == 0
 
-    def _root_pre_hook(self, module, args):
+    def _root_pre_hook(self, module, args, kwargs):
+        if self.keep_inputs and torch.is_grad_enabled() and not self._suspended:
+            self.last_inputs = (args, kwargs)
         capture = torch.is_grad_enabled() and not self._suspended and self.factor_step_due()
         self._record = _Record() if capture else None
         if capture:
@@ -420,6 +424,33 @@ class Engine:
             D = block_matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
             quad += float((D * (G @ D @ A)).sum())
         return lin + 0.5 * quad
+
+    def ggn_gram(self, params: List[Tensor], directions: List[List[Tensor]]) -> Tensor:
+        """(k, k) matrix v_i^T GGN v_j on the last forward's batch for k parameter-space directions
+        (each a list aligned with ``params``): Jacobian-vector products by forward-mode AD, then the
+        loss Hessian in closed form; divided by Z as the loss is. float64."""
+        from torch.func import functional_call, jvp
+
+        if self.last_inputs is None:
+            raise RuntimeError("no recorded forward with gradients to take the curvature from")
+        args, kwargs = self.last_inputs
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        keys = [names[id(p)] for p in params]
+        primals = tuple(p.detach() for p in params)
+
+        def f(*ps):
+            return functional_call(self.model, dict(zip(keys, ps)), args, kwargs)
+
+        outs = []
+        with self.suspended():
+            for v in directions:
+                out, jv = jvp(f, primals, tuple(t.to(p.dtype) for t, p in zip(v, params)))
+                outs.append(self.spec.flatten_outputs(jv).double())
+        fo = self.spec.flatten_outputs(out).double()
+        gram = self.spec.hessian_products(fo, torch.stack(outs))
+        if self.spec.reduction == "mean":
+            gram = gram / self.spec.normalizer(*fo.shape)
+        return gram
 
     def step_done(self) -> None:
         self.steps += 1

@@ -41,6 +41,7 @@ DEFAULTS = dict(
     factor_update_freq=1,
     inv_update_freq=10,
     kl_clip=1e-3,
+    adaptive_step=False,
     adapt_damping=False,
     adapt_damping_interval=5,
     min_damping=1e-8,
@@ -61,6 +62,8 @@ def _check_hyper(h: dict) -> None:
     check_number("factor_update_freq", h["factor_update_freq"], low=1, integer=True)
     check_number("inv_update_freq", h["inv_update_freq"], low=1, integer=True)
     check_number("kl_clip", h["kl_clip"], low=0.0, low_open=True, allow_none=True)
+    if not isinstance(h["adaptive_step"], bool):
+        raise ValueError(f"adaptive_step must be a bool, got {h['adaptive_step']!r}")
     if not isinstance(h["adapt_damping"], bool):
         raise ValueError(f"adapt_damping must be a bool, got {h['adapt_damping']!r}")
     check_number("adapt_damping_interval", h["adapt_damping_interval"], low=1, integer=True)
@@ -123,7 +126,7 @@ class KFAC(torch.optim.Optimizer):
                  inv_update_freq: int = DEFAULTS["inv_update_freq"], kl_clip: Optional[float] = DEFAULTS["kl_clip"],
                  inverse: str = "eigen", fisher_type: str = "mc", mc_samples: int = 1, loss: Optional[str] = None,
                  reduction: str = "mean", kfac_approx: str = "expand", separate_weight_and_bias: bool = False,
-                 adapt_damping: bool = DEFAULTS["adapt_damping"],
+                 adaptive_step: bool = DEFAULTS["adaptive_step"], adapt_damping: bool = DEFAULTS["adapt_damping"],
                  adapt_damping_interval: int = DEFAULTS["adapt_damping_interval"],
                  min_damping: float = DEFAULTS["min_damping"], max_damping: float = DEFAULTS["max_damping"],
                  backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
@@ -131,7 +134,8 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                         factor_decay=factor_decay, factor_update_freq=factor_update_freq,
-                        inv_update_freq=inv_update_freq, kl_clip=kl_clip, adapt_damping=adapt_damping,
+                        inv_update_freq=inv_update_freq, kl_clip=kl_clip, adaptive_step=adaptive_step,
+                        adapt_damping=adapt_damping,
                         adapt_damping_interval=adapt_damping_interval, min_damping=min_damping,
                         max_damping=max_damping)
         _check_hyper(defaults)
@@ -143,6 +147,9 @@ class KFAC(torch.optim.Optimizer):
                               fisher_type=fisher_type, mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse,
                               backend=backend, seed=seed, grad_scaler=grad_scaler)
+        if adaptive_step and self._engine.spec is None:
+            raise ValueError("adaptive_step=True needs loss= (its quadratic model uses the loss's Hessian)")
+        self._engine.keep_inputs = adaptive_step
         if self._engine.unsupported:
             warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their parameters follow "
                           "momentum SGD with their plain gradient", UserWarning, stacklevel=2)
@@ -217,6 +224,13 @@ class KFAC(torch.optim.Optimizer):
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         deltas: Dict[int, Tensor] = {}
         grads = {id(p): p.grad.clone() for p in params} if adapt else {}
+        if group["adaptive_step"]:
+            predicted = self._adaptive_update(group, params, directions)
+            if adapt:
+                new_loss = self._closure_loss(closure)
+                self._adapt_damping(group, (new_loss - old_loss) / predicted if predicted < 0 else float("nan"))
+            engine.step_done()
+            return True
         for p in params:
             d = directions.get(id(p))
             if d is None:
@@ -241,12 +255,50 @@ class KFAC(torch.optim.Optimizer):
         if adapt:
             new_loss = self._closure_loss(closure)
             predicted = engine.quadratic_change(deltas, grads, blocks)
-            rho = (new_loss - old_loss) / predicted if predicted < 0 else float("nan")
-            engine.last_rho = rho
-            group["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"],
-                                          group["min_damping"], group["max_damping"])
+            self._adapt_damping(group, (new_loss - old_loss) / predicted if predicted < 0 else float("nan"))
         engine.step_done()
         return True
+
+    def _adapt_damping(self, group: dict, rho: float) -> None:
+        self._engine.last_rho = rho
+        group["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"], group["min_damping"],
+                                      group["max_damping"])
+
+    def _adaptive_update(self, group: dict, params, directions: Dict[int, Tensor]) -> float:
+        """Martens and Grosse (2015, section 7): the update alpha * Delta + mu * delta_prev with
+        (alpha, mu) minimising the exact-GGN quadratic model
+        M(d) = g^T d + 1/2 d^T (GGN + (damping + weight_decay) I) d on this step's batch, Delta the
+        K-FAC direction (plain gradient outside K-FAC layers, weight decay included) and delta_prev
+        the previous update. Returns the undamped model's predicted change of the loss."""
+        lam, wd = group["damping"], group["weight_decay"]
+        grad = [p.grad + wd * p if wd else p.grad for p in params]
+        Delta = [-(directions[id(p)] if id(p) in directions else p.grad) - (wd * p if wd else 0.0) for p in params]
+        prev = [self.state[p].get("prev_update") for p in params]
+        vecs = [Delta] + ([prev] if all(v is not None for v in prev) else [])
+
+        def dot(a, b):
+            return sum(float(torch.vdot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(a, b))
+
+        gram = self._engine.ggn_gram(params, vecs)
+        k = len(vecs)
+        dots = torch.tensor([[dot(vecs[i], vecs[j]) for j in range(k)] for i in range(k)], dtype=torch.float64)
+        b = torch.tensor([dot(grad, v) for v in vecs], dtype=torch.float64)
+        b_loss = torch.tensor([dot([p.grad for p in params], v) for v in vecs], dtype=torch.float64)
+        C = gram.cpu() + (lam + wd) * dots
+        x = None
+        try:
+            x = torch.linalg.solve(C, -b)
+        except RuntimeError:
+            pass
+        if x is None or not bool(torch.isfinite(x).all()):  # Delta parallel to delta_prev: Delta alone
+            x = torch.zeros(k, dtype=torch.float64)
+            x[0] = -b[0] / C[0, 0] if C[0, 0] > 0 else 0.0
+        for i, p in enumerate(params):
+            d = sum(float(x[j]) * vecs[j][i] for j in range(k))
+            d = d.to(p.dtype) if isinstance(d, Tensor) else torch.zeros_like(p)
+            self.state[p]["prev_update"] = d.clone()
+            p.add_(d)
+        return float(b_loss @ x + 0.5 * x @ gram.cpu() @ x)
 
     def _closure_loss(self, closure) -> float:
         with torch.no_grad(), self._engine.suspended():

@@ -656,3 +656,99 @@ def test_non_finite_outputs_skip_the_step():
         assert opt.step() is False
     assert torch.equal(flat(model.parameters()), params)
     assert_same_state(saved, kfac_state(opt))
+
+
+# ---- backends: the optimizer's factor accumulation goes through ops.factor_update_ ---------------------
+
+
+@pytest.mark.parametrize("backend", ["native", "emulated"])
+def test_factor_backends_track_the_reference(backend):
+    from natgrad_cuda import _ext, emulation
+
+    if backend == "native" and not _ext.native_available(torch.device("cpu")):
+        pytest.fail("the CPU kernels are not compiled")  # scripts/test.sh requires the extension
+    loss = "cross_entropy"
+    a, b = cnn(), cnn()
+    opt_a = ng.KFAC(a, loss=loss, seed=4, backend="reference")
+    opt_b = ng.KFAC(b, loss=loss, seed=4, backend=backend)
+    for s in range(3):
+        x, y = data("cnn", loss, seed=s)
+        one_step(a, opt_a, x, y, loss)
+        if backend == "emulated":
+            with emulation.count() as c:
+                one_step(b, opt_b, x, y, loss)
+            # two factor_update_ calls per factor step (A, then G), one launch each for all layers
+            assert c.launches == 2 and c.library_calls == 0, c.by_name
+        else:
+            one_step(b, opt_b, x, y, loss)
+    assert torch.allclose(flat(a.parameters()), flat(b.parameters()), rtol=1e-10, atol=1e-12)
+
+
+def test_main_job_runs(tmp_path):
+    """examples/train_digits.py end to end on a few steps: table, JSON and plot."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_digits.py")
+    res = subprocess.run([sys.executable, script, "--steps", "15", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    payload = json.loads((tmp_path / "train_digits.json").read_text())
+    assert [r["optimizer"] for r in payload["summary"]] == ["sgd", "adam", "kfac", "kfac-adaptive"]
+    assert all(r["ms_per_step"] > 0 and math.isfinite(r["final_train_loss"]) for r in payload["summary"])
+    assert (tmp_path / "train_digits.png").stat().st_size > 10_000
+    assert "| kfac |" in res.stdout
+
+
+# ---- adaptive step (Martens and Grosse, section 7) -----------------------------------------------------
+
+
+def test_adaptive_step_minimises_the_exact_quadratic_model():
+    """Two steps against a dense computation: Delta = -(F_kfac + lambda I)^-1 g, then
+    (alpha, mu) = argmin of g^T d + 1/2 d^T (GGN + lambda I) d over d = alpha Delta + mu delta_prev."""
+    loss, lam = "cross_entropy", 0.05
+    model = mlp()
+    ref = copy.deepcopy(model)
+    opt = ng.KFAC(model, loss=loss, fisher_type="type-2", damping=lam, adaptive_step=True, factor_decay=0.0,
+                  inv_update_freq=1)
+    prev = None
+    for s in range(2):
+        x, y = data("mlp", loss, seed=s)
+        g, delta = one_step(model, opt, x, y, loss)
+        K = dense_kfac(ref, loss, x, y, "type-2", separate=False).dense()  # factor_decay 0: this batch only
+        eye = torch.eye(len(g), dtype=DT)
+        Delta = -torch.linalg.solve(K + lam * eye, g)
+        GGN = ng.curvature.ggn(ref, nn.CrossEntropyLoss(), (x, y))
+        V = torch.stack([Delta] + ([prev] if prev is not None else []), 1)
+        C = V.T @ (GGN + lam * eye) @ V
+        coef = torch.linalg.solve(C, -V.T @ g)
+        expect = V @ coef
+        assert torch.allclose(delta, expect, rtol=1e-8, atol=1e-12)
+        with torch.no_grad():
+            for p, d in zip(ref.parameters(), torch.split(expect, [p.numel() for p in ref.parameters()])):
+                p.add_(d.reshape(p.shape))
+        prev = expect
+    assert "prev_update" in opt.state[next(model.parameters())]
+
+
+def test_adaptive_step_needs_the_loss_and_resumes_bit_identically():
+    with pytest.raises(ValueError, match="adaptive_step"):
+        ng.KFAC(mlp(), fisher_type="forward-only", adaptive_step=True)
+    loss = "mse"
+    batches = [data("cnn", loss, seed=s) for s in range(6)]
+    a = cnn()
+    opt_a = ng.KFAC(a, loss=loss, adaptive_step=True, seed=0)
+    for x, y in batches[:3]:
+        one_step(a, opt_a, x, y, loss)
+    ckpt = copy.deepcopy({"model": a.state_dict(), "opt": opt_a.state_dict()})
+    for x, y in batches[3:]:
+        one_step(a, opt_a, x, y, loss)
+    b = cnn()
+    opt_b = ng.KFAC(b, loss=loss, adaptive_step=True, seed=1)
+    b.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    for x, y in batches[3:]:
+        one_step(b, opt_b, x, y, loss)
+    assert torch.equal(flat(a.parameters()), flat(b.parameters()))

@@ -132,6 +132,19 @@ class LossSpec:
         sig = f.sigmoid()
         return torch.diag_embed((sig * (1 - sig)).sqrt())
 
+    def hessian_products(self, f: Tensor, U: Tensor) -> Tensor:
+        """(k, k) matrix of sum over terms r of u_{i,r}^T H_r u_{j,r}, H_r the Hessian of l_r at f_r,
+        for k output directions U (k, terms, C) (e.g. Jacobian-vector products); not divided by Z."""
+        f = f.detach()
+        if self.name == "cross_entropy":
+            p = f.softmax(-1)
+            pu = (p * U).sum(-1)  # (k, terms)
+            return torch.einsum("rc,irc,jrc->ij", p, U, U) - torch.einsum("ir,jr->ij", pu, pu)
+        if self.name == "mse":
+            return 2.0 * torch.einsum("irc,jrc->ij", U, U)
+        sig = f.sigmoid()
+        return torch.einsum("rc,irc,jrc->ij", sig * (1 - sig), U, U)
+
     def sample_targets(self, f: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         """Targets drawn from the model's predictive distribution at f (terms, C).
 
