@@ -8,6 +8,7 @@ namespace natgrad {
 inline constexpr const char* kOpSchemas[] = {
     "factor_update_(Tensor(a!)[] factors, Tensor[] inputs, float decay, float[] scales, "
     "bool[] append_ones) -> ()",
+    "eigh_batched(Tensor[] mats) -> (Tensor[], Tensor[])",
 };
 
 // Kernels that exercise the CUDA features the emulation layer must get right (tests only).

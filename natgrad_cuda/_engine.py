@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import ops, reference
 from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
 from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, _backward_scalars, _flush, _is_joint
@@ -359,7 +359,7 @@ class Engine:
         if not names:
             return
         mats = [self.state[n][k] for n in names for k in ("A", "G")]
-        results = reference.eigh_batched(mats)
+        results = ops.eigh_batched(mats, impl=self.impl)
         ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
         for i, name in enumerate(names):
             st = self.state[name]

@@ -18,7 +18,7 @@ import torch
 
 from . import _ext, emulation, reference
 
-__all__ = ["factor_update_", "IMPLS"]
+__all__ = ["factor_update_", "eigh_batched", "IMPLS"]
 
 IMPLS = (None, "reference", "native", "emulated")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -116,6 +116,35 @@ def factor_update_(
         torch.ops.natgrad_emu.factor_update_(factors, inputs, decay, scales, append_ones)
 
 
+def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None):
+    """[(eigenvalues ascending, eigenvectors as columns)] of every symmetric matrix, one call for all.
+
+    Like torch.linalg.eigh (only the lower triangle is read). Matrices are float32 or float64, of any
+    sizes, on one device. A decomposition that fails or is not finite is redone in float64; one that
+    still fails comes back as NaN. Rank-deficient and zero matrices are fine.
+    """
+    mats = list(mats)
+    device = None
+    for i, M in enumerate(mats):
+        if not isinstance(M, torch.Tensor):
+            raise TypeError(f"eigh_batched: mats[{i}] must be a tensor, got {type(M).__name__}")
+        if M.dim() != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"eigh_batched: mats[{i}] must be a square matrix, got shape {tuple(M.shape)}")
+        if M.dtype not in _FACTOR_DTYPES:
+            raise ValueError(f"eigh_batched: mats[{i}] must be float32 or float64, got {M.dtype}")
+        device = M.device if device is None else device
+        if M.device != device:
+            raise ValueError(f"eigh_batched: mats[{i}] is on {M.device}, mats[0] on {device}")
+    if not mats:
+        return []
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.eigh_batched(mats)
+    op = torch.ops.natgrad.eigh_batched if impl == "native" else torch.ops.natgrad_emu.eigh_batched
+    evals, evecs = op(mats)
+    return list(zip(evals, evecs))
+
+
 if _ext.loaded():
 
     @torch.library.register_fake("natgrad::factor_update_")
@@ -125,3 +154,9 @@ if _ext.loaded():
     @torch.library.register_fake("natgrad_emu::factor_update_")
     def _factor_update_emu_fake(factors, inputs, decay, scales, append_ones):
         return None
+
+    def _eigh_batched_fake(mats):
+        return ([M.new_empty(M.shape[:1]) for M in mats], [M.new_empty(M.shape) for M in mats])
+
+    torch.library.register_fake("natgrad::eigh_batched")(_eigh_batched_fake)
+    torch.library.register_fake("natgrad_emu::eigh_batched")(_eigh_batched_fake)

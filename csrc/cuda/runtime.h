@@ -9,6 +9,7 @@
 //                              parentheses, so template arguments may hold commas); counted in emulation
 //   NATGRAD_DYNAMIC_SHARED(T, name)                        dynamic shared memory as dev_ptr<T>
 //   current_stream(), DeviceGuard, upload(host bytes, like) stream, device and host-to-device copy
+//   set_max_dynamic_shared(kernel, bytes)                  opt in to more than 48 KiB of it
 //   NATGRAD_CUDA_IMPL(ns, m)   TORCH_LIBRARY_IMPL for ns/CUDA, or ns_emu/CPU in emulation
 //   NATGRAD_KERNEL_NS          namespace for the entry points, distinct in the two builds
 #pragma once
@@ -90,6 +91,20 @@ dev_ptr<T> device_ptr(const at::Tensor& t) {
 #define NATGRAD_CUDA_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CUDA, m)
 #define NATGRAD_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #endif
+
+// Opt a kernel in to more than the default 48 KiB of dynamic shared memory (up to the 227 KiB of an
+// H100 block); the emulator enforces the 227 KiB itself.
+template <typename Kernel>
+inline void set_max_dynamic_shared(Kernel kernel, size_t bytes) {
+#ifdef NATGRAD_EMULATE
+  (void)kernel;
+  (void)bytes;
+#else
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+#endif
+}
 
 // Host bytes (a table of per-layer descriptors, say) as a device tensor like `like`, copied
 // asynchronously on the current stream from pinned memory (a plain CPU tensor in emulation).

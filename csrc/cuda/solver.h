@@ -1,0 +1,165 @@
+// The cuSOLVER calls our CUDA host code makes (the 64-bit "X" API: syevd, syevBatched). Under nvcc
+// they are cuSOLVER itself; in the emulated build (NATGRAD_EMULATE) they are CPU functions with the
+// same names, signatures and column-major semantics. The emulated solvers read only the triangle
+// `uplo` names, check leading dimensions, data types and workspace sizes as cuSOLVER does
+// (CUSOLVER_STATUS_INVALID_VALUE), write eigenvectors over A and eigenvalues ascending into W, and
+// count as library calls, so that a wrong triangle, leading dimension or batch stride fails a test.
+#pragma once
+
+#include "cuda/runtime.h"
+
+#ifdef NATGRAD_EMULATE
+#include <algorithm>
+#include <vector>
+
+enum cusolverStatus_t { CUSOLVER_STATUS_SUCCESS = 0, CUSOLVER_STATUS_INVALID_VALUE = 3 };
+enum cusolverEigMode_t { CUSOLVER_EIG_MODE_NOVECTOR = 0, CUSOLVER_EIG_MODE_VECTOR = 1 };
+enum cublasFillMode_t { CUBLAS_FILL_MODE_LOWER = 0, CUBLAS_FILL_MODE_UPPER = 1 };
+enum cudaDataType { CUDA_R_32F = 0, CUDA_R_64F = 1 };
+using cusolverDnHandle_t = struct natgrad_emu_solver_handle*;
+using cusolverDnParams_t = struct natgrad_emu_solver_params*;
+
+inline cusolverStatus_t cusolverDnCreateParams(cusolverDnParams_t* params) {
+  *params = nullptr;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+inline cusolverStatus_t cusolverDnDestroyParams(cusolverDnParams_t) { return CUSOLVER_STATUS_SUCCESS; }
+
+namespace natgrad {
+namespace emu {
+
+inline size_t solver_item(cudaDataType t) { return t == CUDA_R_64F ? sizeof(double) : sizeof(float); }
+
+// Workspace the emulated solver asks for (and then insists on): one n x n matrix per batch entry.
+inline size_t syev_device_bytes(int64_t n, cudaDataType t, int64_t batch) {
+  return static_cast<size_t>(std::max<int64_t>(n * n * batch, 1)) * solver_item(t);
+}
+
+template <typename T>
+void syev_one(cusolverEigMode_t jobz, cublasFillMode_t uplo, int64_t n, T* A, int64_t lda, T* W, int* info) {
+  // Column-major: element (r, c) at A[r + c * lda]; only the named triangle is read.
+  at::Tensor M = at::empty({n, n}, at::TensorOptions().dtype(at::kDouble));
+  double* m = M.data_ptr<double>();
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t r = 0; r < n; ++r) {
+      const bool stored = uplo == CUBLAS_FILL_MODE_LOWER ? r >= c : r <= c;
+      m[r * n + c] = static_cast<double>(stored ? A[r + c * lda] : A[c + r * lda]);
+    }
+  at::Tensor w, v;
+  try {
+    std::tie(w, v) = at::linalg_eigh(M);
+  } catch (const c10::Error&) {
+    *info = 1;  // did not converge, as cuSOLVER reports it
+    return;
+  }
+  *info = 0;
+  const double* wd = w.data_ptr<double>();
+  const at::Tensor vc = v.contiguous();
+  const double* vd = vc.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) W[i] = static_cast<T>(wd[i]);
+  if (jobz == CUSOLVER_EIG_MODE_VECTOR)
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t r = 0; r < n; ++r) A[r + c * lda] = static_cast<T>(vd[r * n + c]);
+}
+
+inline cusolverStatus_t syev_checks(int64_t n, int64_t lda, cudaDataType ta, cudaDataType tw, cudaDataType tc,
+                                    int64_t batch) {
+  if (n < 0 || lda < std::max<int64_t>(1, n) || batch < 1 || ta != tw || ta != tc) return CUSOLVER_STATUS_INVALID_VALUE;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+
+inline cusolverStatus_t syev(const char* name, cusolverEigMode_t jobz, cublasFillMode_t uplo, int64_t n,
+                             cudaDataType ta, void* A, int64_t lda, cudaDataType tw, void* W, cudaDataType tc,
+                             size_t device_bytes, int* info, int64_t batch) {
+  count_library_call(name);
+  if (syev_checks(n, lda, ta, tw, tc, batch) != CUSOLVER_STATUS_SUCCESS ||
+      device_bytes < syev_device_bytes(n, ta, batch))
+    return CUSOLVER_STATUS_INVALID_VALUE;
+  for (int64_t b = 0; b < batch; ++b) {  // batched matrices lie lda * n apart, eigenvalues n apart
+    if (ta == CUDA_R_64F)
+      syev_one(jobz, uplo, n, static_cast<double*>(A) + b * lda * n, lda, static_cast<double*>(W) + b * n, info + b);
+    else
+      syev_one(jobz, uplo, n, static_cast<float*>(A) + b * lda * n, lda, static_cast<float*>(W) + b * n, info + b);
+  }
+  return CUSOLVER_STATUS_SUCCESS;
+}
+
+}  // namespace emu
+}  // namespace natgrad
+
+inline cusolverStatus_t cusolverDnXsyevd_bufferSize(cusolverDnHandle_t, cusolverDnParams_t, cusolverEigMode_t,
+                                                    cublasFillMode_t, int64_t n, cudaDataType ta, const void*,
+                                                    int64_t lda, cudaDataType tw, const void*, cudaDataType tc,
+                                                    size_t* device_bytes, size_t* host_bytes) {
+  natgrad::emu::count_library_call("cusolverDnXsyevd_bufferSize");
+  if (natgrad::emu::syev_checks(n, lda, ta, tw, tc, 1) != CUSOLVER_STATUS_SUCCESS) return CUSOLVER_STATUS_INVALID_VALUE;
+  *device_bytes = natgrad::emu::syev_device_bytes(n, ta, 1);
+  *host_bytes = 0;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+inline cusolverStatus_t cusolverDnXsyevd(cusolverDnHandle_t, cusolverDnParams_t, cusolverEigMode_t jobz,
+                                         cublasFillMode_t uplo, int64_t n, cudaDataType ta, void* A, int64_t lda,
+                                         cudaDataType tw, void* W, cudaDataType tc, void*, size_t device_bytes, void*,
+                                         size_t, int* info) {
+  return natgrad::emu::syev("cusolverDnXsyevd", jobz, uplo, n, ta, A, lda, tw, W, tc, device_bytes, info, 1);
+}
+inline cusolverStatus_t cusolverDnXsyevBatched_bufferSize(cusolverDnHandle_t, cusolverDnParams_t, cusolverEigMode_t,
+                                                          cublasFillMode_t, int64_t n, cudaDataType ta, const void*,
+                                                          int64_t lda, cudaDataType tw, const void*, cudaDataType tc,
+                                                          size_t* device_bytes, size_t* host_bytes, int64_t batch) {
+  natgrad::emu::count_library_call("cusolverDnXsyevBatched_bufferSize");
+  if (natgrad::emu::syev_checks(n, lda, ta, tw, tc, batch) != CUSOLVER_STATUS_SUCCESS)
+    return CUSOLVER_STATUS_INVALID_VALUE;
+  *device_bytes = natgrad::emu::syev_device_bytes(n, ta, batch);
+  *host_bytes = 0;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+inline cusolverStatus_t cusolverDnXsyevBatched(cusolverDnHandle_t, cusolverDnParams_t, cusolverEigMode_t jobz,
+                                               cublasFillMode_t uplo, int64_t n, cudaDataType ta, void* A,
+                                               int64_t lda, cudaDataType tw, void* W, cudaDataType tc, void*,
+                                               size_t device_bytes, void*, size_t, int* info, int64_t batch) {
+  return natgrad::emu::syev("cusolverDnXsyevBatched", jobz, uplo, n, ta, A, lda, tw, W, tc, device_bytes, info,
+                            batch);
+}
+
+namespace natgrad {
+inline cusolverDnHandle_t solver_handle() { return nullptr; }
+}  // namespace natgrad
+#else
+#include <cusolverDn.h>
+
+#include <unordered_map>
+
+namespace natgrad {
+// One handle per device and host thread (torch keeps its own in libtorch_cuda_linalg, which is
+// loaded lazily and not linked here), bound to the current stream at every use. Never destroyed:
+// it lives as long as the thread, as torch's do.
+inline cusolverDnHandle_t solver_handle() {
+  thread_local std::unordered_map<int, cusolverDnHandle_t> handles;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  cusolverDnHandle_t& h = handles[device];
+  if (h == nullptr) TORCH_CHECK(cusolverDnCreate(&h) == CUSOLVER_STATUS_SUCCESS, "cusolverDnCreate failed");
+  TORCH_CHECK(cusolverDnSetStream(h, current_stream()) == CUSOLVER_STATUS_SUCCESS, "cusolverDnSetStream failed");
+  return h;
+}
+}  // namespace natgrad
+#endif
+
+#define NATGRAD_CUSOLVER_CHECK(call)                                                                 \
+  do {                                                                                               \
+    const cusolverStatus_t natgrad_status_ = (call);                                                 \
+    TORCH_CHECK(natgrad_status_ == CUSOLVER_STATUS_SUCCESS, #call " failed with cuSOLVER status ",  \
+                static_cast<int>(natgrad_status_));                                                  \
+  } while (0)
+
+namespace natgrad {
+// cusolverDnParams_t for one call sequence, destroyed on scope exit.
+struct SolverParams {
+  cusolverDnParams_t params = nullptr;
+  SolverParams() { NATGRAD_CUSOLVER_CHECK(cusolverDnCreateParams(&params)); }
+  ~SolverParams() { cusolverDnDestroyParams(params); }
+  SolverParams(const SolverParams&) = delete;
+  SolverParams& operator=(const SolverParams&) = delete;
+};
+}  // namespace natgrad
