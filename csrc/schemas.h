@@ -9,6 +9,10 @@ inline constexpr const char* kOpSchemas[] = {
     "factor_update_(Tensor(a!)[] factors, Tensor[] inputs, float decay, float[] scales, "
     "bool[] append_ones) -> ()",
     "eigh_batched(Tensor[] mats) -> (Tensor[], Tensor[])",
+    "precondition(Tensor[] grads, Tensor[] QA, Tensor[] dA, Tensor[] QG, Tensor[] dG, float damping, "
+    "bool factored) -> Tensor[]",
+    "kfac_update_(Tensor(a!)[] params, Tensor[] directions, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+    "bool[] clipped, float lr, float momentum, float weight_decay, float kl_clip) -> Tensor",
 };
 
 // Kernels that exercise the CUDA features the emulation layer must get right (tests only).

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import ops
 from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
 from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, _backward_scalars, _flush, _is_joint
@@ -398,22 +398,12 @@ class Engine:
                 blocks.append((params, M, A, st["G"]))
         if not Ms:
             return {}, []
-        Ps = reference.precondition(Ms, QA, dA, QG, dG, h["damping"], self.inverse)
+        Ps = ops.precondition(Ms, QA, dA, QG, dG, h["damping"], self.inverse, impl=self.impl)
         out = {}
         for (params, M, _, _), P in zip(blocks, Ps):
             for p, d in zip(params, split_block(params, P)):
                 out[id(p)] = d
         return out, [(params, M, A, G) for (params, M, A, G) in blocks]
-
-    def kl_scale(self, directions: Dict[int, Tensor], lr: float, kl_clip: Optional[float]) -> Optional[Tensor]:
-        """nu = min(1, sqrt(kl_clip / (lr^2 sum <P, g>))) over the K-FAC layers, as a 0-d tensor (no sync)."""
-        if not kl_clip or not directions:
-            return None
-        terms = [torch.vdot(directions[id(p)].reshape(-1), p.grad.reshape(-1).to(directions[id(p)].dtype))
-                 for layer in self.layers for p in (layer.weight, layer.bias)
-                 if p is not None and id(p) in directions]
-        vg = torch.stack(terms).double().sum() * lr * lr
-        return torch.where(vg > 0, (kl_clip / vg.clamp_min(1e-300)).sqrt().clamp(max=1.0), torch.ones_like(vg))
 
     def quadratic_change(self, deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks) -> float:
         """The K-FAC quadratic model's predicted change of the loss for the parameter change delta:

@@ -18,7 +18,7 @@ import torch
 
 from . import _ext, emulation, reference
 
-__all__ = ["factor_update_", "eigh_batched", "IMPLS"]
+__all__ = ["factor_update_", "eigh_batched", "precondition", "kfac_update_", "IMPLS"]
 
 IMPLS = (None, "reference", "native", "emulated")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -145,6 +145,107 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None):
     return list(zip(evals, evecs))
 
 
+def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", impl: Optional[str] = None):
+    """For every layer i at once, the damped inverse of G_i (x) A_i applied to the (out, in) matrix
+    grads[i], from the eigendecompositions A = QA diag(dA) QA^T, G = QG diag(dG) QG^T:
+    QG [(QG^T M QA) / D] QA^T with D = dG dA^T + damping (inverse="eigen": exact damping) or
+    D = (dG + sqrt(damping)/pi)(dA + pi sqrt(damping))^T with pi = sqrt(mean dA / mean dG)
+    (inverse="factored": Tikhonov damping split between the factors). Returns new tensors in the
+    gradients' dtypes; QA, dA, QG, dG are float32 or float64 and set the accumulation dtype.
+    """
+    grads, QA, dA, QG, dG = (list(x) for x in (grads, QA, dA, QG, dG))
+    n = len(grads)
+    for name, seq in (("QA", QA), ("dA", dA), ("QG", QG), ("dG", dG)):
+        if len(seq) != n:
+            raise ValueError(f"precondition: {name} has {len(seq)} entries but grads has {n}")
+    damping = _check_finite("damping", damping)
+    if damping <= 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    if inverse not in reference.INVERSES:
+        raise ValueError(f"inverse must be one of {reference.INVERSES}, got {inverse!r}")
+    device = None
+    for i in range(n):
+        tensors = {"grads": grads[i], "QA": QA[i], "dA": dA[i], "QG": QG[i], "dG": dG[i]}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"precondition: {name}[{i}] must be a tensor, got {type(t).__name__}")
+        M = grads[i]
+        if M.dim() != 2:
+            raise ValueError(f"precondition: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+        o, k = M.shape
+        want = {"QA": (k, k), "dA": (k,), "QG": (o, o), "dG": (o,)}
+        for name, shape in want.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"precondition: {name}[{i}] must have shape {shape} for grads[{i}] of shape "
+                                 f"{(o, k)}, got {tuple(tensors[name].shape)}")
+        if QA[i].dtype not in _FACTOR_DTYPES or any(t.dtype != QA[i].dtype for t in (dA[i], QG[i], dG[i])):
+            raise ValueError(f"precondition: QA[{i}], dA[{i}], QG[{i}], dG[{i}] must share one dtype, float32 or "
+                             "float64")
+        if M.dtype not in _INPUT_DTYPES:
+            raise ValueError(f"precondition: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
+        device = M.device if device is None else device
+        if any(t.device != device for t in tensors.values()):
+            raise ValueError(f"precondition: the tensors of layer {i} must all be on {device}")
+    if n == 0:
+        return []
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.precondition(grads, QA, dA, QG, dG, damping, inverse)
+    op = torch.ops.natgrad.precondition if impl == "native" else torch.ops.natgrad_emu.precondition
+    return list(op(grads, QA, dA, QG, dG, damping, inverse == "factored"))
+
+
+def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float, momentum: float,
+                 weight_decay: float, kl_clip: float, impl: Optional[str] = None) -> torch.Tensor:
+    """The end of a K-FAC step for every parameter in one call (two launches on CUDA), in place:
+    nu = min(1, sqrt(kl_clip / (lr^2 sum over clipped i of <directions_i, grads_i>))) (1 when
+    kl_clip <= 0), then as torch.optim.SGD: d = directions_i (* nu if clipped_i) + weight_decay p_i,
+    buf_i = momentum buf_i + d, p_i -= lr buf_i (p_i -= lr d without buffers: pass [] for
+    momentum_buffers when momentum is 0). Buffers start at zero. Returns nu, a 0-d float64 tensor
+    on the parameters' device (no host synchronisation)."""
+    params, directions, grads, momentum_buffers = (list(x) for x in (params, directions, grads, momentum_buffers))
+    clipped = [bool(c) for c in clipped]
+    n = len(params)
+    for name, seq in (("directions", directions), ("grads", grads), ("clipped", clipped)):
+        if len(seq) != n:
+            raise ValueError(f"kfac_update_: {name} has {len(seq)} entries but params has {n}")
+    lr, momentum, weight_decay, kl_clip = (_check_finite(k, v) for k, v in (
+        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("kl_clip", kl_clip)))
+    if momentum_buffers and len(momentum_buffers) != n:
+        raise ValueError(f"kfac_update_: momentum_buffers has {len(momentum_buffers)} entries but params has {n}")
+    if not momentum_buffers and momentum != 0:
+        raise ValueError("kfac_update_: momentum != 0 needs momentum_buffers")
+    device = None
+    for i, p in enumerate(params):
+        group = [("params", p), ("directions", directions[i]), ("grads", grads[i])]
+        if momentum_buffers:
+            group.append(("momentum_buffers", momentum_buffers[i]))
+        for name, t in group:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"kfac_update_: {name}[{i}] must be a tensor, got {type(t).__name__}")
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise ValueError(f"kfac_update_: {name}[{i}] must have params[{i}]'s shape {tuple(p.shape)} and dtype "
+                                 f"{p.dtype}, got {tuple(t.shape)} and {t.dtype}")
+        if p.dtype not in _INPUT_DTYPES:
+            raise ValueError(f"kfac_update_: params[{i}] must be fp32, fp64, bf16 or fp16, got {p.dtype}")
+        if not p.is_contiguous() or (momentum_buffers and not momentum_buffers[i].is_contiguous()):
+            raise ValueError(f"kfac_update_: params[{i}] and momentum_buffers[{i}] must be contiguous (they are "
+                             "updated in place)")
+        device = p.device if device is None else device
+        if any(t.device != device for _, t in group):
+            raise ValueError(f"kfac_update_: the tensors of parameter {i} must all be on {device}")
+    if n == 0:
+        return torch.ones((), dtype=torch.float64)
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.kfac_update_(params, directions, grads, momentum_buffers, clipped, lr, momentum,
+                                      weight_decay, kl_clip)
+    directions = [d.contiguous() for d in directions]
+    grads = [g.contiguous() for g in grads]
+    op = torch.ops.natgrad.kfac_update_ if impl == "native" else torch.ops.natgrad_emu.kfac_update_
+    return op(params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip)
+
+
 if _ext.loaded():
 
     @torch.library.register_fake("natgrad::factor_update_")
@@ -160,3 +261,15 @@ if _ext.loaded():
 
     torch.library.register_fake("natgrad::eigh_batched")(_eigh_batched_fake)
     torch.library.register_fake("natgrad_emu::eigh_batched")(_eigh_batched_fake)
+
+    def _precondition_fake(grads, QA, dA, QG, dG, damping, factored):
+        return [M.new_empty(M.shape) for M in grads]
+
+    torch.library.register_fake("natgrad::precondition")(_precondition_fake)
+    torch.library.register_fake("natgrad_emu::precondition")(_precondition_fake)
+
+    def _kfac_update_fake(params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip):
+        return params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64)
+
+    torch.library.register_fake("natgrad::kfac_update_")(_kfac_update_fake)
+    torch.library.register_fake("natgrad_emu::kfac_update_")(_kfac_update_fake)

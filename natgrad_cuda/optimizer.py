@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from . import ops, reference
 from ._engine import Engine, check_number
 
 __all__ = ["KFAC", "KFACPreconditioner", "lm_damping"]
@@ -218,12 +219,9 @@ class KFAC(torch.optim.Optimizer):
 
         engine.commit(scale_value)
         directions, blocks = engine.preconditioned()
-        nu = engine.kl_scale(directions, group["lr"], group["kl_clip"])
         old_loss = self._closure_loss(closure) if adapt else None
 
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        deltas: Dict[int, Tensor] = {}
-        grads = {id(p): p.grad.clone() for p in params} if adapt else {}
         if group["adaptive_step"]:
             predicted = self._adaptive_update(group, params, directions)
             if adapt:
@@ -231,30 +229,24 @@ class KFAC(torch.optim.Optimizer):
                 self._adapt_damping(group, (new_loss - old_loss) / predicted if predicted < 0 else float("nan"))
             engine.step_done()
             return True
-        for p in params:
-            d = directions.get(id(p))
-            if d is None:
-                d = p.grad
-            elif nu is not None:
-                d = d * nu.to(d.dtype)
-            if wd != 0:
-                d = d.add(p, alpha=wd)
-            if momentum != 0:
+        # Trust region, weight decay, momentum and the update for every parameter in one op call.
+        bufs = []
+        if momentum != 0:
+            for p in params:
                 state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.detach().clone()
-                else:
-                    buf.mul_(momentum).add_(d)
-                d = buf
-            if adapt:
-                deltas[id(p)] = -lr * d
-            p.add_(d, alpha=-lr)
+                if "momentum_buffer" not in state:  # zero: the first step's buffer is then d, as in SGD
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                bufs.append(state["momentum_buffer"])
+        before = [p.detach().clone() for p in params] if adapt else []
+        grads = [p.grad for p in params]
+        ops.kfac_update_(params, [directions.get(id(p), p.grad) for p in params], grads, bufs,
+                         [id(p) in directions for p in params], lr, momentum, wd, group["kl_clip"] or 0.0,
+                         impl=engine.impl)
 
-        new_loss = None
         if adapt:
             new_loss = self._closure_loss(closure)
-            predicted = engine.quadratic_change(deltas, grads, blocks)
+            deltas = {id(p): p.detach() - b for p, b in zip(params, before)}
+            predicted = engine.quadratic_change(deltas, {id(p): g for p, g in zip(params, grads)}, blocks)
             self._adapt_damping(group, (new_loss - old_loss) / predicted if predicted < 0 else float("nan"))
         engine.step_done()
         return True
@@ -404,11 +396,12 @@ class KFACPreconditioner:
             return False
         engine.commit(None)
         directions, _ = engine.preconditioned()
-        nu = engine.kl_scale(directions, self.lr, self.kl_clip)
-        for p in params:
-            d = directions.get(id(p))
-            if d is not None:
-                p.grad.copy_(d * nu.to(d.dtype) if nu is not None else d)
+        clipped = [p for p in params if id(p) in directions]
+        nu = reference.kl_nu([directions[id(p)] for p in clipped], [p.grad for p in clipped], [True] * len(clipped),
+                             self.lr, self.kl_clip or 0.0)
+        for p in clipped:
+            d = directions[id(p)]
+            p.grad.copy_(d * nu.to(d.dtype))
         engine.step_done()
         return True
 

@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["factor_update_", "eigh_batched", "precondition", "accumulation_dtype", "INVERSES"]
+__all__ = ["factor_update_", "eigh_batched", "precondition", "kfac_update_", "kl_nu", "accumulation_dtype", "INVERSES"]
 
 INVERSES = ("eigen", "factored")
 
@@ -109,3 +109,45 @@ def factored_pi(dA: torch.Tensor, dG: torch.Tensor) -> torch.Tensor:
     ta, tg = dA.mean(), dG.mean()
     ok = (ta > 0) & (tg > 0)
     return torch.where(ok, (ta / torch.where(ok, tg, 1.0)).sqrt(), torch.ones_like(ta))
+
+
+def kl_nu(directions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clipped: Sequence[bool], lr: float,
+          kl_clip: float) -> torch.Tensor:
+    """The KL-clip scale nu = min(1, sqrt(kl_clip / (lr^2 sum over clipped i of <d_i, g_i>))) as a
+    0-d float64 tensor (no host synchronisation); 1 when kl_clip <= 0 or the sum is not positive."""
+    device = directions[0].device if len(directions) else None
+    one = torch.ones((), dtype=torch.float64, device=device)
+    terms = [torch.vdot(d.reshape(-1).double(), g.reshape(-1).double())
+             for d, g, c in zip(directions, grads, clipped) if c]
+    if not kl_clip > 0 or not terms:
+        return one
+    vg = torch.stack(terms).sum() * lr * lr
+    return torch.where(vg > 0, (kl_clip / vg.clamp_min(1e-300)).sqrt().clamp(max=1.0), one)
+
+
+def kfac_update_(
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    clipped: Sequence[bool],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    kl_clip: float,
+) -> torch.Tensor:
+    """In place, as torch.optim.SGD after the trust region: d = d_i (* nu if clipped_i) + weight_decay p;
+    buf = momentum buf + d (when buffers are given; they start at zero); p -= lr (buf or d).
+    Returns nu (see ``kl_nu``)."""
+    nu = kl_nu(directions, grads, clipped, lr, kl_clip)
+    for i, p in enumerate(params):
+        d = directions[i]
+        if clipped[i]:
+            d = d * nu.to(d.dtype)
+        d = d + weight_decay * p
+        if len(momentum_buffers):
+            buf = momentum_buffers[i]
+            buf.mul_(momentum).add_(d)
+            d = buf
+        p.add_(d, alpha=-lr)
+    return nu

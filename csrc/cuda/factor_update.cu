@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "cuda/grouped.cuh"
 #include "cuda/runtime.h"
 #include "factor_update.h"
 
@@ -28,14 +29,8 @@ struct Layer {
 
 template <typename scalar_t, typename acc_t>
 __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers, acc_t decay) {
-  // The layer of this block: the last one whose first tile is <= blockIdx.x.
-  int lo = 0, hi = num_layers - 1;
   const int64_t b = blockIdx.x;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (layers[mid].tile_begin <= b) lo = mid; else hi = mid - 1;
-  }
-  const Layer L = layers[lo];
+  const Layer L = layers[entry_of_block(layers, num_layers, b)];
   int64_t ti, tj;
   factor_update::upper_tile(b - L.tile_begin, L.T, &ti, &tj);
   const int64_t i0 = ti * kTile, j0 = tj * kTile;
@@ -55,12 +50,7 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
       Bs[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs0, L.xs1, ones, k0 + r, j0 + tx);
     }
     __syncthreads();
-#pragma unroll 8
-    for (int r = 0; r < kChunk; ++r) {
-      const acc_t bv = Bs[r][tx];
-#pragma unroll
-      for (int q = 0; q < kTile / kRows; ++q) acc[q] += As[r][ty + q * kRows] * bv;
-    }
+    slab_multiply<kChunk, kTile, kRows>(As, Bs, acc, tx, ty);
     __syncthreads();
   }
 

@@ -1,0 +1,150 @@
+"""ops.precondition: the reference against dense damped inverses of G (x) A, and the native CPU and
+emulated CUDA kernels (four grouped-GEMM launches for all layers) against the reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import natgrad_cuda as ng
+from natgrad_cuda import emulation
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def layer(o, k, gen, dtype=torch.float64, grad_dtype=None, dead=False):
+    def spd(n):
+        X = torch.randn(n, n + 2, dtype=torch.float64, generator=gen)
+        S = X @ X.T / (n + 2)
+        return torch.zeros_like(S) if dead else S
+
+    A, G = spd(k), spd(o)
+    dA, QA = torch.linalg.eigh(A)
+    dG, QG = torch.linalg.eigh(G)
+    M = torch.randn(o, k, dtype=torch.float64, generator=gen)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return (M.to(grad_dtype or dtype), cast(QA), cast(dA.clamp_min(0)), cast(QG), cast(dG.clamp_min(0))), (A, G)
+
+
+def columns(layers):
+    return [list(x) for x in zip(*[args for args, _ in layers])]
+
+
+@pytest.mark.parametrize("inverse", ["eigen", "factored"])
+def test_reference_is_the_dense_damped_inverse(inverse):
+    gen = torch.Generator().manual_seed(0)
+    lam = 0.03
+    for o, k in ((3, 4), (5, 2), (1, 6)):
+        (M, QA, dA, QG, dG), (A, G) = layer(o, k, gen)
+        P, = ng.ops.precondition([M], [QA], [dA], [QG], [dG], lam, inverse=inverse, impl="reference")
+        if inverse == "eigen":
+            expect = torch.linalg.solve(torch.kron(G, A) + lam * torch.eye(o * k, dtype=torch.float64),
+                                        M.reshape(-1)).reshape(o, k)
+        else:
+            pi = math.sqrt((A.trace() / k) / (G.trace() / o))
+            expect = torch.linalg.solve(G + math.sqrt(lam) / pi * torch.eye(o, dtype=torch.float64), M) @ \
+                torch.linalg.inv(A + pi * math.sqrt(lam) * torch.eye(k, dtype=torch.float64))
+        assert torch.allclose(P, expect, rtol=1e-10, atol=1e-12)
+
+
+SHAPES = [(1, 1), (2, 3), (31, 33), (32, 32), (33, 31), (64, 65), (7, 129), (97, 5), (0, 4), (4, 0)]
+
+
+@pytest.mark.parametrize("impl", ["native", "emulated"])
+@pytest.mark.parametrize("inverse", ["eigen", "factored"])
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                              (torch.float64, torch.float32)])
+def test_kernels_match_the_reference(impl, inverse, dtype, grad_dtype):
+    gen = torch.Generator().manual_seed(1)
+    layers = [layer(o, k, gen, dtype, grad_dtype) for o, k in SHAPES]
+    layers.append(layer(6, 9, gen, dtype, grad_dtype, dead=True))  # dead units: all eigenvalues zero
+    args = columns(layers)
+    ref = ng.ops.precondition(*args, 1e-2, inverse=inverse, impl="reference")
+    out = ng.ops.precondition(*args, 1e-2, inverse=inverse, impl=impl)
+    tol = TOL[dtype] if grad_dtype in (torch.float32, torch.float64) else 1e-2  # the result is rounded to bf16/fp16
+    for a, b in zip(out, ref):
+        assert a.dtype == grad_dtype and a.shape == b.shape
+        if b.numel():
+            assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max().clamp_min(1e-30)
+
+
+@pytest.mark.parametrize("impl", ["native", "emulated"])
+def test_non_contiguous_inputs(impl):
+    gen = torch.Generator().manual_seed(2)
+    (M, QA, dA, QG, dG), _ = layer(40, 70, gen)
+    args = [[M.T.contiguous().T, M[:, ::2]], [QA.T.contiguous().T, QA[::2, ::2].contiguous()],
+            [dA, dA[::2].clone()], [QG, QG], [dG, dG]]
+    # the second layer: a strided gradient against its own (valid, if artificial) eigenbasis
+    args[1][1], _ = torch.linalg.qr(args[1][1])
+    ref = ng.ops.precondition(*args, 0.1, impl="reference")
+    for a, b in zip(ng.ops.precondition(*args, 0.1, impl=impl), ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=12, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=4),
+       double=st.booleans(), factored=st.booleans(), lam=st.floats(1e-4, 10.0), seed=st.integers(0, 99))
+def test_fuzzed(shapes, double, factored, lam, seed):
+    dtype = torch.float64 if double else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    args = columns([layer(o, k, gen, dtype) for o, k in shapes])
+    inverse = "factored" if factored else "eigen"
+    ref = ng.ops.precondition(*args, lam, inverse=inverse, impl="reference")
+    for impl in ("native", "emulated"):
+        for a, b in zip(ng.ops.precondition(*args, lam, inverse=inverse, impl=impl), ref):
+            if b.numel():
+                assert (a - b).abs().max() <= 5 * TOL[dtype] * b.abs().max().clamp_min(1e-30)
+
+
+def test_four_launches_whatever_the_number_of_layers():
+    gen = torch.Generator().manual_seed(3)
+    for count in (1, 16, 64):
+        args = columns([layer(33, 17, gen, torch.float32) for _ in range(count)])
+        with emulation.count() as c:
+            ng.ops.precondition(*args, 0.01, impl="emulated")
+        assert c.launches == 4 and c.library_calls == 0
+
+
+@pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
+def test_opcheck(ns):
+    gen = torch.Generator().manual_seed(4)
+    args = columns([layer(o, k, gen) for o, k in ((3, 5), (40, 33))])
+    torch.library.opcheck(getattr(torch.ops, ns).precondition.default, (*args, 0.05, False))
+    torch.library.opcheck(getattr(torch.ops, ns).precondition.default, (*args, 0.05, True))
+
+
+@pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
+def test_bad_input(impl):
+    gen = torch.Generator().manual_seed(5)
+    (M, QA, dA, QG, dG), _ = layer(3, 4, gen)
+    ok = [[M], [QA], [dA], [QG], [dG]]
+    with pytest.raises(ValueError, match="QG has 2 entries"):
+        ng.ops.precondition([M], [QA], [dA], [QG, QG], [dG], 0.1, impl=impl)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        ng.ops.precondition(*ok, 0.0, impl=impl)
+    with pytest.raises(ValueError, match="damping must be finite"):
+        ng.ops.precondition(*ok, float("inf"), impl=impl)
+    with pytest.raises(ValueError, match=r"QA\[0\] must have shape \(4, 4\)"):
+        ng.ops.precondition([M], [QG], [dA], [QG], [dG], 0.1, impl=impl)
+    with pytest.raises(ValueError, match="share one dtype"):
+        ng.ops.precondition([M], [QA.float()], [dA], [QG], [dG], 0.1, impl=impl)
+    with pytest.raises(ValueError, match="inverse"):
+        ng.ops.precondition(*ok, 0.1, inverse="cholesky", impl=impl)
+    with pytest.raises(ValueError, match="2-D"):
+        ng.ops.precondition([M.reshape(-1)], [QA], [dA], [QG], [dG], 0.1, impl=impl)
+    with pytest.raises(ValueError, match="grads"):
+        ng.ops.precondition([M.int()], [QA], [dA], [QG], [dG], 0.1, impl=impl)
+
+
+def test_native_entry_points_check_too():
+    gen = torch.Generator().manual_seed(6)
+    (M, QA, dA, QG, dG), _ = layer(3, 4, gen)
+    for op in (torch.ops.natgrad.precondition, torch.ops.natgrad_emu.precondition):
+        with pytest.raises(RuntimeError, match="QA"):
+            op([M], [QG], [dA], [QG], [dG], 0.1, False)
+        with pytest.raises(RuntimeError, match="damping"):
+            op([M], [QA], [dA], [QG], [dG], -1.0, False)
