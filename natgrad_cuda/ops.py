@@ -257,7 +257,9 @@ if _ext.loaded():
         return None
 
     def _eigh_batched_fake(mats):
-        return ([M.new_empty(M.shape[:1]) for M in mats], [M.new_empty(M.shape) for M in mats])
+        # eigenvectors column-major, as LAPACK, cuSOLVER and torch.linalg.eigh give them
+        return ([M.new_empty(M.shape[:1]) for M in mats],
+                [M.new_empty_strided(M.shape, (1, max(M.shape[0], 1))) for M in mats])
 
     torch.library.register_fake("natgrad::eigh_batched")(_eigh_batched_fake)
     torch.library.register_fake("natgrad_emu::eigh_batched")(_eigh_batched_fake)

@@ -1,12 +1,14 @@
-// eigh_batched on the CPU: LAPACK (ATen's linalg_eigh, lower triangle) per matrix, the matrices
-// dealt out to the threads largest first, round robin, so that one big factor does not leave the
-// other threads idle behind a block of small ones. A result that fails or is not finite is redone
+// eigh_batched on the CPU: LAPACK (ATen's linalg_eigh, lower triangle) per matrix, in parallel over
+// the matrices. A result that fails or is not finite is redone
 // in float64 and cast back; one that still fails is NaN, for the caller to keep an earlier one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <tuple>
@@ -18,36 +20,51 @@ namespace natgrad {
 namespace cpu_kernels {
 namespace {
 
+// Finite entries only: x * 0 is 0 for a finite x and NaN otherwise, summed without a branch
+// (ATen's isfinite().all().item() costs more than the check itself).
+bool all_finite(const at::Tensor& t) {
+  const at::Tensor c = t.is_contiguous() || t.t().is_contiguous() ? t : t.contiguous();  // any dense layout
+  return AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "eigh_batched", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    scalar_t s = 0;
+    for (int64_t i = 0; i < c.numel(); ++i) s += p[i] * scalar_t(0);
+    return s == scalar_t(0);
+  });
+}
+
 bool try_eigh(const at::Tensor& M, at::Tensor* w, at::Tensor* v) {
-  if (!at::isfinite(M).all().item<bool>()) return false;
+  if (!all_finite(M)) return false;
   try {
     std::tie(*w, *v) = at::linalg_eigh(M, "L");
   } catch (const c10::Error&) {  // LAPACK did not converge
     return false;
   }
-  *v = v->contiguous();  // LAPACK's column-major result as a plain row-major matrix, on every path
-  return at::isfinite(*w).all().item<bool>() && at::isfinite(*v).all().item<bool>();
+  // v stays in LAPACK's column-major layout, as on every path; LAPACK gives finite eigenvectors
+  // whenever the eigenvalues are.
+  return all_finite(*w);
 }
 
 void solve(const at::Tensor& M, at::Tensor* w, at::Tensor* v) {
   if (try_eigh(M, w, v)) return;
   if (M.scalar_type() != at::kDouble && try_eigh(M.to(at::kDouble), w, v)) {
     *w = w->to(M.scalar_type());
-    *v = v->to(M.scalar_type());
+    *v = v->to(M.scalar_type()).t().contiguous().t();
     return;
   }
   *w = at::full({M.size(0)}, std::numeric_limits<double>::quiet_NaN(), M.options());
-  *v = at::full_like(M, std::numeric_limits<double>::quiet_NaN());
+  *v = at::full({M.size(0), M.size(0)}, std::numeric_limits<double>::quiet_NaN(), M.options()).t();
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::TensorList mats) {
   eigh_batched::check_mats(mats);
   const int64_t count = static_cast<int64_t>(mats.size());
   std::vector<at::Tensor> evals(count), evecs(count);
+  // Parallel over matrices, dealt out round robin largest first so that the threads finish
+  // together; inside the parallel region each LAPACK call runs on one thread, which beats one call
+  // at a time on all threads (LAPACK's eigensolvers scale poorly). A lone matrix gets them all.
   std::vector<int64_t> order(count);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return mats[a].size(0) > mats[b].size(0); });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return mats[a].size(0) > mats[b].size(0); });
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)

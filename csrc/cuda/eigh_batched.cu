@@ -30,7 +30,7 @@ constexpr int kMaxSweeps = 30;
 struct Job {
   dev_ptr<const char> in;  // typed by the kernel's template argument
   dev_ptr<char> W;         // n eigenvalues
-  dev_ptr<char> V;         // n x n, row-major, eigenvectors as columns
+  dev_ptr<char> V;         // n x n, column-major (as LAPACK and torch), eigenvectors as columns
   int64_t n, s0, s1;       // size and strides of the input
 };
 
@@ -124,7 +124,7 @@ __global__ void eigh_jacobi_kernel(dev_ptr<const Job> jobs) {
     }
     if (!finite) rank = i;
     W[rank] = finite ? d : std::numeric_limits<T>::quiet_NaN();
-    for (int r = 0; r < n; ++r) out[r * n + rank] = finite ? V[r * n + i] : std::numeric_limits<T>::quiet_NaN();
+    for (int r = 0; r < n; ++r) out[rank * n + r] = finite ? V[r * n + i] : std::numeric_limits<T>::quiet_NaN();
   }
 }
 
@@ -187,7 +187,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
       if (M.scalar_type() != dt || M.size(0) > kJacobiMax) continue;
       const int64_t n = M.size(0);
       evals[i] = at::empty({n}, M.options());
-      evecs[i] = at::empty({n, n}, M.options());
+      evecs[i] = at::empty({n, n}, M.options()).t();  // column-major: the kernel writes column after column
       if (n == 0) continue;
       jobs.push_back(Job{device_ptr<const char>(M), device_ptr<char>(evals[i]), device_ptr<char>(evecs[i]), n,
                          M.stride(0), M.stride(1)});
@@ -219,7 +219,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
       auto [W, V] = solver_eigh(at::stack(part));
       for (size_t k = b; k < b + step; ++k) {
         evals[idx[k]] = W[k - b];
-        evecs[idx[k]] = V[k - b].contiguous();  // row-major on every path
+        evecs[idx[k]] = V[k - b];  // column-major, as on every path
       }
     }
   }
@@ -241,7 +241,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
     }
     auto [W, V] = solver_eigh(M.tril().unsqueeze(0));
     evals[i] = W[0].to(mats[i].scalar_type());
-    evecs[i] = V[0].to(mats[i].scalar_type()).contiguous();
+    evecs[i] = V[0].to(mats[i].scalar_type()).t().contiguous().t();
   }
   return {evals, evecs};
 }
