@@ -5,6 +5,7 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -24,14 +25,18 @@ inline void check_lengths(at::TensorList factors, at::TensorList inputs, at::Arr
               "factor_update_: factors, inputs, scales and append_ones must have the same length");
 }
 
-// The width of X~_i = [X_i, 1?], checked against factors[i]'s shape and dtype.
-inline int64_t checked_dim(const at::Tensor& F, const at::Tensor& X, bool ones, size_t i) {
-  const int64_t dim = X.size(1) + (ones ? 1 : 0);
+// The width d + ones of X~_i = [X_i, 1?] (X_i of width d), checked against factors[i]'s shape and dtype.
+inline int64_t checked_width(const at::Tensor& F, int64_t d, bool ones, size_t i) {
+  const int64_t dim = d + (ones ? 1 : 0);
   TORCH_CHECK(F.dim() == 2 && F.size(0) == dim && F.size(1) == dim, "factor_update_: factors[", i,
               "] must be (", dim, ", ", dim, ")");
   TORCH_CHECK(F.scalar_type() == at::kFloat || F.scalar_type() == at::kDouble, "factor_update_: factors[", i,
               "] must be float32 or float64");
   return dim;
+}
+
+inline int64_t checked_dim(const at::Tensor& F, const at::Tensor& X, bool ones, size_t i) {
+  return checked_width(F, X.size(1), ones, i);
 }
 
 // Element (row k, column c) of X~ = [X, 1] without materialising the ones column; rows past n
@@ -58,6 +63,45 @@ NATGRAD_HOST_DEVICE inline void upper_tile(int64_t t, int64_t T, int64_t* ti, in
 }
 
 NATGRAD_HOST_DEVICE inline int64_t upper_tile_count(int64_t T) { return T * (T + 1) / 2; }
+
+// ---- conv_factor_update_: the rows of X are the patches of a convolution's input, never unfolded ----
+
+// Per layer, 10 ints: kernel (kh, kw), stride (sh, sw), dilation (dh, dw), top and left zero padding
+// (pt, pl), output positions (oh, ow). Row r = (b, y, x) of the virtual X is the patch at output
+// position (y, x) of image b, in F.unfold's column order (channel, kernel row, kernel column).
+constexpr int kConvGeometry = 10;
+
+struct ConvGeometry {
+  int64_t kh, kw, sh, sw, dh, dw, pt, pl, oh, ow;
+};
+
+inline ConvGeometry conv_geometry(at::IntArrayRef g, size_t i) {
+  TORCH_CHECK(g.size() >= (i + 1) * kConvGeometry, "conv_factor_update_: geometry must hold ", kConvGeometry,
+              " ints per layer");
+  const int64_t* v = g.data() + i * kConvGeometry;
+  const ConvGeometry c{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]};
+  TORCH_CHECK(c.kh > 0 && c.kw > 0 && c.sh > 0 && c.sw > 0 && c.dh > 0 && c.dw > 0 && c.pt >= 0 && c.pl >= 0 &&
+                  c.oh >= 0 && c.ow >= 0,
+              "conv_factor_update_: layer ", i, ": kernel, stride and dilation must be positive, padding and output "
+              "size non-negative");
+  return c;
+}
+
+// Element (row k, column c) of [X, 1] for the patches of image x (B, C, H, W; strides xs) without
+// materialising them: zero outside the image (the zero padding) and past the last row.
+template <typename acc_t, typename ptr_t>
+NATGRAD_HOST_DEVICE inline acc_t load_patch(const ptr_t& x, int64_t n, int64_t d, const int64_t* shape,
+                                            const int64_t* xs, const ConvGeometry& g, bool ones, int64_t k,
+                                            int64_t c) {
+  if (k >= n) return acc_t(0);
+  if (c >= d) return (ones && c == d) ? acc_t(1) : acc_t(0);
+  const int64_t positions = g.oh * g.ow, b = k / positions, pos = k % positions;
+  const int64_t taps = g.kh * g.kw, ch = c / taps, tap = c % taps;
+  const int64_t y = (pos / g.ow) * g.sh + (tap / g.kw) * g.dh - g.pt;
+  const int64_t xx = (pos % g.ow) * g.sw + (tap % g.kw) * g.dw - g.pl;
+  if (y < 0 || y >= shape[2] || xx < 0 || xx >= shape[3]) return acc_t(0);
+  return static_cast<acc_t>(x[b * xs[0] + ch * xs[1] + y * xs[2] + xx * xs[3]]);
+}
 
 }  // namespace factor_update
 }  // namespace natgrad

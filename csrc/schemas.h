@@ -8,6 +8,8 @@ namespace natgrad {
 inline constexpr const char* kOpSchemas[] = {
     "factor_update_(Tensor(a!)[] factors, Tensor[] inputs, float decay, float[] scales, "
     "bool[] append_ones) -> ()",
+    "conv_factor_update_(Tensor(a!)[] factors, Tensor[] images, int[] geometry, float decay, float[] scales, "
+    "bool[] append_ones) -> ()",
     "eigh_batched(Tensor[] mats) -> (Tensor[], Tensor[])",
     "precondition(Tensor[] grads, Tensor[] QA, Tensor[] dA, Tensor[] QG, Tensor[] dG, float damping, "
     "bool factored) -> Tensor[]",

@@ -12,13 +12,15 @@ whichever implementation runs.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as nnf
 
 from . import _ext, emulation, reference
 
-__all__ = ["factor_update_", "eigh_batched", "precondition", "kfac_update_", "IMPLS"]
+__all__ = ["factor_update_", "ConvPatches", "eigh_batched", "precondition", "kfac_update_", "IMPLS"]
 
 IMPLS = (None, "reference", "native", "emulated")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -56,6 +58,59 @@ def _check_finite(name: str, value: float) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class ConvPatches:
+    """The rows of a convolution's unfolded input, described instead of materialised.
+
+    image (B, C, H, W); kernel, stride, dilation: (rows, columns); padding: (top, bottom, left,
+    right) zeros; the rows are the patches at every output position of every image, in F.unfold's
+    order (rows b, then output positions), columns (channel, kernel row, kernel column). As an input
+    of ``factor_update_`` it costs the native kernels no unfold in memory (CUDA reads the patches
+    straight from the image; the CPU unfolds a bounded slice of the batch at a time).
+    """
+
+    image: torch.Tensor
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int] = (1, 1)
+    dilation: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    @property
+    def output_size(self) -> Tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        top, bottom, left, right = self.padding
+        H, W = self.image.shape[2] + top + bottom, self.image.shape[3] + left + right
+        return max(0, (H - dh * (kh - 1) - 1) // sh + 1), max(0, (W - dw * (kw - 1) - 1) // sw + 1)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(rows, columns) of the unfold it stands for."""
+        oh, ow = self.output_size
+        return self.image.shape[0] * oh * ow, self.image.shape[1] * self.kernel[0] * self.kernel[1]
+
+    def dim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.image.device
+
+    def geometry(self) -> List[int]:
+        """The 10 ints of the native op: kernel, stride, dilation, top and left padding, output size."""
+        return [*self.kernel, *self.stride, *self.dilation, self.padding[0], self.padding[2], *self.output_size]
+
+    def unfold(self) -> torch.Tensor:
+        """The rows themselves, (B * positions, C * kh * kw): what the reference path uses."""
+        top, bottom, left, right = self.padding
+        x = nnf.pad(self.image, [left, right, top, bottom])
+        cols = nnf.unfold(x, self.kernel, dilation=self.dilation, stride=self.stride)  # (B, d, positions)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 def _check_factor_update_args(factors, inputs, decay, scales, append_ones):
     factors, inputs = list(factors), list(inputs)
     n = len(factors)
@@ -67,8 +122,12 @@ def _check_factor_update_args(factors, inputs, decay, scales, append_ones):
     append_ones = [bool(a) for a in append_ones]
     device = None
     for i, (F, X, ones) in enumerate(zip(factors, inputs, append_ones)):
-        if not isinstance(F, torch.Tensor) or not isinstance(X, torch.Tensor):
-            raise TypeError(f"factor_update_: factors[{i}] and inputs[{i}] must be tensors")
+        if not isinstance(F, torch.Tensor) or not isinstance(X, (torch.Tensor, ConvPatches)):
+            raise TypeError(f"factor_update_: factors[{i}] must be a tensor and inputs[{i}] a tensor or ConvPatches")
+        if isinstance(X, ConvPatches) and (X.image.dim() != 4 or min(*X.kernel, *X.stride, *X.dilation) < 1
+                                           or min(X.padding) < 0):
+            raise ValueError(f"factor_update_: inputs[{i}] (ConvPatches) needs a (B, C, H, W) image, positive kernel, "
+                             "stride and dilation and non-negative padding")
         if X.dim() != 2:
             raise ValueError(f"factor_update_: inputs[{i}] must be 2-D (rows, features), got shape {tuple(X.shape)}")
         d = X.shape[1] + int(ones)
@@ -109,11 +168,21 @@ def factor_update_(
         return
     impl = _resolve_impl(impl, device)
     if impl == "reference":
+        inputs = [X.unfold() if isinstance(X, ConvPatches) else X for X in inputs]
         reference.factor_update_(factors, inputs, decay, scales, append_ones)
-    elif impl == "native":
-        torch.ops.natgrad.factor_update_(factors, inputs, decay, scales, append_ones)
-    else:
-        torch.ops.natgrad_emu.factor_update_(factors, inputs, decay, scales, append_ones)
+        return
+    ns = torch.ops.natgrad if impl == "native" else torch.ops.natgrad_emu
+    # Row matrices in one call, convolution patches in another (each one launch on CUDA).
+    for conv in (False, True):
+        idx = [i for i, X in enumerate(inputs) if isinstance(X, ConvPatches) == conv]
+        if not idx:
+            continue
+        args = ([factors[i] for i in idx], [inputs[i].image if conv else inputs[i] for i in idx])
+        rest = (decay, [scales[i] for i in idx], [append_ones[i] for i in idx])
+        if conv:
+            ns.conv_factor_update_(*args, [g for i in idx for g in inputs[i].geometry()], *rest)
+        else:
+            ns.factor_update_(*args, *rest)
 
 
 def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None):
@@ -275,3 +344,9 @@ if _ext.loaded():
 
     torch.library.register_fake("natgrad::kfac_update_")(_kfac_update_fake)
     torch.library.register_fake("natgrad_emu::kfac_update_")(_kfac_update_fake)
+
+    def _conv_factor_update_fake(factors, images, geometry, decay, scales, append_ones):
+        return None
+
+    torch.library.register_fake("natgrad::conv_factor_update_")(_conv_factor_update_fake)
+    torch.library.register_fake("natgrad_emu::conv_factor_update_")(_conv_factor_update_fake)

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "factor_update.h"
@@ -88,7 +89,49 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
   });
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("factor_update_", &factor_update_); }
+// conv_factor_update_: the patches of a slice of the batch at a time (im2col of at most
+// kConvChunkValues values), each slice through factor_update_, so memory is bounded by the slice,
+// not the batch: the full unfold is never materialised.
+constexpr int64_t kConvChunkValues = int64_t(1) << 22;  // 16 MB of fp32 patches
+
+void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntArrayRef geometry, double decay,
+                         at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
+  factor_update::check_lengths(factors, images, scales, append_ones);
+  TORCH_CHECK(geometry.size() == factors.size() * factor_update::kConvGeometry, "conv_factor_update_: geometry must "
+              "hold ", factor_update::kConvGeometry, " ints per layer");
+  for (size_t i = 0; i < factors.size(); ++i) {
+    const at::Tensor& x = images[i];
+    const at::Tensor& F = factors[i];
+    TORCH_CHECK(x.dim() == 4, "conv_factor_update_: images[", i, "] must be (B, C, H, W), got ", x.sizes());
+    const factor_update::ConvGeometry g = factor_update::conv_geometry(geometry, i);
+    const int64_t d = x.size(1) * g.kh * g.kw, positions = g.oh * g.ow;
+    const bool ones = append_ones.get(i);
+    factor_update::checked_width(F, d, ones, i);
+    const int64_t batch = x.size(0), per_image = std::max<int64_t>(positions * d, 1);
+    if (batch == 0 || positions == 0) {
+      F.mul_(decay);
+      continue;
+    }
+    // Zero padding so that an unpadded unfold gives exactly (oh, ow) positions.
+    const int64_t need_h = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1, need_w = (g.ow - 1) * g.sw + g.dw * (g.kw - 1) + 1;
+    const int64_t chunk = std::max<int64_t>(1, kConvChunkValues / per_image);
+    for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+      const int64_t nb = std::min(chunk, batch - b0);
+      at::Tensor xb = at::constant_pad_nd(x.narrow(0, b0, nb),
+                                          {g.pl, std::max<int64_t>(0, need_w - x.size(3) - g.pl), g.pt,
+                                           std::max<int64_t>(0, need_h - x.size(2) - g.pt)});
+      xb = xb.narrow(2, 0, need_h).narrow(3, 0, need_w);
+      const at::Tensor cols = at::im2col(xb, {g.kh, g.kw}, {g.dh, g.dw}, {0, 0}, {g.sh, g.sw});  // (nb, d, positions)
+      const at::Tensor rows = cols.transpose(1, 2).reshape({nb * positions, d});
+      factor_update_({F}, {rows}, b0 == 0 ? decay : 1.0, {scales[i]}, c10::List<bool>({ones}));
+    }
+  }
+}
+
+TORCH_LIBRARY_IMPL(natgrad, CPU, m) {
+  m.impl("factor_update_", &factor_update_);
+  m.impl("conv_factor_update_", &conv_factor_update_);
+}
 
 }  // namespace cpu_kernels
 }  // namespace natgrad

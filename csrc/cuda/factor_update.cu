@@ -1,4 +1,5 @@
-// factor_update_ on CUDA: one launch for all layers of a (factor dtype, input dtype) group.
+// factor_update_ and conv_factor_update_ on CUDA: one launch for all layers of a (factor dtype,
+// input dtype) group; for conv_factor_update_ the rows are patches read straight from the image.
 // Each block owns one 32x32 tile of the upper triangle of one layer's factor, stages 32-row slabs
 // of the two column panels of X~ = [X, 1] in shared memory, accumulates in acc_t (fp32 or fp64),
 // and writes the tile and its mirror, so only one triangle is computed.
@@ -20,11 +21,14 @@ constexpr int kChunk = 32;  // rows of X staged per step
 
 struct Layer {
   dev_ptr<char> F;  // typed by the kernel's template arguments
-  dev_ptr<const char> X;
+  dev_ptr<const char> X;       // rows (n, d), or the conv input (B, C, H, W) whose patches are the rows
   int64_t n, d, dim;           // rows of X, width of X, width of X~
-  int64_t xs0, xs1, fs0, fs1;  // strides of X and F
+  int64_t xs[4], fs0, fs1;     // strides of X (2 or 4 used) and F
   int64_t tile_begin, T;       // first tile of this layer in the grid; tiles per edge
   double scale;
+  int conv;                    // rows are patches of the image X (conv_factor_update_)
+  int64_t shape[4];            // the image's shape
+  factor_update::ConvGeometry g;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -46,8 +50,13 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
 
   for (int64_t k0 = 0; k0 < L.n; k0 += kChunk) {
     for (int r = ty; r < kChunk; r += kRows) {
-      As[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs0, L.xs1, ones, k0 + r, i0 + tx);
-      Bs[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs0, L.xs1, ones, k0 + r, j0 + tx);
+      if (L.conv) {  // uniform over the block
+        As[r][tx] = factor_update::load_patch<acc_t>(x, L.n, L.d, L.shape, L.xs, L.g, ones, k0 + r, i0 + tx);
+        Bs[r][tx] = factor_update::load_patch<acc_t>(x, L.n, L.d, L.shape, L.xs, L.g, ones, k0 + r, j0 + tx);
+      } else {
+        As[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs[0], L.xs[1], ones, k0 + r, i0 + tx);
+        Bs[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs[0], L.xs[1], ones, k0 + r, j0 + tx);
+      }
     }
     __syncthreads();
     slab_multiply<kChunk, kTile, kRows>(As, Bs, acc, tx, ty);
@@ -73,14 +82,14 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
   }
 }
 
-void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
-                        at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  factor_update::check_lengths(factors, inputs, scales, append_ones);
+// One launch per (factor dtype, input dtype) group of layers; in practice every layer shares one.
+// make(i, &layer) fills layer i's F, X, sizes, strides and conv fields.
+template <typename Make>
+void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, at::ArrayRef<double> scales,
+                   Make make) {
   if (factors.empty()) return;
   const DeviceGuard guard(factors[0].device());
   const stream_t stream = current_stream();
-
-  // One launch per (factor dtype, input dtype) pair; in practice every layer shares one pair.
   std::vector<bool> done(factors.size(), false);
   for (size_t first = 0; first < factors.size(); ++first) {
     if (done[first]) continue;
@@ -90,14 +99,16 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
     for (size_t i = first; i < factors.size(); ++i) {
       if (done[i] || factors[i].scalar_type() != fdt || inputs[i].scalar_type() != xdt) continue;
       done[i] = true;
-      const at::Tensor& F = factors[i];
-      const at::Tensor& X = inputs[i];
-      const int64_t d = X.size(1), dim = factor_update::checked_dim(F, X, append_ones.get(i), i);
-      if (dim == 0) continue;
-      const int64_t T = (dim + kTile - 1) / kTile;
-      layers.push_back(Layer{device_ptr<char>(F), device_ptr<const char>(X), X.size(0), d, dim, X.stride(0), X.stride(1),
-                             F.stride(0), F.stride(1), tiles, T, scales[i]});
-      tiles += factor_update::upper_tile_count(T);
+      Layer L{};
+      make(i, &L);
+      if (L.dim == 0) continue;
+      L.fs0 = factors[i].stride(0);
+      L.fs1 = factors[i].stride(1);
+      L.scale = scales[i];
+      L.T = (L.dim + kTile - 1) / kTile;
+      L.tile_begin = tiles;
+      tiles += factor_update::upper_tile_count(L.T);
+      layers.push_back(L);
     }
     if (layers.empty()) continue;
     TORCH_CHECK(tiles < (int64_t(1) << 31), "factor_update_: too many tiles for one launch");
@@ -113,7 +124,7 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
           if (fdt == at::kDouble) {
             NATGRAD_LAUNCH((factor_update_kernel<x_t, double>), grid, block, 0, stream, table_ptr,
                            num_layers, decay);
-          } else {  // float32: checked_dim admits no other factor dtype
+          } else {  // float32: checked_width admits no other factor dtype
             NATGRAD_LAUNCH((factor_update_kernel<x_t, float>), grid, block, 0, stream, table_ptr,
                            num_layers, static_cast<float>(decay));
           }
@@ -122,9 +133,50 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
   }
 }
 
+void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
+                    at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
+  factor_update::check_lengths(factors, inputs, scales, append_ones);
+  launch_groups(factors, inputs, decay, scales, [&](size_t i, Layer* L) {
+    const at::Tensor& X = inputs[i];
+    L->dim = factor_update::checked_dim(factors[i], X, append_ones.get(i), i);
+    L->F = device_ptr<char>(factors[i]);
+    L->X = device_ptr<const char>(X);
+    L->n = X.size(0);
+    L->d = X.size(1);
+    L->xs[0] = X.stride(0);
+    L->xs[1] = X.stride(1);
+  });
+}
+
+// The patches of each image, read straight from it by the kernel's loader: no unfold in memory.
+void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntArrayRef geometry, double decay,
+                         at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
+  factor_update::check_lengths(factors, images, scales, append_ones);
+  TORCH_CHECK(geometry.size() == factors.size() * factor_update::kConvGeometry, "conv_factor_update_: geometry must "
+              "hold ", factor_update::kConvGeometry, " ints per layer");
+  launch_groups(factors, images, decay, scales, [&](size_t i, Layer* L) {
+    const at::Tensor& x = images[i];
+    TORCH_CHECK(x.dim() == 4, "conv_factor_update_: images[", i, "] must be (B, C, H, W), got ", x.sizes());
+    L->g = factor_update::conv_geometry(geometry, i);
+    L->conv = 1;
+    L->d = x.size(1) * L->g.kh * L->g.kw;
+    L->n = x.size(0) * L->g.oh * L->g.ow;
+    L->dim = factor_update::checked_width(factors[i], L->d, append_ones.get(i), i);
+    L->F = device_ptr<char>(factors[i]);
+    L->X = device_ptr<const char>(x);
+    for (int k = 0; k < 4; ++k) {
+      L->shape[k] = x.size(k);
+      L->xs[k] = x.stride(k);
+    }
+  });
+}
+
 }  // namespace
 
-NATGRAD_CUDA_IMPL(natgrad, m) { m.impl("factor_update_", &factor_update_); }
+NATGRAD_CUDA_IMPL(natgrad, m) {
+  m.impl("factor_update_", &factor_update_);
+  m.impl("conv_factor_update_", &conv_factor_update_);
+}
 
 }  // namespace NATGRAD_KERNEL_NS
 }  // namespace natgrad

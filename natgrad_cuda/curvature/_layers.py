@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .. import ops
 
 __all__ = [
     "SUPPORTED_LAYERS",
     "is_supported",
     "find_layers",
     "input_rows",
+    "conv_patches",
     "grad_rows",
     "ParamSlot",
     "parameter_slots",
@@ -68,36 +70,49 @@ def _zero_padding(module: nn.Module) -> List[Tuple[int, int]]:
     return [(p, p) for p in module.padding]
 
 
-def _patches(module: nn.Module, x: Tensor) -> Tensor:
-    """Conv input (B, C_in, *spatial) -> unfolded patches (B, C_in/groups * prod(kernel), positions).
+def conv_patches(module: nn.Module, x: Tensor) -> ops.ConvPatches:
+    """Conv input (B, C_in, *spatial) -> the description of its unfolded patches (rows in F.unfold's
+    order, columns (input channel, kernel row, kernel column), the order of weight.flatten(1)).
 
-    Rows are in (input channel, kernel row, kernel column) order, the order of weight.flatten(1).
-    Grouped conv: the input channels are averaged over the groups first, as curvlinops does.
+    Grouped conv: the input channels are averaged over the groups first, as curvlinops does. A
+    Conv1d is a Conv2d with a kernel of height 1.
     """
     B, c_in = x.shape[:2]
     g = module.groups
-    x = x.reshape(B, g, c_in // g, *x.shape[2:]).mean(1)
+    if g > 1:
+        x = x.reshape(B, g, c_in // g, *x.shape[2:]).mean(1)
+    pads = _zero_padding(module)
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    # F.pad takes (left, right) pairs, last dimension first
-    x = F.pad(x, [side for pair in reversed(_zero_padding(module)) for side in pair])
-    if isinstance(module, nn.Conv1d):  # a Conv1d is a Conv2d with a kernel of height 1
+    if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+        pads = [(0, 0), *pads]
+    return ops.ConvPatches(x, tuple(kernel), tuple(stride), tuple(dilation),
+                           (pads[0][0], pads[0][1], pads[1][0], pads[1][1]))
 
 
-def input_rows(name: str, module: nn.Module, x: Tensor, kfac_approx: str) -> Tuple[Tensor, float]:
-    """Rows for A from the layer input x, and the scale of their outer products (before 1/N)."""
+def input_rows(name: str, module: nn.Module, x: Tensor, kfac_approx: str):
+    """Rows for A from the layer input x, and the scale of their outer products (before 1/N).
+
+    Convolutions with expand: when the unfold would be larger than the input (kernel taps > stride
+    area, e.g. every 3x3 stride-1 conv), the rows stay an ``ops.ConvPatches`` description, which
+    ``ops.factor_update_`` accumulates without materialising them on the native paths.
+    """
     x = x.detach()
     if isinstance(module, nn.Linear):
         _batched(name, x, 2, "input (B, ..., in_features)")
         x = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # (B, S, d_in)
-    else:
-        _batched(name, x, module.weight.dim(), "input (B, C_in, *spatial)")
-        x = _patches(module, x).transpose(1, 2)  # (B, S, d_in)
+        if kfac_approx == "expand":
+            return x.reshape(-1, x.shape[-1]), 1.0 / x.shape[1]
+        return x.mean(1), 1.0
+    _batched(name, x, module.weight.dim(), "input (B, C_in, *spatial)")
+    patches = conv_patches(module, x)
+    positions = math.prod(patches.output_size)
     if kfac_approx == "expand":
-        return x.reshape(-1, x.shape[-1]), 1.0 / x.shape[1]
-    return x.mean(1), 1.0
+        (kh, kw), (sh, sw) = patches.kernel, patches.stride
+        return (patches if kh * kw > sh * sw else patches.unfold()), 1.0 / positions
+    rows = patches.unfold()
+    return rows.reshape(x.shape[0], positions, rows.shape[1]).mean(1), 1.0
 
 
 def grad_rows(module: nn.Module, g: Tensor, kfac_approx: str) -> Tensor:
