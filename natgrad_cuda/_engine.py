@@ -4,7 +4,9 @@ preconditioned directions.
 
 The factors follow the curvature layer's conventions (``natgrad_cuda.curvature``, CURVATURE.md): the
 rows come from ``curvature._layers``, the backward scalars of each Fisher type from
-``curvature.kfac``, and every accumulation goes through ``ops.factor_update_``. One step's
+``curvature.kfac``. The heavy lifting goes through the batched ops with ``impl`` = the backend:
+``ops.factor_update_`` (factor accumulation), ``ops.eigh_batched`` (inverses) and
+``ops.precondition`` (directions); ``KFAC`` finishes the step with ``ops.kfac_update_``. One step's
 contribution is gathered in pending sums and enters the moving averages only in ``commit``, after
 the gradients proved finite, so that a skipped step leaves the factors alone.
 """

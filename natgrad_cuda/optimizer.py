@@ -110,9 +110,13 @@ class KFAC(torch.optim.Optimizer):
         is enough), "forward-only" (G = I).
       loss, reduction: the model's loss ("cross_entropy", "mse", "bce") and its reduction.
       kfac_approx: "expand" or "reduce" for weight-shared layers; separate_weight_and_bias.
+      adaptive_step: Martens and Grosse's step length and momentum from the exact quadratic model
+        (section 7; two forward-mode Jacobian-vector products a step); lr, momentum and kl_clip are
+        then unused.
       adapt_damping: Levenberg-Marquardt adaptation every ``adapt_damping_interval`` steps, within
         [min_damping, max_damping]; it needs step(closure) (see ``step``).
-      backend: "auto" (native kernels where compiled), "reference", "native" or "emulated".
+      backend: the kernels of the whole step (ops.factor_update_, eigh_batched, precondition,
+        kfac_update_): "auto" (native where compiled), "reference", "native" or "emulated".
       seed: the optimizer's own random generator (MC targets); None seeds it from torch's.
       grad_scaler: the torch.amp.GradScaler, needed only with fisher_type="empirical" (whose G is
         built from the scaled gradients).
