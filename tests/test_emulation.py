@@ -42,7 +42,6 @@ def test_warp_shuffles_and_votes(T):
     x[96:128] = -x[96:128].abs() - 0.1  # and one where none does
     out = T.warp_ops(x)
     w = x.reshape(-1, 32)
-    lane = torch.arange(32)
     torch.testing.assert_close(out[:, 0].reshape(-1, 32), w.sum(1, keepdim=True).expand(-1, 32), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, 1].reshape(-1, 32), w.cumsum(1), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, 2].reshape(-1, 32), w.flip(1))
