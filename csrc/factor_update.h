@@ -51,6 +51,13 @@ NATGRAD_HOST_DEVICE inline acc_t load_augmented(const ptr_t& x, int64_t n, int64
   return (ones && c == d) ? acc_t(1) : acc_t(0);
 }
 
+// decay * f, except that decay 0 does not read f (as BLAS's beta = 0): a factor may start
+// uninitialised, and a NaN in it is not carried over.
+template <typename T>
+NATGRAD_HOST_DEVICE inline T decayed(T decay, T f) {
+  return decay == T(0) ? T(0) : decay * f;
+}
+
 // Upper-triangle tile number t (row-major over tiles with ti <= tj) of a T x T tile grid.
 NATGRAD_HOST_DEVICE inline void upper_tile(int64_t t, int64_t T, int64_t* ti, int64_t* tj) {
   int64_t row = 0;

@@ -155,6 +155,7 @@ class Engine:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
+        self._buffers: Dict[Tuple[str, str], Tensor] = {}  # this step's sums of A and G, reused
         self.steps = 0  # completed (not skipped) steps
         self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in self.layers}
         self.last_rho: Optional[float] = None
@@ -282,13 +283,26 @@ class Engine:
         self._accumulate(self._sum_G, rows_G, dict.fromkeys(self.state, False), "G")
 
     def _accumulate(self, sums: Dict[str, Tensor], rows, ones: Dict[str, bool], which: str) -> None:
+        """Rows into this step's sums. A layer's first rows of the step overwrite its buffer (decay 0:
+        the buffers live across steps and are never zeroed); later rows add to it."""
         if not rows:
             return
-        for layer in self.layers:
-            if layer.name not in sums and any(n == layer.name for n, _, _ in rows):
-                d = layer.in_dim if which == "A" else layer.out_dim
-                sums[layer.name] = torch.zeros(d, d, dtype=layer.factor_dtype, device=layer.weight.device)
-        _flush(sums, rows, ones, self.impl)
+        fresh, more, seen = [], [], set()
+        for item in rows:
+            (fresh if item[0] not in sums and item[0] not in seen else more).append(item)
+            seen.add(item[0])
+        for name, _, _ in fresh:
+            sums[name] = self._buffer(which, name)
+        _flush(sums, fresh, ones, self.impl, decay=0.0)
+        _flush(sums, more, ones, self.impl)
+
+    def _buffer(self, which: str, name: str) -> Tensor:
+        buf = self._buffers.get((which, name))
+        if buf is None:
+            layer = next(layer for layer in self.layers if layer.name == name)
+            d = layer.in_dim if which == "A" else layer.out_dim
+            buf = self._buffers[(which, name)] = torch.empty(d, d, dtype=layer.factor_dtype, device=layer.weight.device)
+        return buf
 
     def discard(self) -> None:
         """Forget this step's recordings (a skipped step)."""
@@ -326,34 +340,37 @@ class Engine:
         if n == 0:
             return
         g_div = self._g_divisor if self.spec is None or self.spec.reduction == "mean" else float(self.mc_samples)
-        new: Dict[str, Tuple[Tensor, Tensor]] = {}
+        # (sum of A, its scale 1/N, sum of G, its scale 1/divisor) per layer updated this step
+        new: Dict[str, Tuple[Tensor, float, Tensor, float]] = {}
         for layer in self.layers:
             A = self._sum_A.get(layer.name)
             if A is None:
                 continue  # the layer did not run in this step's forward
             if self.fisher_type == "forward-only":
-                G = torch.eye(layer.out_dim, dtype=A.dtype, device=A.device)
+                G, g_scale = torch.eye(layer.out_dim, dtype=A.dtype, device=A.device), 1.0
             else:
                 G = self._sum_G.get(layer.name)
                 if G is None or g_div == 0:
                     continue  # no curvature pass reached it (e.g. backward() was not called)
-                G = G / g_div
-            new[layer.name] = (A / n, G)
+                g_scale = 1.0 / g_div
+            new[layer.name] = (A, 1.0 / n, G, g_scale)
         if not new:
             return
-        finite = torch.stack([torch.isfinite(t).all() for pair in new.values() for t in pair]).all()
-        if not bool(finite):
+        # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
+        # bounds the rest, so the diagonals' max-norms decide (one small fused pass, one sync).
+        norms = torch._foreach_norm([t.diagonal() for A, _, G, _ in new.values() for t in (A, G)], float("inf"))
+        if not bool(torch.stack(norms).isfinite().all()):
             warnings.warn("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); "
                           "the moving averages keep their previous values", RuntimeWarning, stacklevel=4)
             return
         decay = self.hyper()["factor_decay"]
-        for name, (A, G) in new.items():
+        for name, (A, a_scale, G, g_scale) in new.items():
             st = self.state[name]
             if "A" not in st:  # the first estimate starts the average (no bias towards zero)
-                st["A"], st["G"] = A.clone(), G.clone()
+                st["A"], st["G"] = A * a_scale, G * g_scale
             else:
-                st["A"].mul_(decay).add_(A, alpha=1.0 - decay)
-                st["G"].mul_(decay).add_(G, alpha=1.0 - decay)
+                st["A"].mul_(decay).add_(A, alpha=(1.0 - decay) * a_scale)
+                st["G"].mul_(decay).add_(G, alpha=(1.0 - decay) * g_scale)
 
     def update_inverses(self) -> None:
         """Eigendecompositions of every factor, one batched call; a failed one keeps the previous."""

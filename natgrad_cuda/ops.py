@@ -158,7 +158,8 @@ def factor_update_(
     """For every layer i at once: F_i <- decay * F_i + scales[i] * X~_i^T X~_i, in place.
 
     X~_i = [X_i, 1] when append_ones[i] (the ones column carries the bias; it is never materialised
-    on the native paths). X_i has shape (n_i, d_i) and F_i shape (d_i + append_ones[i],) * 2; factors
+    on the native paths). decay 0 does not read F_i (as BLAS's beta = 0), so F_i may start
+    uninitialised. X_i has shape (n_i, d_i) and F_i shape (d_i + append_ones[i],) * 2; factors
     are fp32 or fp64, inputs fp32, fp64, bf16 or fp16; the product accumulates in fp32 at least.
     """
     factors, inputs, decay, scales, append_ones, device = _check_factor_update_args(

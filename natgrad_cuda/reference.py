@@ -36,7 +36,9 @@ def factor_update_(
         X = X.to(acc)
         if ones:
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-        new = decay * F.to(acc) + scale * (X.T @ X)
+        new = scale * (X.T @ X)
+        if decay != 0:  # decay 0 does not read F (as BLAS's beta = 0): F may start uninitialised
+            new = decay * F.to(acc) + new
         F.copy_(new)
 
 

@@ -157,3 +157,21 @@ def test_bad_input(impl):
         ops.factor_update_([torch.zeros(3, 3, dtype=torch.int64)], [X], 1.0, [1.0], [False], impl=impl)
     with pytest.raises(ValueError, match="impl"):
         ops.factor_update_([torch.zeros(3, 3)], [X], 1.0, [1.0], [False], impl="gpu")
+
+
+@pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
+def test_decay_zero_does_not_read_the_factor(impl):
+    """As BLAS's beta = 0: an uninitialised (here NaN) factor is overwritten, not propagated."""
+    from natgrad_cuda.curvature._layers import conv_patches
+
+    g = torch.Generator().manual_seed(0)
+    X = [torch.randn(9, w, generator=g) for w in (3, 70)]
+    patches = conv_patches(torch.nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 5, 5, generator=g))
+    inputs = X + [patches]
+    widths = [4, 71, 19]
+    bad = [torch.full((w, w), float("nan")) for w in widths]
+    good = [torch.zeros(w, w) for w in widths]
+    ops.factor_update_(bad, inputs, 0.0, [0.5] * 3, [True] * 3, impl=impl)
+    ops.factor_update_(good, inputs, 1.0, [0.5] * 3, [True] * 3, impl="reference")
+    for a, b in zip(bad, good):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

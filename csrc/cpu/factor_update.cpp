@@ -39,7 +39,7 @@ void direct_update(const at::Tensor& F, const at::Tensor& X, bool ones, double d
   const acc_t dec = static_cast<acc_t>(decay), sc = static_cast<acc_t>(scale);
   for (int64_t i = 0; i < dim; ++i)
     for (int64_t j = i; j < dim; ++j) {
-      const acc_t v = dec * f[i * f0 + j * f1] + sc * acc[i * dim + j];
+      const acc_t v = factor_update::decayed(dec, f[i * f0 + j * f1]) + sc * acc[i * dim + j];
       f[i * f0 + j * f1] = v;
       f[j * f0 + i * f1] = v;
     }
@@ -49,12 +49,14 @@ void blas_update(const at::Tensor& F, const at::Tensor& input, bool ones, double
   const int64_t n = input.size(0), d = input.size(1);
   // The factor's dtype is the accumulation dtype (fp32 or fp64): half inputs are widened first.
   const at::Tensor X = input.to(F.scalar_type());
+  // addmm_ with beta 0 does not read F, as factor_update::decayed
   F.narrow(0, 0, d).narrow(1, 0, d).addmm_(X.t(), X, /*beta=*/decay, /*alpha=*/scale);
   if (ones) {
+    auto decay_ = [&](at::Tensor t) { return decay == 0.0 ? t.zero_() : t.mul_(decay); };
     at::Tensor col = F.select(1, d).narrow(0, 0, d);
-    col.mul_(decay).add_(X.sum(0), scale);
+    decay_(col).add_(X.sum(0), scale);
     F.select(0, d).narrow(0, 0, d).copy_(col);
-    F.select(0, d).select(0, d).mul_(decay).add_(scale * static_cast<double>(n));
+    decay_(F.select(0, d).select(0, d)).add_(scale * static_cast<double>(n));
   }
 }
 
@@ -109,7 +111,7 @@ void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntA
     factor_update::checked_width(F, d, ones, i);
     const int64_t batch = x.size(0), per_image = std::max<int64_t>(positions * d, 1);
     if (batch == 0 || positions == 0) {
-      F.mul_(decay);
+      decay == 0.0 ? F.zero_() : F.mul_(decay);
       continue;
     }
     // Zero padding so that an unpadded unfold gives exactly (oh, ow) positions.

@@ -73,9 +73,9 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
     if (ti == tj) {
       // Diagonal tile: every (i, j) and its mirror lie in this tile, computed with the same sums.
       acc_t& f = F[i * L.fs0 + j * L.fs1];
-      f = decay * f + scale * acc[q];
+      f = factor_update::decayed(decay, f) + scale * acc[q];
     } else {
-      const acc_t v = decay * F[i * L.fs0 + j * L.fs1] + scale * acc[q];
+      const acc_t v = factor_update::decayed(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q];
       F[i * L.fs0 + j * L.fs1] = v;
       F[j * L.fs0 + i * L.fs1] = v;
     }

@@ -266,11 +266,12 @@ class _Pass:
 
 
 def _flush(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
-           backend: Optional[str]) -> None:
-    """F += scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one call.
+           backend: Optional[str], decay: float = 1.0) -> None:
+    """F = decay * F + scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one
+    call (decay 0 overwrites: F need not be initialised).
 
     A module called twice in one pass (a shared layer) has two items; they go to separate calls so
-    that no call updates a factor twice.
+    that no call updates a factor twice; the later calls add (decay 1).
     """
     while items:
         seen, now, later = set(), [], []
@@ -280,9 +281,9 @@ def _flush(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], a
         ops.factor_update_(
             [factors[name] for name, _, _ in now],
             [rows for _, rows, _ in now],
-            1.0,
+            decay,
             [scale for _, _, scale in now],
             [append_ones[name] for name, _, _ in now],
             impl=backend,
         )
-        items = later
+        items, decay = later, 1.0
