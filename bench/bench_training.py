@@ -45,15 +45,7 @@ def step_times(problem: P.Problem, data: P.Data, lrs: dict, reps: int) -> dict:
 
         def run():
             for idx in batches:
-                x, y = data.x_train[idx], data.y_train[idx]
-                opt.zero_grad()
-                out = model(x)
-                loss = problem.loss_fn(out, x, y)
-                if kind.startswith("kfac"):
-                    opt.backward(loss, out)
-                else:
-                    loss.backward()
-                opt.step()
+                P.train_step(problem, kind, model, opt, data.x_train[idx], data.y_train[idx])
 
         return run
 

@@ -146,6 +146,22 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
+def train_step(problem: Problem, kind: str, model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor,
+               closure: bool = False) -> None:
+    """One optimizer step on (x, y); K-FAC through opt.backward, with a closure for LM damping."""
+    opt.zero_grad()
+    out = model(x)
+    loss = problem.loss_fn(out, x, y)
+    if kind.startswith("kfac"):
+        opt.backward(loss, out)
+    else:
+        loss.backward()
+    if closure:
+        opt.step(lambda: problem.loss_fn(model(x), x, y))
+    else:
+        opt.step()
+
+
 def train(problem: Problem, kind: str, lr: float, data: Data, *, seed: int = 0, steps: Optional[int] = None,
           eval_every: int = 5, progress=None, **kfac_kwargs) -> Run:
     """Train a fresh model (initialised from ``seed``) with one optimizer; minibatches reshuffled
@@ -172,17 +188,7 @@ def train(problem: Problem, kind: str, lr: float, data: Data, *, seed: int = 0, 
         pos += problem.batch_size
         x, y = data.x_train[idx], data.y_train[idx]
         t0 = time.perf_counter()
-        opt.zero_grad()
-        out = model(x)
-        loss = problem.loss_fn(out, x, y)
-        if kind.startswith("kfac"):
-            opt.backward(loss, out)
-        else:
-            loss.backward()
-        if kind.startswith("kfac") and kfac_kwargs.get("adapt_damping"):
-            opt.step(lambda: problem.loss_fn(model(x), x, y))
-        else:
-            opt.step()
+        train_step(problem, kind, model, opt, x, y, closure=bool(kfac_kwargs.get("adapt_damping")))
         elapsed += time.perf_counter() - t0
         if progress is not None:
             progress.update(1)

@@ -310,12 +310,17 @@ class Engine:
 
     # ---- the step -----------------------------------------------------------------------------
 
-    def grads_finite(self, params: List[Tensor]) -> bool:
+    def grads_finite(self, params: List[Tensor], warning: Optional[str]) -> bool:
+        """Whether every gradient is finite; if not, this step's recordings are dropped and
+        ``warning`` (when given) is issued, so that the caller can skip the step."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return True
         # the max-norm of each gradient: Inf or NaN exactly when an entry is (it cannot overflow); one sync
-        return bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+        if not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
+            return True
+        if warning is not None:
+            warnings.warn(warning, RuntimeWarning, stacklevel=4)
+        self.discard()
+        return False
 
     def commit(self, grad_scale: Optional[float]) -> None:
         """This step's factors into the moving averages, then the eigendecompositions when due."""

@@ -215,10 +215,8 @@ class KFAC(torch.optim.Optimizer):
             scale_value = float(grad_scale)
             for p in params:
                 p.grad.div_(grad_scale.to(p.grad.device))
-        if not engine.grads_finite(params):
-            warnings.warn("KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, factors and "
-                          "momentum unchanged)", RuntimeWarning, stacklevel=2)
-            engine.discard()
+        if not engine.grads_finite(params, "KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, "
+                                           "factors and momentum unchanged)"):
             return False
 
         engine.commit(scale_value)
@@ -299,10 +297,7 @@ class KFAC(torch.optim.Optimizer):
     def _closure_loss(self, closure) -> float:
         with torch.no_grad(), self._engine.suspended():
             value = closure()
-        if isinstance(value, Tensor):
-            value = value.detach().float().item()
-        value = float(value)
-        return value
+        return float(value.detach().float() if isinstance(value, Tensor) else value)
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -392,11 +387,9 @@ class KFACPreconditioner:
         engine = self._engine
         params = [p for layer in engine.layers for p in (layer.weight, layer.bias)
                   if p is not None and p.grad is not None]
-        if not engine.grads_finite(params):
-            if engine.grad_scaler is None:
-                warnings.warn("KFACPreconditioner: a gradient holds NaN or Inf; gradients left as they are and "
-                              "factors unchanged", RuntimeWarning, stacklevel=2)
-            engine.discard()
+        warning = None if engine.grad_scaler is not None else (  # under a GradScaler skips are routine
+            "KFACPreconditioner: a gradient holds NaN or Inf; gradients left as they are and factors unchanged")
+        if not engine.grads_finite(params, warning):
             return False
         engine.commit(None)
         directions, _ = engine.preconditioned()
