@@ -2,10 +2,10 @@
 autoencoder (64-256-128-32-128-256-64, tanh, MSE; Martens and Grosse's benchmark scaled down).
 
 For each problem and optimizer: every learning rate of the grid in examples/problems.py from the same
-initialisation and minibatches, the best by steps to the target training loss; loss against steps and
-against seconds. Then time per step against SGD, measured side by side: blocks of 10 steps (so that
-K-FAC's factor and inverse updates are amortised as in training), optimizers round-robin, 7
-repetitions, the median of per-repetition ratios. Prints tables; saves bench/results/training.{json,png}.
+initialisation and minibatches, the best by steps to the fine target training loss (then to the
+target); loss against steps and against seconds. Then time per step against SGD, measured side by
+side: blocks of 10 steps (so that K-FAC's factor and inverse updates are amortised as in training),
+optimizers round-robin, 7 repetitions, the median of per-repetition ratios. Prints tables; saves bench/results/training.{json,png}.
 
     python bench/bench_training.py [--problems cnn,autoencoder] [--reps 7]
 """
@@ -85,13 +85,15 @@ def main(argv=None) -> dict:
         for r in summary:
             r.update({"timed_ms_per_step": timing[r["optimizer"]]["ms_per_step"],
                       "step_time_vs_sgd": timing[r["optimizer"]]["ratio_to_sgd"]})
-        print(f"\n{name}: batch {problem.batch_size}, {problem.steps} steps, target loss {problem.target_loss:g} "
+        print(f"\n{name}: batch {problem.batch_size}, {problem.steps} steps, target loss {problem.target_loss:g}, "
+              f"fine target {problem.fine_target:g} "
               f"({time.perf_counter() - t0:.0f} s)")
         print(P.format_table(problem, summary))
         print("step time (side by side, median of " + str(args.reps) + " x " + str(BLOCK) + "-step blocks): " +
               ", ".join(f"{k} {timing[k]['ms_per_step']:.2f} ms ({timing[k]['ratio_to_sgd']:.2f}x SGD)"
                         for k in KINDS))
-        payload["problems"][name] = {"target_loss": problem.target_loss, "steps": problem.steps,
+        payload["problems"][name] = {"target_loss": problem.target_loss, "fine_target": problem.fine_target,
+                                     "steps": problem.steps,
                                      "batch_size": problem.batch_size, "lr_grid": P.LR_GRIDS[name],
                                      "summary": summary,
                                      "runs": {k: [r.to_json() for r in v] for k, v in runs.items()}}

@@ -2,8 +2,9 @@
 (and K-FAC with the adaptive step of Martens and Grosse, whose grid is over the damping).
 
 Each optimizer runs every learning rate of a small grid from the same initialisation and the same
-minibatches; its best (the fewest steps to the target training loss) is reported in a table of final
-training loss, test accuracy, wall time, and steps and seconds to the target, and plotted against
+minibatches; its best (the fewest steps to the fine target training loss, then to the target) is
+reported in a table of final training loss, test accuracy, wall time, and steps and seconds to the
+target and to the fine target, and plotted against
 steps and against seconds. Writes outputs/train_digits.{png,json}.
 
     python examples/train_digits.py [--problem cnn|autoencoder] [--steps N] [--out DIR]
@@ -59,7 +60,8 @@ def main(argv=None) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"train_digits{'' if problem.name == 'cnn' else '_' + problem.name}")
-    payload = {"problem": problem.name, "target_loss": problem.target_loss, "steps": problem.steps,
+    payload = {"problem": problem.name, "target_loss": problem.target_loss, "fine_target": problem.fine_target,
+               "steps": problem.steps,
                "batch_size": problem.batch_size, "summary": rows,
                "runs": {k: [r.to_json() for r in v] for k, v in everything.items()},
                "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -49,6 +49,18 @@ def check_number(name: str, value, *, low: float = None, high: float = None, low
     return value
 
 
+def all_finite(tensors: List[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one sync in the usual case. The 2-norms
+    come from one vectorised pass; they are finite unless an entry is not or the sum of squares
+    overflows, so only a non-finite 2-norm pays for the exact test (max-norms, which cannot overflow
+    but are a slower, unvectorised reduction on the CPU)."""
+    if not tensors:
+        return True
+    if bool(torch.stack(torch._foreach_norm(tensors, 2)).isfinite().all()):
+        return True
+    return bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all())
+
+
 class _Layer:
     """One K-FAC layer: its parameters and how its gradient becomes the (out, in[+1]) matrix M."""
 
@@ -87,12 +99,16 @@ def split_block(params: List[Tensor], M: Tensor) -> List[Tensor]:
 class _Record:
     """One recorded forward of the model: its batch size and loss normaliser Z (from its outputs)."""
 
-    __slots__ = ("n", "z", "counted")
+    __slots__ = ("n", "z", "counted", "targets")
 
     def __init__(self):
         self.n: Optional[int] = None
         self.z: Optional[int] = None
         self.counted = False
+        # Per layer call, its input (or, where that needs no gradient, its weight): the curvature
+        # pass differentiates with respect to these, which reaches every layer's output (and so its
+        # hook) without the weight-gradient products of the other layers.
+        self.targets: List[Tensor] = []
 
 
 class Engine:
@@ -215,7 +231,9 @@ class Engine:
             record = self._record
             if record is None:
                 return
-            self._rows_A.append((layer.name, *_layers.input_rows(layer.name, module, inputs[0], self.kfac_approx)))
+            x = inputs[0]
+            self._rows_A.append((layer.name, *_layers.input_rows(layer.name, module, x, self.kfac_approx)))
+            record.targets.append(x if isinstance(x, Tensor) and x.requires_grad else module.weight)
             if self.fisher_type != "forward-only" and isinstance(output, Tensor) and output.requires_grad:
                 output.register_hook(lambda g: self._grad_hook(layer, record, g))
 
@@ -260,12 +278,13 @@ class Engine:
             return  # a diverged model: no curvature from it (its gradients will skip the step)
         z = self.spec.normalizer(*f.shape)
         self._g_divisor += self.mc_samples * (z if self.spec.reduction == "mean" else 1)
-        params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
+        record = self._records[-1]
+        targets = record.targets or [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
         self._grad_mode = "curvature"
         try:
             for phi in _backward_scalars(self.spec, self.fisher_type, f, None, self.mc_samples, self.generator):
                 # .grad stays untouched; the output hooks record g on the way.
-                torch.autograd.grad(phi, params, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(phi, targets, retain_graph=True, allow_unused=True)
         finally:
             self._grad_mode = "empirical" if self.fisher_type == "empirical" else None
 
@@ -314,8 +333,7 @@ class Engine:
         """Whether every gradient is finite; if not, this step's recordings are dropped and
         ``warning`` (when given) is issued, so that the caller can skip the step."""
         grads = [p.grad for p in params if p.grad is not None]
-        # the max-norm of each gradient: Inf or NaN exactly when an entry is (it cannot overflow); one sync
-        if not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
+        if all_finite(grads):
             return True
         if warning is not None:
             warnings.warn(warning, RuntimeWarning, stacklevel=4)
@@ -362,9 +380,8 @@ class Engine:
         if not new:
             return
         # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
-        # bounds the rest, so the diagonals' max-norms decide (one small fused pass, one sync).
-        norms = torch._foreach_norm([t.diagonal() for A, _, G, _ in new.values() for t in (A, G)], float("inf"))
-        if not bool(torch.stack(norms).isfinite().all()):
+        # bounds the rest, so the diagonals decide.
+        if not all_finite([t.diagonal() for A, _, G, _ in new.values() for t in (A, G)]):
             warnings.warn("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); "
                           "the moving averages keep their previous values", RuntimeWarning, stacklevel=4)
             return
@@ -443,23 +460,23 @@ class Engine:
         """(k, k) matrix v_i^T GGN v_j on the last forward's batch for k parameter-space directions
         (each a list aligned with ``params``): Jacobian-vector products by forward-mode AD, then the
         loss Hessian in closed form; divided by Z as the loss is. float64."""
-        from torch.func import functional_call, jvp
+        import torch.autograd.forward_ad as fwad
+        from torch.func import functional_call
 
         if self.last_inputs is None:
             raise RuntimeError("no recorded forward with gradients to take the curvature from")
         args, kwargs = self.last_inputs
         names = {id(p): n for n, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in params]
-        primals = tuple(p.detach() for p in params)
-
-        def f(*ps):
-            return functional_call(self.model, dict(zip(keys, ps)), args, kwargs)
 
         outs = []
         with self.suspended():
-            for v in directions:
-                out, jv = jvp(f, primals, tuple(t.to(p.dtype) for t, p in zip(v, params)))
-                outs.append(self.spec.flatten_outputs(jv).double())
+            for v in directions:  # forward-mode AD on dual parameters (cheaper than torch.func.jvp's wrapping)
+                with fwad.dual_level():
+                    duals = {k: fwad.make_dual(p.detach(), t.to(p.dtype)) for k, p, t in zip(keys, params, v)}
+                    out, jv = fwad.unpack_dual(functional_call(self.model, duals, args, kwargs))
+                    jv = torch.zeros_like(out) if jv is None else jv  # outputs that do not depend on params
+                    outs.append(self.spec.flatten_outputs(jv).double())
         fo = self.spec.flatten_outputs(out).double()
         gram = self.spec.hessian_products(fo, torch.stack(outs))
         if self.spec.reduction == "mean":

@@ -265,34 +265,37 @@ class KFAC(torch.optim.Optimizer):
         K-FAC direction (plain gradient outside K-FAC layers, weight decay included) and delta_prev
         the previous update. Returns the undamped model's predicted change of the loss."""
         lam, wd = group["damping"], group["weight_decay"]
-        grad = [p.grad + wd * p if wd else p.grad for p in params]
-        Delta = [-(directions[id(p)] if id(p) in directions else p.grad) - (wd * p if wd else 0.0) for p in params]
+
+        def flat(tensors) -> Tensor:  # one float64 vector over all parameters, so each dot is one product
+            return torch.cat([t.reshape(-1) for t in tensors]).double()
+
+        g, p_flat = flat([p.grad for p in params]), flat(params) if wd else None
+        Delta = -flat([directions.get(id(p), p.grad) for p in params])
+        if wd:
+            Delta -= wd * p_flat
         prev = [self.state[p].get("prev_update") for p in params]
-        vecs = [Delta] + ([prev] if all(v is not None for v in prev) else [])
+        V = torch.stack([Delta, flat(prev)] if all(v is not None for v in prev) else [Delta])  # (k, P)
+        sizes = [p.numel() for p in params]
+        vecs = [list(row.split(sizes)) for row in V]  # per parameter, for the Jacobian-vector products
 
-        def dot(a, b):
-            return sum(float(torch.vdot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(a, b))
-
-        gram = self._engine.ggn_gram(params, vecs)
-        k = len(vecs)
-        dots = torch.tensor([[dot(vecs[i], vecs[j]) for j in range(k)] for i in range(k)], dtype=torch.float64)
-        b = torch.tensor([dot(grad, v) for v in vecs], dtype=torch.float64)
-        b_loss = torch.tensor([dot([p.grad for p in params], v) for v in vecs], dtype=torch.float64)
-        C = gram.cpu() + (lam + wd) * dots
+        gram = self._engine.ggn_gram(params, [[v.view(p.shape) for v, p in zip(row, params)] for row in vecs])
+        k = V.shape[0]
+        dots, b_loss = V @ V.T, V @ g
+        b = b_loss + wd * (V @ p_flat) if wd else b_loss  # the gradient of the loss with the decay term
+        C = gram.to(V.device) + (lam + wd) * dots
         x = None
         try:
             x = torch.linalg.solve(C, -b)
         except RuntimeError:
             pass
         if x is None or not bool(torch.isfinite(x).all()):  # Delta parallel to delta_prev: Delta alone
-            x = torch.zeros(k, dtype=torch.float64)
+            x = torch.zeros(k, dtype=torch.float64, device=V.device)
             x[0] = -b[0] / C[0, 0] if C[0, 0] > 0 else 0.0
-        for i, p in enumerate(params):
-            d = sum(float(x[j]) * vecs[j][i] for j in range(k))
-            d = d.to(p.dtype) if isinstance(d, Tensor) else torch.zeros_like(p)
-            self.state[p]["prev_update"] = d.clone()
+        for p, d in zip(params, (x @ V).split(sizes)):
+            d = d.view(p.shape).to(p.dtype, copy=True)  # its own storage, not a view of x @ V
+            self.state[p]["prev_update"] = d
             p.add_(d)
-        return float(b_loss @ x + 0.5 * x @ gram.cpu() @ x)
+        return float(b_loss @ x + 0.5 * x @ gram.to(V.device) @ x)
 
     def _closure_loss(self, closure) -> float:
         with torch.no_grad(), self._engine.suspended():

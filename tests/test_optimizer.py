@@ -115,6 +115,48 @@ def test_factors_are_moving_averages_of_curvature_kfac():
         assert torch.allclose(state[name]["G"], G, rtol=1e-12, atol=1e-14)
 
 
+class _Branchy(nn.Module):
+    """In-place ReLU, two layers reading one tensor, a residual sum and a layer fed by the data:
+    the curvature pass differentiates with respect to layer inputs, and must still reach every
+    layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.a, self.b, self.fc3 = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x), inplace=True)
+        h = h + self.a(h) + torch.tanh(self.b(h))
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
+def test_curvature_pass_reaches_every_layer(fisher_type):
+    torch.manual_seed(0)
+    model, loss = _Branchy().to(DT), "cross_entropy"
+    x, y = data("mlp", loss)
+    ref = copy.deepcopy(model)
+    opt = ng.KFAC(model, loss=loss, fisher_type=fisher_type, lr=0.0, kl_clip=None, seed=3)
+    one_step(model, opt, x, y, loss)
+    f = dense_kfac(ref, loss, x, y, fisher_type, separate=False, seed=3)
+    state = opt.state_dict()["kfac"]["layers"]
+    assert set(state) == set(f.modules) == {"fc1", "a", "b", "fc3"}
+    for name in f.modules:
+        assert torch.allclose(state[name]["A"], f.input_covariances[name], rtol=1e-12, atol=1e-14)
+        assert torch.allclose(state[name]["G"], f.gradient_covariances[name], rtol=1e-12, atol=1e-14)
+
+
+def test_all_finite_is_exact():
+    from natgrad_cuda._engine import all_finite
+
+    big = torch.full((4, 4), 1e30)  # finite, but its sum of squares overflows float32
+    assert all_finite([big, torch.ones(3)]) and all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[1, 2] = bad
+        assert not all_finite([torch.ones(3), t])
+
+
 def test_empirical_fisher_from_plain_loss_backward():
     model, loss = cnn(), "cross_entropy"
     x, y = data("cnn", loss)

@@ -15,8 +15,10 @@ namespace natgrad {
 namespace cpu_kernels {
 namespace {
 
-// Up to this width (of X~) the direct loop beats an addmm call and its ATen bookkeeping.
+// Up to this width (of X~) and this many multiply-adds (rows x width^2) the direct loop beats an
+// addmm call and its ATen bookkeeping; past them BLAS wins (tall narrow X, e.g. conv rows, is BLAS's).
 constexpr int64_t kDirectMaxDim = 64;
+constexpr int64_t kDirectMaxWork = int64_t(1) << 18;
 
 // Rank-1 updates of the upper triangle, row by row of X~, in acc_t; then F <- decay F + scale acc,
 // written to both triangles.
@@ -69,7 +71,7 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
   for (size_t i = 0; i < factors.size(); ++i) {
     const int64_t dim = factor_update::checked_dim(factors[i], inputs[i], append_ones.get(i), i);
     if (dim == 0) continue;
-    if (dim <= kDirectMaxDim) {
+    if (dim <= kDirectMaxDim && inputs[i].size(0) * dim * dim <= kDirectMaxWork) {
       narrow_layers.push_back(static_cast<int64_t>(i));
     } else {
       blas_update(factors[i], inputs[i], append_ones.get(i), decay, scales[i]);  // BLAS threads itself
