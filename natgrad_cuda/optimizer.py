@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -265,23 +265,25 @@ class KFAC(torch.optim.Optimizer):
         K-FAC direction (plain gradient outside K-FAC layers, weight decay included) and delta_prev
         the previous update. Returns the undamped model's predicted change of the loss."""
         lam, wd = group["damping"], group["weight_decay"]
-
-        def flat(tensors) -> Tensor:  # one float64 vector over all parameters, so each dot is one product
-            return torch.cat([t.reshape(-1) for t in tensors]).double()
-
-        g, p_flat = flat([p.grad for p in params]), flat(params) if wd else None
-        Delta = -flat([directions.get(id(p), p.grad) for p in params])
+        # Rows of one float64 workspace, kept across steps (fresh vectors of every parameter each step
+        # cost page faults that outweigh the arithmetic): Delta, delta_prev, g, the parameters, the update.
+        W, rows = self._workspace(params)
+        torch._foreach_copy_(rows[0], [directions.get(id(p), p.grad) for p in params])
+        torch._foreach_copy_(rows[2], [p.grad for p in params])
         if wd:
-            Delta -= wd * p_flat
+            torch._foreach_copy_(rows[3], params)
+        W[0].neg_()
+        if wd:
+            W[0].add_(W[3], alpha=-wd)
         prev = [self.state[p].get("prev_update") for p in params]
-        V = torch.stack([Delta, flat(prev)] if all(v is not None for v in prev) else [Delta])  # (k, P)
-        sizes = [p.numel() for p in params]
-        vecs = [list(row.split(sizes)) for row in V]  # per parameter, for the Jacobian-vector products
+        k = 2 if all(v is not None for v in prev) else 1
+        if k == 2:
+            torch._foreach_copy_(rows[1], prev)
+        V = W[:k]
 
-        gram = self._engine.ggn_gram(params, [[v.view(p.shape) for v, p in zip(row, params)] for row in vecs])
-        k = V.shape[0]
-        dots, b_loss = V @ V.T, V @ g
-        b = b_loss + wd * (V @ p_flat) if wd else b_loss  # the gradient of the loss with the decay term
+        gram = self._engine.ggn_gram(params, rows[:k])
+        dots, b_loss = V @ V.T, V @ W[2]
+        b = b_loss + wd * (V @ W[3]) if wd else b_loss  # the gradient of the loss with the decay term
         C = gram.to(V.device) + (lam + wd) * dots
         x = None
         try:
@@ -291,11 +293,24 @@ class KFAC(torch.optim.Optimizer):
         if x is None or not bool(torch.isfinite(x).all()):  # Delta parallel to delta_prev: Delta alone
             x = torch.zeros(k, dtype=torch.float64, device=V.device)
             x[0] = -b[0] / C[0, 0] if C[0, 0] > 0 else 0.0
-        for p, d in zip(params, (x @ V).split(sizes)):
-            d = d.view(p.shape).to(p.dtype, copy=True)  # its own storage, not a view of x @ V
-            self.state[p]["prev_update"] = d
-            p.add_(d)
+        torch.mv(V.T, x.reshape(-1), out=W[4])
+        for p in params:
+            if "prev_update" not in self.state[p]:
+                self.state[p]["prev_update"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        updates = [self.state[p]["prev_update"] for p in params]
+        torch._foreach_copy_(updates, rows[4])  # rounded to the parameters' dtype, as they are updated
+        torch._foreach_add_(params, updates)
         return float(b_loss @ x + 0.5 * x @ gram.to(V.device) @ x)
+
+    def _workspace(self, params) -> Tuple[Tensor, List[List[Tensor]]]:
+        """(5, P) float64 scratch over all of ``params`` and its rows as per-parameter views."""
+        sizes = [p.numel() for p in params]
+        key = (tuple(p.shape for p in params), params[0].device)
+        if getattr(self, "_scratch_key", None) != key:
+            W = torch.empty(5, sum(sizes), dtype=torch.float64, device=params[0].device)
+            self._scratch = (W, [[v.view(p.shape) for v, p in zip(row.split(sizes), params)] for row in W])
+            self._scratch_key = key
+        return self._scratch
 
     def _closure_loss(self, closure) -> float:
         with torch.no_grad(), self._engine.suspended():
