@@ -752,25 +752,28 @@ def test_main_job_runs(tmp_path):
 # ---- adaptive step (Martens and Grosse, section 7) -----------------------------------------------------
 
 
-def test_adaptive_step_minimises_the_exact_quadratic_model():
-    """Two steps against a dense computation: Delta = -(F_kfac + lambda I)^-1 g, then
-    (alpha, mu) = argmin of g^T d + 1/2 d^T (GGN + lambda I) d over d = alpha Delta + mu delta_prev."""
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adaptive_step_minimises_the_exact_quadratic_model(wd):
+    """Three steps against a dense computation: Delta = -(F_kfac + lambda I)^-1 g - wd theta, then
+    (alpha, mu) = argmin of (g + wd theta)^T d + 1/2 d^T (GGN + (lambda + wd) I) d over
+    d = alpha Delta + mu delta_prev."""
     loss, lam = "cross_entropy", 0.05
     model = mlp()
     ref = copy.deepcopy(model)
     opt = ng.KFAC(model, loss=loss, fisher_type="type-2", damping=lam, adaptive_step=True, factor_decay=0.0,
-                  inv_update_freq=1)
+                  inv_update_freq=1, weight_decay=wd)
     prev = None
-    for s in range(2):
+    for s in range(3):
         x, y = data("mlp", loss, seed=s)
+        theta = flat(ref.parameters())
         g, delta = one_step(model, opt, x, y, loss)
         K = dense_kfac(ref, loss, x, y, "type-2", separate=False).dense()  # factor_decay 0: this batch only
         eye = torch.eye(len(g), dtype=DT)
-        Delta = -torch.linalg.solve(K + lam * eye, g)
+        Delta = -torch.linalg.solve(K + lam * eye, g) - wd * theta
         GGN = ng.curvature.ggn(ref, nn.CrossEntropyLoss(), (x, y))
         V = torch.stack([Delta] + ([prev] if prev is not None else []), 1)
-        C = V.T @ (GGN + lam * eye) @ V
-        coef = torch.linalg.solve(C, -V.T @ g)
+        C = V.T @ (GGN + (lam + wd) * eye) @ V
+        coef = torch.linalg.solve(C, -V.T @ (g + wd * theta))
         expect = V @ coef
         assert torch.allclose(delta, expect, rtol=1e-8, atol=1e-12)
         with torch.no_grad():
