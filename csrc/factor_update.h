@@ -94,20 +94,30 @@ inline ConvGeometry conv_geometry(at::IntArrayRef g, size_t i) {
   return c;
 }
 
-// Element (row k, column c) of [X, 1] for the patches of image x (B, C, H, W; strides xs) without
-// materialising them: zero outside the image (the zero padding) and past the last row.
+// The input under tap (ky, kx) of channel ch at output position (oy, ox) of image b, for image x
+// (B, C, H, W; strides xs): zero outside the image (the zero padding).
+template <typename acc_t, typename ptr_t>
+NATGRAD_HOST_DEVICE inline acc_t patch_value(const ptr_t& x, const int64_t* shape, const int64_t* xs,
+                                             const ConvGeometry& g, int64_t b, int64_t oy, int64_t ox, int64_t ch,
+                                             int64_t ky, int64_t kx) {
+  const int64_t y = oy * g.sh + ky * g.dh - g.pt;
+  const int64_t xx = ox * g.sw + kx * g.dw - g.pl;
+  if (y < 0 || y >= shape[2] || xx < 0 || xx >= shape[3]) return acc_t(0);
+  return static_cast<acc_t>(x[b * xs[0] + ch * xs[1] + y * xs[2] + xx * xs[3]]);
+}
+
+// Element (row k, column c) of [X, 1] for the patches of image x without materialising them: rows
+// are (image, output position), columns (channel, ky, kx) as in the weight's flattening; zero past
+// the last row.
 template <typename acc_t, typename ptr_t>
 NATGRAD_HOST_DEVICE inline acc_t load_patch(const ptr_t& x, int64_t n, int64_t d, const int64_t* shape,
                                             const int64_t* xs, const ConvGeometry& g, bool ones, int64_t k,
                                             int64_t c) {
   if (k >= n) return acc_t(0);
   if (c >= d) return (ones && c == d) ? acc_t(1) : acc_t(0);
-  const int64_t positions = g.oh * g.ow, b = k / positions, pos = k % positions;
-  const int64_t taps = g.kh * g.kw, ch = c / taps, tap = c % taps;
-  const int64_t y = (pos / g.ow) * g.sh + (tap / g.kw) * g.dh - g.pt;
-  const int64_t xx = (pos % g.ow) * g.sw + (tap % g.kw) * g.dw - g.pl;
-  if (y < 0 || y >= shape[2] || xx < 0 || xx >= shape[3]) return acc_t(0);
-  return static_cast<acc_t>(x[b * xs[0] + ch * xs[1] + y * xs[2] + xx * xs[3]]);
+  const int64_t positions = g.oh * g.ow, pos = k % positions, taps = g.kh * g.kw, tap = c % taps;
+  return patch_value<acc_t>(x, shape, xs, g, k / positions, pos / g.ow, pos % g.ow, c / taps, tap / g.kw,
+                            tap % g.kw);
 }
 
 }  // namespace factor_update

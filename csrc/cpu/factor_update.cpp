@@ -93,10 +93,31 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
   });
 }
 
-// conv_factor_update_: the patches of a slice of the batch at a time (im2col of at most
-// kConvChunkValues values), each slice through factor_update_, so memory is bounded by the slice,
-// not the batch: the full unfold is never materialised.
+// conv_factor_update_: the patches of a slice of the batch at a time, written straight from the
+// image as rows of the factor's dtype (no padded copy, no unfold, no transpose), each slice through
+// factor_update_, so memory is bounded by the slice, not the batch: the full unfold is never
+// materialised.
 constexpr int64_t kConvChunkValues = int64_t(1) << 22;  // 16 MB of fp32 patches
+
+// Rows b0 * positions .. (b0 + nb) * positions of the patch matrix, (nb * positions, d), into out.
+template <typename x_t, typename acc_t>
+void write_patch_rows(const at::Tensor& x, const factor_update::ConvGeometry& g, int64_t b0, int64_t nb,
+                      acc_t* out) {
+  const x_t* p = x.data_ptr<x_t>();
+  const int64_t shape[4] = {x.size(0), x.size(1), x.size(2), x.size(3)};
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  const int64_t positions = g.oh * g.ow, channels = shape[1], d = channels * g.kh * g.kw;
+  at::parallel_for(0, nb * positions, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t pos = k % positions, oy = pos / g.ow, ox = pos % g.ow, b = b0 + k / positions;
+      acc_t* row = out + k * d;
+      for (int64_t ch = 0; ch < channels; ++ch)
+        for (int64_t ky = 0; ky < g.kh; ++ky)
+          for (int64_t kx = 0; kx < g.kw; ++kx)
+            *row++ = factor_update::patch_value<acc_t>(p, shape, xs, g, b, oy, ox, ch, ky, kx);
+    }
+  });
+}
 
 void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntArrayRef geometry, double decay,
                          at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
@@ -116,18 +137,19 @@ void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntA
       decay == 0.0 ? F.zero_() : F.mul_(decay);
       continue;
     }
-    // Zero padding so that an unpadded unfold gives exactly (oh, ow) positions.
-    const int64_t need_h = (g.oh - 1) * g.sh + g.dh * (g.kh - 1) + 1, need_w = (g.ow - 1) * g.sw + g.dw * (g.kw - 1) + 1;
     const int64_t chunk = std::max<int64_t>(1, kConvChunkValues / per_image);
+    at::Tensor rows = at::empty({std::min(chunk, batch) * positions, d}, F.options());
     for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
       const int64_t nb = std::min(chunk, batch - b0);
-      at::Tensor xb = at::constant_pad_nd(x.narrow(0, b0, nb),
-                                          {g.pl, std::max<int64_t>(0, need_w - x.size(3) - g.pl), g.pt,
-                                           std::max<int64_t>(0, need_h - x.size(2) - g.pt)});
-      xb = xb.narrow(2, 0, need_h).narrow(3, 0, need_w);
-      const at::Tensor cols = at::im2col(xb, {g.kh, g.kw}, {g.dh, g.dw}, {0, 0}, {g.sh, g.sw});  // (nb, d, positions)
-      const at::Tensor rows = cols.transpose(1, 2).reshape({nb * positions, d});
-      factor_update_({F}, {rows}, b0 == 0 ? decay : 1.0, {scales[i]}, c10::List<bool>({ones}));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_factor_update_", [&] {
+        if (F.scalar_type() == at::kDouble) {
+          write_patch_rows<scalar_t, double>(x, g, b0, nb, rows.data_ptr<double>());
+        } else {
+          write_patch_rows<scalar_t, float>(x, g, b0, nb, rows.data_ptr<float>());
+        }
+      });
+      factor_update_({F}, {rows.narrow(0, 0, nb * positions)}, b0 == 0 ? decay : 1.0, {scales[i]},
+                     c10::List<bool>({ones}));
     }
   }
 }
