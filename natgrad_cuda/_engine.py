@@ -13,6 +13,8 @@ the gradients proved finite, so that a skipped step leaves the factors alone.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -47,6 +49,16 @@ def check_number(name: str, value, *, low: float = None, high: float = None, low
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
     return value
+
+
+def warn_user(message: str, category=RuntimeWarning) -> None:
+    """A warning attributed to the first caller outside natgrad_cuda and torch (the user's
+    ``opt.step()``), however many wrappers (no_grad, torch.optim's hooks, GradScaler) lie between."""
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level - 1 if frame is None else level)
 
 
 def all_finite(tensors: List[Tensor]) -> bool:
@@ -336,7 +348,7 @@ class Engine:
         if all_finite(grads):
             return True
         if warning is not None:
-            warnings.warn(warning, RuntimeWarning, stacklevel=4)
+            warn_user(warning)
         self.discard()
         return False
 
@@ -382,8 +394,8 @@ class Engine:
         # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
         # bounds the rest, so the diagonals decide.
         if not all_finite([t.diagonal() for A, _, G, _ in new.values() for t in (A, G)]):
-            warnings.warn("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); "
-                          "the moving averages keep their previous values", RuntimeWarning, stacklevel=4)
+            warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
+                      "averages keep their previous values")
             return
         decay = self.hyper()["factor_decay"]
         for name, (A, a_scale, G, g_scale) in new.items():
@@ -410,12 +422,11 @@ class Engine:
                     d, Q = results[k]
                     st["d" + key], st["Q" + key] = d.clamp_min(0), Q
                 elif "Q" + key in st:
-                    warnings.warn(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
-                                  "float64; keeping the previous one", RuntimeWarning, stacklevel=3)
+                    warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                              "float64; keeping the previous one")
                 else:
-                    warnings.warn(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
-                                  "float64; the layer uses its plain gradient until one succeeds", RuntimeWarning,
-                                  stacklevel=3)
+                    warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                              "float64; the layer uses its plain gradient until one succeeds")
 
     def preconditioned(self) -> Tuple[Dict[int, Tensor], List[Tuple[List[Tensor], Tensor, Tensor, Tensor]]]:
         """{id(param): preconditioned gradient} for every K-FAC layer with an inverse, undamped by

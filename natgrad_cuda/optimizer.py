@@ -213,8 +213,11 @@ class KFAC(torch.optim.Optimizer):
         scale_value = None
         if grad_scale is not None:
             scale_value = float(grad_scale)
+            by_device: Dict[torch.device, List[Tensor]] = {}
             for p in params:
-                p.grad.div_(grad_scale.to(p.grad.device))
+                by_device.setdefault(p.grad.device, []).append(p.grad)
+            for device, grads in by_device.items():  # one fused division per device
+                torch._foreach_div_(grads, grad_scale.to(device))
         if not engine.grads_finite(params, "KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, "
                                            "factors and momentum unchanged)"):
             return False

@@ -346,8 +346,9 @@ def test_non_finite_gradient_skips_the_step():
         out = model(x)
         opt.backward(loss_of(loss, out, y), out)
         model[0].weight.grad[0, 0, 0, 0] = bad
-        with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        with pytest.warns(RuntimeWarning, match="NaN or Inf") as record:
             assert opt.step() is False
+        assert record[0].filename == __file__  # attributed to the caller of step(), past torch's wrappers
         assert torch.equal(flat(model.parameters()), params)
         assert_same_state(saved, kfac_state(opt))
         assert opt.steps == 2
@@ -575,8 +576,9 @@ def test_preconditioner_leaves_non_finite_gradients():
     pre.backward(loss_of(loss, out, y), out)
     model[0].weight.grad[0, 0] = float("nan")
     grads = [p.grad.clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+    with pytest.warns(RuntimeWarning, match="NaN or Inf") as record:
         assert pre.step() is False
+    assert record[0].filename == __file__
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g) or (torch.isnan(p.grad) == torch.isnan(g)).all()
     assert pre.steps == 0
