@@ -66,7 +66,7 @@ class ConvPatches:
     right) zeros; the rows are the patches at every output position of every image, in F.unfold's
     order (rows b, then output positions), columns (channel, kernel row, kernel column). As an input
     of ``factor_update_`` it costs the native kernels no unfold in memory (CUDA reads the patches
-    straight from the image; the CPU unfolds a bounded slice of the batch at a time).
+    straight from the image; the CPU writes the patch rows of a bounded slice of the batch at a time).
     """
 
     image: torch.Tensor
