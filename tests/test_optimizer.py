@@ -151,6 +151,7 @@ def test_all_finite_is_exact():
 
     big = torch.full((4, 4), 1e30)  # finite, but its sum of squares overflows float32
     assert all_finite([big, torch.ones(3)]) and all_finite([])
+    assert all_finite([torch.full((8,), 6e4, dtype=torch.float16)])  # its 2-norm overflows float16
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = big.clone()
         t[1, 2] = bad
