@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import ops
 from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
+from .curvature.exact import load_forward_ad
 from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, _backward_scalars, _flush, _is_joint
 from .reference import INVERSES, accumulation_dtype
 
@@ -476,6 +477,7 @@ class Engine:
 
         if self.last_inputs is None:
             raise RuntimeError("no recorded forward with gradients to take the curvature from")
+        load_forward_ad()
         args, kwargs = self.last_inputs
         names = {id(p): n for n, p in self.model.named_parameters()}
         keys = [names[id(p)] for p in params]

@@ -805,3 +805,24 @@ def test_adaptive_step_needs_the_loss_and_resumes_bit_identically():
     for x, y in batches[3:]:
         one_step(b, opt_b, x, y, loss)
     assert torch.equal(flat(a.parameters()), flat(b.parameters()))
+
+
+def test_forward_mode_paths_do_not_warn(tmp_path):
+    """torch's forward-AD decompositions warn of torch.jit.script's deprecation when first loaded;
+    curvature.ggn and the adaptive step load them quietly (in a fresh process, where the load happens)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, natgrad_cuda as ng\n"
+        "from torch import nn\n"
+        "import torch.nn.functional as F\n"
+        "m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))\n"
+        "x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))\n"
+        "opt = ng.KFAC(m, loss='cross_entropy', adaptive_step=True)\n"
+        "opt.zero_grad(); out = m(x); opt.backward(F.cross_entropy(out, y), out); opt.step()\n"
+        "ng.curvature.ggn(m, nn.CrossEntropyLoss(), (x, y))\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

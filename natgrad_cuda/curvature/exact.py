@@ -6,6 +6,8 @@ Hessians and gradients come from autograd, independently of the closed forms K-F
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
@@ -14,6 +16,18 @@ from ._losses import LossSpec
 from .kfac import iter_batches
 
 __all__ = ["ggn", "empirical_fisher"]
+
+
+def load_forward_ad() -> None:
+    """torch loads its forward-AD decompositions on first use through torch.jit.script, which then
+    warns of its own deprecation: torch's internals, nothing a caller can change. Load them here
+    with that one warning filtered (a no-op once loaded)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        try:
+            from torch._decomp import decompositions_for_jvp  # noqa: F401
+        except ImportError:  # a torch without it: nothing to load
+            pass
 
 
 def ggn(model: nn.Module, loss_fn: nn.Module, data) -> Tensor:
@@ -28,6 +42,7 @@ def empirical_fisher(model: nn.Module, loss_fn: nn.Module, data) -> Tensor:
 
 def _exact(model: nn.Module, loss_fn: nn.Module, data, kind: str) -> Tensor:
     spec = LossSpec.from_module(loss_fn)
+    load_forward_ad()
     names, params = zip(*model.named_parameters())
     ps = tuple(p.detach() for p in params)
     buffers = dict(model.named_buffers())
