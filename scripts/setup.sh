@@ -24,9 +24,16 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC"
   "${PIP[@]}" install -q "$TORCH_SPEC"
 fi
-"${PIP[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy
+# Everything after torch is installed with torch held at the version now in the venv: the test
+# extras pull torchvision (curvlinops -> backpack), which pins an exact torch, and pip would
+# otherwise swap a CPU-only (or any other) torch for the newest one after the extension was built
+# against the first.
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$CONSTRAINTS"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy
 
-echo "[setup] building and installing natgrad_cuda (NATGRAD_CUDA=${NATGRAD_CUDA:-AUTO})"
-"${PIP[@]}" install -q --no-build-isolation ".[test,demo]"
+echo "[setup] building and installing natgrad_cuda (NATGRAD_CUDA=${NATGRAD_CUDA:-AUTO}, $(cat "$CONSTRAINTS"))"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" --no-build-isolation ".[test,demo]"
 # From outside the source tree, so that the installed package (with its extension) is the one imported.
 (cd / && "$VENV/bin/python" -m natgrad_cuda info)

@@ -823,6 +823,6 @@ def test_forward_mode_paths_do_not_warn(tmp_path):
         "opt.zero_grad(); out = m(x); opt.backward(F.cross_entropy(out, y), out); opt.step()\n"
         "ng.curvature.ggn(m, nn.CrossEntropyLoss(), (x, y))\n"
     )
-    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    out = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-W", "error::DeprecationWarning", "-c", code],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

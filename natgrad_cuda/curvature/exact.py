@@ -23,7 +23,8 @@ def load_forward_ad() -> None:
     warns of its own deprecation: torch's internals, nothing a caller can change. Load them here
     with that one warning filtered (a no-op once loaded)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        # FutureWarning in torch 2.14, DeprecationWarning in 2.13
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
         try:
             from torch._decomp import decompositions_for_jvp  # noqa: F401
         except ImportError:  # a torch without it: nothing to load
