@@ -55,7 +55,7 @@ def check_number(name: str, value, *, low: float = None, high: float = None, low
 def warn_user(message: str, category=RuntimeWarning) -> None:
     """A warning attributed to the first caller outside natgrad_cuda and torch (the user's
     ``opt.step()``), however many wrappers (no_grad, torch.optim's hooks, GradScaler) lie between."""
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame, level = frame.f_back, level + 1
@@ -280,6 +280,7 @@ class Engine:
             self._note_outputs(record, outputs)
             if self.fisher_type in ("mc", "type-2"):
                 self._curvature_passes(outputs)
+            record.targets = []  # done with them: no layer inputs held past the backward
         loss.backward()
         self.flush()
 
