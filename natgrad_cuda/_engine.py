@@ -12,6 +12,7 @@ the gradients proved finite, so that a skipped step leaves the factors alone.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -52,12 +53,14 @@ def check_number(name: str, value, *, low: float = None, high: float = None, low
     return value
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
 def warn_user(message: str, category=RuntimeWarning) -> None:
     """A warning attributed to the first caller outside natgrad_cuda and torch (the user's
     ``opt.step()``), however many wrappers (no_grad, torch.optim's hooks, GradScaler) lie between."""
-    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level - 1 if frame is None else level)
 
@@ -279,12 +282,12 @@ class Engine:
         if record is not None and self.factor_step_due():
             self._note_outputs(record, outputs)
             if self.fisher_type in ("mc", "type-2"):
-                self._curvature_passes(outputs)
+                self._curvature_passes(record, outputs)
             record.targets = []  # done with them: no layer inputs held past the backward
         loss.backward()
         self.flush()
 
-    def _curvature_passes(self, outputs: Tensor) -> None:
+    def _curvature_passes(self, record: _Record, outputs: Tensor) -> None:
         f = self.spec.flatten_outputs(outputs)
         if f.dtype in (torch.float16, torch.bfloat16):  # sample and build S in fp32 under autocast
             f = f.float()
@@ -292,7 +295,6 @@ class Engine:
             return  # a diverged model: no curvature from it (its gradients will skip the step)
         z = self.spec.normalizer(*f.shape)
         self._g_divisor += self.mc_samples * (z if self.spec.reduction == "mean" else 1)
-        record = self._records[-1]
         targets = record.targets or [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
         self._grad_mode = "curvature"
         try:
@@ -536,18 +538,14 @@ class Engine:
         self.last_rho = sd.get("last_rho")
         self._reset_pending()
 
+    @contextlib.contextmanager
     def suspended(self):
         """Context in which forwards are not recorded (the damping adaptation's loss evaluations)."""
-        engine = self
-
-        class _Ctx:
-            def __enter__(self):
-                engine._suspended = True
-
-            def __exit__(self, *exc):
-                engine._suspended = False
-
-        return _Ctx()
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = False
 
     def remove(self) -> None:
         for h in self._handles:

@@ -230,8 +230,7 @@ class KFAC(torch.optim.Optimizer):
         if group["adaptive_step"]:
             predicted = self._adaptive_update(group, params, directions)
             if adapt:
-                new_loss = self._closure_loss(closure)
-                self._adapt_damping(group, (new_loss - old_loss) / predicted if predicted < 0 else float("nan"))
+                self._adapt_damping(group, old_loss, self._closure_loss(closure), predicted)
             engine.step_done()
             return True
         # Trust region, weight decay, momentum and the update for every parameter in one op call.
@@ -252,11 +251,13 @@ class KFAC(torch.optim.Optimizer):
             new_loss = self._closure_loss(closure)
             deltas = {id(p): p.detach() - b for p, b in zip(params, before)}
             predicted = engine.quadratic_change(deltas, {id(p): g for p, g in zip(params, grads)}, blocks)
-            self._adapt_damping(group, (new_loss - old_loss) / predicted if predicted < 0 else float("nan"))
+            self._adapt_damping(group, old_loss, new_loss, predicted)
         engine.step_done()
         return True
 
-    def _adapt_damping(self, group: dict, rho: float) -> None:
+    def _adapt_damping(self, group: dict, old_loss: float, new_loss: float, predicted: float) -> None:
+        """The LM rule on rho = actual / predicted change (not a number unless the model predicted a decrease)."""
+        rho = (new_loss - old_loss) / predicted if predicted < 0 else float("nan")
         self._engine.last_rho = rho
         group["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"], group["min_damping"],
                                       group["max_damping"])
@@ -274,10 +275,9 @@ class KFAC(torch.optim.Optimizer):
         W, rows = self._workspace(params)
         torch._foreach_copy_(rows[0], [directions.get(id(p), p.grad) for p in params])
         torch._foreach_copy_(rows[2], [p.grad for p in params])
-        if wd:
-            torch._foreach_copy_(rows[3], params)
         W[0].neg_()
         if wd:
+            torch._foreach_copy_(rows[3], params)
             W[0].add_(W[3], alpha=-wd)
         prev = [self.state[p].get("prev_update") for p in params]
         k = 2 if all(v is not None for v in prev) else 1
@@ -285,10 +285,10 @@ class KFAC(torch.optim.Optimizer):
             torch._foreach_copy_(rows[1], prev)
         V = W[:k]
 
-        gram = self._engine.ggn_gram(params, rows[:k])
+        gram = self._engine.ggn_gram(params, rows[:k]).to(V.device)
         dots, b_loss = V @ V.T, V @ W[2]
         b = b_loss + wd * (V @ W[3]) if wd else b_loss  # the gradient of the loss with the decay term
-        C = gram.to(V.device) + (lam + wd) * dots
+        C = gram + (lam + wd) * dots
         x = None
         try:
             x = torch.linalg.solve(C, -b)
@@ -304,7 +304,7 @@ class KFAC(torch.optim.Optimizer):
         updates = [self.state[p]["prev_update"] for p in params]
         torch._foreach_copy_(updates, rows[4])  # rounded to the parameters' dtype, as they are updated
         torch._foreach_add_(params, updates)
-        return float(b_loss @ x + 0.5 * x @ gram.to(V.device) @ x)
+        return float(b_loss @ x + 0.5 * x @ gram @ x)
 
     def _workspace(self, params) -> Tuple[Tensor, List[List[Tensor]]]:
         """(5, P) float64 scratch over all of ``params`` and its rows as per-parameter views."""

@@ -55,10 +55,15 @@ def loss_of(loss: str, out, y):
     return LOSS_MODULES[loss]()(out, y)
 
 
-def one_step(model, opt, x, y, loss):
+def backward(model, opt, x, y, loss):
+    """zero_grad, forward and opt.backward: one step's recordings and gradients, no step."""
     opt.zero_grad()
     out = model(x)
     opt.backward(loss_of(loss, out, y), out)
+
+
+def one_step(model, opt, x, y, loss):
+    backward(model, opt, x, y, loss)
     g = flat(p.grad for p in model.parameters())
     before = flat(model.parameters())
     opt.step()
@@ -294,9 +299,7 @@ def test_lm_adaptation_moves_damping_the_right_way(lr, direction):
                   adapt_damping=True, adapt_damping_interval=1)
     closure = lambda: loss_of(loss, model(x), y)  # noqa: E731
     for _ in range(3):
-        opt.zero_grad()
-        out = model(x)
-        opt.backward(loss_of(loss, out, y), out)
+        backward(model, opt, x, y, loss)
         opt.step(closure)
     if direction == "down":  # a tiny step: the quadratic model is exact, rho ~ 1
         assert opt.last_rho == pytest.approx(1.0, abs=0.05)
@@ -310,9 +313,7 @@ def test_adapt_damping_needs_a_closure():
     model, loss = mlp(), "cross_entropy"
     opt = ng.KFAC(model, loss=loss, adapt_damping=True)
     x, y = data("mlp", loss)
-    opt.zero_grad()
-    out = model(x)
-    opt.backward(loss_of(loss, out, y), out)
+    backward(model, opt, x, y, loss)
     with pytest.raises(ValueError, match="closure"):
         opt.step()
 
@@ -343,9 +344,7 @@ def test_non_finite_gradient_skips_the_step():
         one_step(model, opt, x, y, loss)
     saved, params = kfac_state(opt), flat(model.parameters()).clone()
     for bad in (float("nan"), float("inf")):
-        opt.zero_grad()
-        out = model(x)
-        opt.backward(loss_of(loss, out, y), out)
+        backward(model, opt, x, y, loss)
         model[0].weight.grad[0, 0, 0, 0] = bad
         with pytest.warns(RuntimeWarning, match="NaN or Inf") as record:
             assert opt.step() is False
@@ -429,9 +428,7 @@ def test_state_dict_resume_is_bit_identical():
 
     def run(model, opt, bs):
         for x, y in bs:
-            opt.zero_grad()
-            out = model(x)
-            opt.backward(loss_of(loss, out, y), out)
+            backward(model, opt, x, y, loss)
             opt.step(lambda: loss_of(loss, model(x), y))
 
     a = cnn()
@@ -648,9 +645,7 @@ def test_hyperparameters_changed_to_bad_values_are_caught_at_step():
     opt = ng.KFAC(model, loss=loss)
     opt.param_groups[0]["damping"] = -1.0
     x, y = data("mlp", loss)
-    opt.zero_grad()
-    out = model(x)
-    opt.backward(loss_of(loss, out, y), out)
+    backward(model, opt, x, y, loss)
     with pytest.raises(ValueError, match="damping"):
         opt.step()
 

@@ -107,7 +107,8 @@ void write_patch_rows(const at::Tensor& x, const factor_update::ConvGeometry& g,
   const int64_t shape[4] = {x.size(0), x.size(1), x.size(2), x.size(3)};
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t positions = g.oh * g.ow, channels = shape[1], d = channels * g.kh * g.kw;
-  at::parallel_for(0, nb * positions, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1));  // about 4096 values per task
+  at::parallel_for(0, nb * positions, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t pos = k % positions, oy = pos / g.ow, ox = pos % g.ow, b = b0 + k / positions;
       acc_t* row = out + k * d;
