@@ -47,7 +47,8 @@ def test_reference_matches_definition():
 @pytest.mark.parametrize(
     "rows,widths",
     [([0], [3]), ([1], [1]), ([7], [5]), ([13, 1, 64], [31, 33, 1]), ([129], [97]), ([300], [257]),
-     ([5] * 20, list(range(1, 21))), ([2048], [65]), ([3, 40], [0, 32])],
+     ([5] * 20, list(range(1, 21))), ([2048], [65]), ([3, 40], [0, 32]),
+     ([8192, 30], [16, 16])],  # a tall narrow layer (BLAS on the CPU) beside a short one (direct loop)
 )
 @pytest.mark.parametrize("transpose", [False, True])
 def test_matches_reference_fp64(impl, rows, widths, transpose):
