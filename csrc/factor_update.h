@@ -94,14 +94,23 @@ inline ConvGeometry conv_geometry(at::IntArrayRef g, size_t i) {
   return c;
 }
 
+// The image row under kernel row ky at output row oy, and the image column under kernel column kx
+// at output column ox; outside [0, H) or [0, W) they fall in the zero padding.
+NATGRAD_HOST_DEVICE inline int64_t patch_y(const ConvGeometry& g, int64_t oy, int64_t ky) {
+  return oy * g.sh + ky * g.dh - g.pt;
+}
+NATGRAD_HOST_DEVICE inline int64_t patch_x(const ConvGeometry& g, int64_t ox, int64_t kx) {
+  return ox * g.sw + kx * g.dw - g.pl;
+}
+
 // The input under tap (ky, kx) of channel ch at output position (oy, ox) of image b, for image x
 // (B, C, H, W; strides xs): zero outside the image (the zero padding).
 template <typename acc_t, typename ptr_t>
 NATGRAD_HOST_DEVICE inline acc_t patch_value(const ptr_t& x, const int64_t* shape, const int64_t* xs,
                                              const ConvGeometry& g, int64_t b, int64_t oy, int64_t ox, int64_t ch,
                                              int64_t ky, int64_t kx) {
-  const int64_t y = oy * g.sh + ky * g.dh - g.pt;
-  const int64_t xx = ox * g.sw + kx * g.dw - g.pl;
+  const int64_t y = patch_y(g, oy, ky);
+  const int64_t xx = patch_x(g, ox, kx);
   if (y < 0 || y >= shape[2] || xx < 0 || xx >= shape[3]) return acc_t(0);
   return static_cast<acc_t>(x[b * xs[0] + ch * xs[1] + y * xs[2] + xx * xs[3]]);
 }

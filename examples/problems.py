@@ -73,17 +73,21 @@ class Problem:
     fine_target: float  # a lower one, where curvature matters more than the first steps' descent
     steps: int
     batch_size: int = 128
+    reconstruct: bool = False  # "mse" against the flattened inputs (an autoencoder), not the labels
 
     def loss_fn(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss == "cross_entropy":
             return F.cross_entropy(out, y)
-        return F.mse_loss(out, x.flatten(1))
+        if self.loss == "bce":
+            return F.binary_cross_entropy_with_logits(out, y)
+        return F.mse_loss(out, x.flatten(1) if self.reconstruct else y)
 
 
 PROBLEMS: Dict[str, Problem] = {
     "cnn": Problem("cnn", make_cnn, "cross_entropy", target_loss=0.05, fine_target=0.005, steps=300),
     # 1600 steps: tuned Adam needs about 1500 to reach the fine target
-    "autoencoder": Problem("autoencoder", make_autoencoder, "mse", target_loss=0.01, fine_target=0.002, steps=1600),
+    "autoencoder": Problem("autoencoder", make_autoencoder, "mse", target_loss=0.01, fine_target=0.002, steps=1600,
+                           reconstruct=True),
 }
 
 # Learning-rate grids; each optimizer's best is the one that reaches the fine target in the fewest

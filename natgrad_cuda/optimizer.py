@@ -35,13 +35,13 @@ __all__ = ["KFAC", "KFACPreconditioner", "lm_damping"]
 # defaults were chosen"): they train both well without tuning; lr is the one to tune first.
 DEFAULTS = dict(
     lr=0.1,
-    momentum=0.9,
+    momentum=0.5,
     weight_decay=0.0,
-    damping=0.03,
+    damping=1e-3,
     factor_decay=0.95,
-    factor_update_freq=1,
+    factor_update_freq=3,
     inv_update_freq=10,
-    kl_clip=1e-3,
+    kl_clip=3e-4,
     adaptive_step=False,
     adapt_damping=False,
     adapt_damping_interval=5,
