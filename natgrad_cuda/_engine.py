@@ -328,8 +328,8 @@ class Engine:
             seen.add(item[0])
         for name, _, _ in fresh:
             sums[name] = self._buffer(which, name)
-        _flush(sums, fresh, ones, self.impl, decay=0.0)
-        _flush(sums, more, ones, self.impl)
+        _flush(sums, fresh, ones, self.impl, decay=0.0, trusted=True)
+        _flush(sums, more, ones, self.impl, trusted=True)
 
     def _buffer(self, which: str, name: str) -> Tensor:
         buf = self._buffers.get((which, name))
@@ -402,13 +402,18 @@ class Engine:
                       "averages keep their previous values")
             return
         decay = self.hyper()["factor_decay"]
+        averaged: Dict[float, Tuple[List[Tensor], List[Tensor]]] = {}  # alpha -> (averages, this step's sums)
         for name, (A, a_scale, G, g_scale) in new.items():
             st = self.state[name]
             if "A" not in st:  # the first estimate starts the average (no bias towards zero)
                 st["A"], st["G"] = A * a_scale, G * g_scale
-            else:
-                st["A"].mul_(decay).add_(A, alpha=(1.0 - decay) * a_scale)
-                st["G"].mul_(decay).add_(G, alpha=(1.0 - decay) * g_scale)
+                continue
+            for key, F, scale in (("A", A, a_scale), ("G", G, g_scale)):
+                into = averaged.setdefault((1.0 - decay) * scale, ([], []))
+                into[0].append(st[key]), into[1].append(F)
+        for alpha, (avgs, sums) in averaged.items():  # one fused op per scale (A's, G's), not two per factor
+            torch._foreach_mul_(avgs, decay)
+            torch._foreach_add_(avgs, sums, alpha=alpha)
 
     def update_inverses(self) -> None:
         """Eigendecompositions of every factor, one batched call; a failed one keeps the previous."""
@@ -416,7 +421,7 @@ class Engine:
         if not names:
             return
         mats = [self.state[n][k] for n in names for k in ("A", "G")]
-        results = ops.eigh_batched(mats, impl=self.impl)
+        results = ops.eigh_batched(mats, impl=self.impl, _trusted=True)
         ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
         for i, name in enumerate(names):
             st = self.state[name]
@@ -454,7 +459,7 @@ class Engine:
                 blocks.append((params, M, A, st["G"]))
         if not Ms:
             return {}, []
-        Ps = ops.precondition(Ms, QA, dA, QG, dG, h["damping"], self.inverse, impl=self.impl)
+        Ps = ops.precondition(Ms, QA, dA, QG, dG, float(h["damping"]), self.inverse, impl=self.impl, _trusted=True)
         out = {}
         for (params, M, _, _), P in zip(blocks, Ps):
             for p, d in zip(params, split_block(params, P)):

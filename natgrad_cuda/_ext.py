@@ -23,15 +23,15 @@ def import_error():
     return _IMPORT_ERROR
 
 
+# What was compiled does not change while the process runs; the ops ask on every call.
+_BACKENDS = tuple(_C.build_info()["backends"]) if _C is not None else ()
+
+
 def backends() -> list:
-    return list(_C.build_info()["backends"]) if _C is not None else []
+    return list(_BACKENDS)
 
 
 def native_available(device: torch.device) -> bool:
     """Compiled kernels exist for tensors on ``device``."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return "cpu" in backends()
-    if device.type == "cuda":
-        return "cuda" in backends()
-    return False
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return device_type in ("cpu", "cuda") and device_type in _BACKENDS

@@ -7,7 +7,8 @@ impl:
   "emulated"   the CUDA kernel source run on the CPU (CPU tensors); needs the emulated backend
 
 Every op checks its arguments here, once, so that bad input gets an error naming the argument
-whichever implementation runs.
+whichever implementation runs. ``_trusted=True`` (the optimizer's own calls, whose arguments it built
+and which run every step) skips those checks; the kernels' own checks still guard them.
 """
 from __future__ import annotations
 
@@ -154,6 +155,8 @@ def factor_update_(
     scales: Sequence[float],
     append_ones: Sequence[bool],
     impl: Optional[str] = None,
+    *,
+    _trusted: bool = False,
 ) -> None:
     """For every layer i at once: F_i <- decay * F_i + scales[i] * X~_i^T X~_i, in place.
 
@@ -162,9 +165,12 @@ def factor_update_(
     uninitialised. X_i has shape (n_i, d_i) and F_i shape (d_i + append_ones[i],) * 2; factors
     are fp32 or fp64, inputs fp32, fp64, bf16 or fp16; the product accumulates in fp32 at least.
     """
-    factors, inputs, decay, scales, append_ones, device = _check_factor_update_args(
-        factors, inputs, decay, scales, append_ones
-    )
+    if _trusted:
+        device = factors[0].device if factors else None
+    else:
+        factors, inputs, decay, scales, append_ones, device = _check_factor_update_args(
+            factors, inputs, decay, scales, append_ones
+        )
     if not factors:
         return
     impl = _resolve_impl(impl, device)
@@ -186,7 +192,7 @@ def factor_update_(
             ns.factor_update_(*args, *rest)
 
 
-def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None):
+def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _trusted: bool = False):
     """[(eigenvalues ascending, eigenvectors as columns)] of every symmetric matrix, one call for all.
 
     Like torch.linalg.eigh (only the lower triangle is read). Matrices are float32 or float64, of any
@@ -194,8 +200,8 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None):
     still fails comes back as NaN. Rank-deficient and zero matrices are fine.
     """
     mats = list(mats)
-    device = None
-    for i, M in enumerate(mats):
+    device = mats[0].device if _trusted and mats else None
+    for i, M in enumerate([] if _trusted else mats):
         if not isinstance(M, torch.Tensor):
             raise TypeError(f"eigh_batched: mats[{i}] must be a tensor, got {type(M).__name__}")
         if M.dim() != 2 or M.shape[0] != M.shape[1]:
@@ -215,15 +221,7 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None):
     return list(zip(evals, evecs))
 
 
-def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", impl: Optional[str] = None):
-    """For every layer i at once, the damped inverse of G_i (x) A_i applied to the (out, in) matrix
-    grads[i], from the eigendecompositions A = QA diag(dA) QA^T, G = QG diag(dG) QG^T:
-    QG [(QG^T M QA) / D] QA^T with D = dG dA^T + damping (inverse="eigen": exact damping) or
-    D = (dG + sqrt(damping)/pi)(dA + pi sqrt(damping))^T with pi = sqrt(mean dA / mean dG)
-    (inverse="factored": Tikhonov damping split between the factors). Returns new tensors in the
-    gradients' dtypes; QA, dA, QG, dG are float32 or float64 and set the accumulation dtype.
-    """
-    grads, QA, dA, QG, dG = (list(x) for x in (grads, QA, dA, QG, dG))
+def _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse):
     n = len(grads)
     for name, seq in (("QA", QA), ("dA", dA), ("QG", QG), ("dG", dG)):
         if len(seq) != n:
@@ -256,6 +254,23 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
         device = M.device if device is None else device
         if any(t.device != device for t in tensors.values()):
             raise ValueError(f"precondition: the tensors of layer {i} must all be on {device}")
+    return device
+
+
+def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", impl: Optional[str] = None, *,
+                 _trusted: bool = False):
+    """For every layer i at once, the damped inverse of G_i (x) A_i applied to the (out, in) matrix
+    grads[i], from the eigendecompositions A = QA diag(dA) QA^T, G = QG diag(dG) QG^T:
+    QG [(QG^T M QA) / D] QA^T with D = dG dA^T + damping (inverse="eigen": exact damping) or
+    D = (dG + sqrt(damping)/pi)(dA + pi sqrt(damping))^T with pi = sqrt(mean dA / mean dG)
+    (inverse="factored": Tikhonov damping split between the factors). Returns new tensors in the
+    gradients' dtypes; QA, dA, QG, dG are float32 or float64 and set the accumulation dtype.
+    """
+    grads, QA, dA, QG, dG = (list(x) for x in (grads, QA, dA, QG, dG))
+    n = len(grads)
+    device = grads[0].device if grads else None
+    if not _trusted:
+        device = _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse)
     if n == 0:
         return []
     impl = _resolve_impl(impl, device)
@@ -265,16 +280,8 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
     return list(op(grads, QA, dA, QG, dG, damping, inverse == "factored"))
 
 
-def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float, momentum: float,
-                 weight_decay: float, kl_clip: float, impl: Optional[str] = None) -> torch.Tensor:
-    """The end of a K-FAC step for every parameter in one call (two launches on CUDA), in place:
-    nu = min(1, sqrt(kl_clip / (lr^2 sum over clipped i of <directions_i, grads_i>))) (1 when
-    kl_clip <= 0), then as torch.optim.SGD: d = directions_i (* nu if clipped_i) + weight_decay p_i,
-    buf_i = momentum buf_i + d, p_i -= lr buf_i (p_i -= lr d without buffers: pass [] for
-    momentum_buffers when momentum is 0). Buffers start at zero. Returns nu, a 0-d float64 tensor
-    on the parameters' device (no host synchronisation)."""
-    params, directions, grads, momentum_buffers = (list(x) for x in (params, directions, grads, momentum_buffers))
-    clipped = [bool(c) for c in clipped]
+def _check_kfac_update_args(params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay,
+                            kl_clip):
     n = len(params)
     for name, seq in (("directions", directions), ("grads", grads), ("clipped", clipped)):
         if len(seq) != n:
@@ -304,6 +311,25 @@ def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float
         device = p.device if device is None else device
         if any(t.device != device for _, t in group):
             raise ValueError(f"kfac_update_: the tensors of parameter {i} must all be on {device}")
+    return lr, momentum, weight_decay, kl_clip, device
+
+
+def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float, momentum: float,
+                 weight_decay: float, kl_clip: float, impl: Optional[str] = None, *,
+                 _trusted: bool = False) -> torch.Tensor:
+    """The end of a K-FAC step for every parameter in one call (two launches on CUDA), in place:
+    nu = min(1, sqrt(kl_clip / (lr^2 sum over clipped i of <directions_i, grads_i>))) (1 when
+    kl_clip <= 0), then as torch.optim.SGD: d = directions_i (* nu if clipped_i) + weight_decay p_i,
+    buf_i = momentum buf_i + d, p_i -= lr buf_i (p_i -= lr d without buffers: pass [] for
+    momentum_buffers when momentum is 0). Buffers start at zero. Returns nu, a 0-d float64 tensor
+    on the parameters' device (no host synchronisation)."""
+    params, directions, grads, momentum_buffers = (list(x) for x in (params, directions, grads, momentum_buffers))
+    clipped = [bool(c) for c in clipped]
+    n = len(params)
+    device = params[0].device if params else None
+    if not _trusted:
+        lr, momentum, weight_decay, kl_clip, device = _check_kfac_update_args(
+            params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip)
     if n == 0:
         return torch.ones((), dtype=torch.float64)
     impl = _resolve_impl(impl, device)

@@ -244,8 +244,8 @@ class KFAC(torch.optim.Optimizer):
         before = [p.detach().clone() for p in params] if adapt else []
         grads = [p.grad for p in params]
         ops.kfac_update_(params, [directions.get(id(p), p.grad) for p in params], grads, bufs,
-                         [id(p) in directions for p in params], lr, momentum, wd, group["kl_clip"] or 0.0,
-                         impl=engine.impl)
+                         [id(p) in directions for p in params], float(lr), float(momentum), float(wd),
+                         float(group["kl_clip"] or 0.0), impl=engine.impl, _trusted=True)
 
         if adapt:
             new_loss = self._closure_loss(closure)

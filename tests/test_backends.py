@@ -58,8 +58,12 @@ def train(kind, backend, steps=50, **kw):
 @pytest.mark.parametrize("kind", ["cnn", "mlp", "autoencoder"])
 @pytest.mark.parametrize("backend", ["native", "emulated"])
 def test_tracks_the_reference_over_50_steps(kind, backend):
-    ref_model, ref_losses = train(kind, "reference")
-    model, losses = train(kind, backend)
+    # damping 0.01, not the default 1e-3: at 1e-3 the losses still agree to 1e-4 but the CNN, fitting
+    # 32-image batches to a loss of 5e-4, moves its weights along nearly flat directions where the
+    # damped inverse amplifies float32 rounding differences between the kernels (weights 0.7 apart
+    # relatively while the losses agree)
+    ref_model, ref_losses = train(kind, "reference", damping=0.01)
+    model, losses = train(kind, backend, damping=0.01)
     assert ref_losses[-1] < 0.7 * ref_losses[0]  # it trains
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-3 * abs(b) + 1e-5

@@ -504,8 +504,8 @@ def test_every_accumulation_goes_through_factor_update(monkeypatch):
     data = make_data(model, in_shape, "ce", (3, 2))
     calls = []
 
-    def record(factors, inputs, decay, scales, append_ones, impl=None):
-        calls.append((len(factors), decay, impl))
+    def record(factors, inputs, decay, scales, append_ones, impl=None, _trusted=False):
+        calls.append((len(factors), decay, impl, _trusted))
 
     monkeypatch.setattr(natgrad_cuda.ops, "factor_update_", record)
     for fisher_type in curvature.FISHER_TYPES:
@@ -516,7 +516,7 @@ def test_every_accumulation_goes_through_factor_update(monkeypatch):
             assert all(g.abs().max() == 0 for g in result.gradient_covariances.values())
         classes = model[-1].out_features
         backwards = {"type-2": classes * 2, "mc": 2, "empirical": 2, "forward-only": 0}[fisher_type]
-        assert calls == [(2, 1.0, "reference")] * (2 + backwards)
+        assert calls == [(2, 1.0, "reference", False)] * (2 + backwards)  # user-facing: arguments checked
 
 
 BACKENDS = [None, "reference"] + (["native"] if _ext.native_available("cpu") else []) + (

@@ -105,7 +105,8 @@ def test_one_step_is_dense_damped_inverse(kind, loss, fisher_type, separate, app
 
 def test_factors_are_moving_averages_of_curvature_kfac():
     model, loss = mlp(), "cross_entropy"
-    opt = ng.KFAC(model, loss=loss, fisher_type="type-2", factor_decay=0.8, lr=0.0, kl_clip=None)
+    opt = ng.KFAC(model, loss=loss, fisher_type="type-2", factor_decay=0.8, lr=0.0, kl_clip=None,
+                  factor_update_freq=1)
     batches = [data("mlp", loss, n=n, seed=s) for n, s in ((6, 1), (9, 2), (4, 3))]
     expect = None
     for x, y in batches:
@@ -392,7 +393,7 @@ def test_failed_eigendecomposition_retries_in_float64(monkeypatch):
 def test_failed_eigendecomposition_keeps_the_previous_one(monkeypatch):
     model, loss = mlp(), "cross_entropy"
     x, y = data("mlp", loss)
-    opt = ng.KFAC(model, loss=loss, inv_update_freq=1, backend="reference")
+    opt = ng.KFAC(model, loss=loss, factor_update_freq=1, inv_update_freq=1, backend="reference")
     one_step(model, opt, x, y, loss)
     before = kfac_state(opt)["kfac"]["layers"]
 
@@ -709,8 +710,8 @@ def test_factor_backends_track_the_reference(backend):
         pytest.fail("the CPU kernels are not compiled")  # scripts/test.sh requires the extension
     loss = "cross_entropy"
     a, b = cnn(), cnn()
-    opt_a = ng.KFAC(a, loss=loss, seed=4, backend="reference")
-    opt_b = ng.KFAC(b, loss=loss, seed=4, backend=backend)
+    opt_a = ng.KFAC(a, loss=loss, seed=4, factor_update_freq=1, backend="reference")
+    opt_b = ng.KFAC(b, loss=loss, seed=4, factor_update_freq=1, backend=backend)
     for s in range(3):
         x, y = data("cnn", loss, seed=s)
         one_step(a, opt_a, x, y, loss)
@@ -759,7 +760,7 @@ def test_adaptive_step_minimises_the_exact_quadratic_model(wd):
     model = mlp()
     ref = copy.deepcopy(model)
     opt = ng.KFAC(model, loss=loss, fisher_type="type-2", damping=lam, adaptive_step=True, factor_decay=0.0,
-                  inv_update_freq=1, weight_decay=wd)
+                  factor_update_freq=1, inv_update_freq=1, weight_decay=wd)
     prev = None
     for s in range(3):
         x, y = data("mlp", loss, seed=s)

@@ -266,7 +266,7 @@ class _Pass:
 
 
 def _flush(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
-           backend: Optional[str], decay: float = 1.0) -> None:
+           backend: Optional[str], decay: float = 1.0, trusted: bool = False) -> None:
     """F = decay * F + scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one
     call (decay 0 overwrites: F need not be initialised).
 
@@ -285,5 +285,6 @@ def _flush(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], a
             [scale for _, _, scale in now],
             [append_ones[name] for name, _, _ in now],
             impl=backend,
+            _trusted=trusted,
         )
         items, decay = later, 1.0
