@@ -12,8 +12,9 @@ seed with ``KFAC(model, loss=...)`` and nothing else ("kfac"), and, tuned the sa
 baselines, over the learning-rate grid of the digits benchmark ("kfac-tuned"; the default lr is in
 it). The target is the lower of the two tuned baselines' median final losses (where the best
 first-order method ends up after the budget); the coarse target lies halfway between the initial
-loss and the target on a log scale (their geometric mean). Reported per optimizer: median over seeds of the final loss and of
-the steps and optimizer seconds to each target (a seed that never reaches it counts as infinite).
+loss and the target on a log scale (their geometric mean). Reported per optimizer: median over
+seeds of the final loss and of the steps and optimizer seconds to each target (a seed that never
+reaches it counts as infinite).
 Saves bench/results/heldout.json.
 
     python bench/bench_heldout.py [--problems wine,...] [--seeds 3] [--steps 300]

@@ -101,8 +101,9 @@ constexpr int64_t kConvChunkValues = int64_t(1) << 22;  // 16 MB of fp32 patches
 
 // Rows b0 * positions .. (b0 + nb) * positions of the patch matrix, (nb * positions, d), into out.
 // The values of factor_update::patch_value (the CUDA loader's), with patch_y / patch_x and the
-// bounds worked out once per kernel row and column instead of per value: per value this is a load and a
-// store (digits CNN conv2, 2048 x 144 patches: the per-value form took as long as the GEMM after it).
+// bounds worked out once per kernel row and column instead of per value, leaving a load and a store
+// per value (digits CNN conv2, 2048 x 144 patches: the per-value form took as long as the GEMM
+// after it; 0.70 -> 0.52 ms for the whole update).
 template <typename x_t, typename acc_t>
 void write_patch_rows(const at::Tensor& x, const factor_update::ConvGeometry& g, int64_t b0, int64_t nb,
                       acc_t* out) {
