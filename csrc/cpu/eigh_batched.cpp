@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "eigh_batched.h"
+#include "schedule.h"
 
 namespace natgrad {
 namespace cpu_kernels {
@@ -59,36 +60,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
   eigh_batched::check_mats(mats);
   const int64_t count = static_cast<int64_t>(mats.size());
   std::vector<at::Tensor> evals(count), evecs(count);
-  // Largest first. A matrix whose work (n^3) exceeds an even share of all that is left cannot be
-  // balanced against the others: it runs alone on all threads (LAPACK's threaded BLAS; digits CNN,
-  // 513 wide beside small ones: 9.2 ms on two threads against 12.9 ms on one). The rest go parallel
-  // over matrices, each on one thread, dealt to the least loaded thread, which beats one call at a
-  // time on all threads (LAPACK's eigensolvers scale poorly).
-  std::vector<int64_t> order(count);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return mats[a].size(0) > mats[b].size(0); });
-  auto work = [&](int64_t i) { return std::pow(static_cast<double>(mats[i].size(0)), 3.0); };
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  double left = 0;
-  for (int64_t i = 0; i < count; ++i) left += work(i);
-  int64_t first = 0;
-  while (first < count && (count - first == 1 || threads == 1 || work(order[first]) * threads > left)) {
-    solve(mats[order[first]], &evals[order[first]], &evecs[order[first]]);
-    left -= work(order[first++]);
-  }
-  if (first == count) return {evals, evecs};
-  const int64_t lanes = std::min<int64_t>(threads, count - first);
-  std::vector<std::vector<int64_t>> lane(lanes);
-  std::vector<double> load(lanes, 0.0);
-  for (int64_t k = first; k < count; ++k) {
-    const int64_t l = std::min_element(load.begin(), load.end()) - load.begin();
-    lane[l].push_back(order[k]);
-    load[l] += work(order[k]);
-  }
-  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l)
-      for (int64_t i : lane[l]) solve(mats[i], &evals[i], &evecs[i]);
-  });
+  // One LAPACK call per matrix, balanced over the cores by n^3 (schedule.h; digits CNN, a 513-wide
+  // factor beside small ones: it runs alone on both cores, 9.2 ms against 12.9 ms on one).
+  std::vector<double> work(count);
+  for (int64_t i = 0; i < count; ++i) work[i] = std::pow(static_cast<double>(mats[i].size(0)), 3.0);
+  run_balanced(work, [&](int64_t i) { solve(mats[i], &evals[i], &evecs[i]); });
   return {evals, evecs};
 }
 
