@@ -1,6 +1,7 @@
 // factor_update_ on the CPU. Wide layers: one BLAS call (addmm) per layer for X^T X, the ones column
 // by a column sum, so [X, 1] is never materialised. Narrow layers (where per-op overhead, not
-// arithmetic, is the cost): a direct loop over one triangle, parallel over layers.
+// arithmetic, is the cost): a direct loop over one triangle. Layers run in parallel, balanced by
+// their multiply-adds (schedule.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "factor_update.h"
+#include "schedule.h"
 
 namespace natgrad {
 namespace cpu_kernels {
@@ -67,29 +69,32 @@ void blas_update(const at::Tensor& F, const at::Tensor& input, bool ones, double
 void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
                     at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
   factor_update::check_lengths(factors, inputs, scales, append_ones);
-  std::vector<int64_t> narrow_layers;
+  std::vector<int64_t> layers;
+  std::vector<double> work;
   for (size_t i = 0; i < factors.size(); ++i) {
     const int64_t dim = factor_update::checked_dim(factors[i], inputs[i], append_ones.get(i), i);
     if (dim == 0) continue;
-    if (dim <= kDirectMaxDim && inputs[i].size(0) * dim * dim <= kDirectMaxWork) {
-      narrow_layers.push_back(static_cast<int64_t>(i));
-    } else {
-      blas_update(factors[i], inputs[i], append_ones.get(i), decay, scales[i]);  // BLAS threads itself
-    }
+    layers.push_back(static_cast<int64_t>(i));
+    work.push_back(static_cast<double>(inputs[i].size(0)) * static_cast<double>(dim * dim));
   }
-  at::parallel_for(0, static_cast<int64_t>(narrow_layers.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t i = narrow_layers[k];
-      const at::Tensor& F = factors[i];
-      const at::Tensor& X = inputs[i];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "factor_update_", [&] {
-        if (F.scalar_type() == at::kDouble) {
-          direct_update<scalar_t, double>(F, X, append_ones.get(i), decay, scales[i]);
-        } else {
-          direct_update<scalar_t, float>(F, X, append_ones.get(i), decay, scales[i]);
-        }
-      });
+  // Layers balanced over the cores (schedule.h): inside a lane BLAS runs single-threaded, a layer
+  // too big to balance runs alone with threaded BLAS.
+  run_balanced(work, [&](int64_t k) {
+    const int64_t i = layers[k];
+    const at::Tensor& F = factors[i];
+    const at::Tensor& X = inputs[i];
+    const int64_t dim = F.size(0);
+    if (dim > kDirectMaxDim || X.size(0) * dim * dim > kDirectMaxWork) {
+      blas_update(F, X, append_ones.get(i), decay, scales[i]);
+      return;
     }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "factor_update_", [&] {
+      if (F.scalar_type() == at::kDouble) {
+        direct_update<scalar_t, double>(F, X, append_ones.get(i), decay, scales[i]);
+      } else {
+        direct_update<scalar_t, float>(F, X, append_ones.get(i), decay, scales[i]);
+      }
+    });
   });
 }
 
