@@ -379,41 +379,38 @@ class Engine:
         if n == 0:
             return
         g_div = self._g_divisor if self.spec is None or self.spec.reduction == "mean" else float(self.mc_samples)
-        # (sum of A, its scale 1/N, sum of G, its scale 1/divisor) per layer updated this step
-        new: Dict[str, Tuple[Tensor, float, Tensor, float]] = {}
+        forward_only = self.fisher_type == "forward-only"
+        if not forward_only and g_div == 0:
+            return  # no curvature pass ran (e.g. backward() was not called)
+        # Every layer's sums share one scale per factor: A's 1/N, G's 1/divisor (1 for the identity).
+        a_scale, g_scale = 1.0 / n, 1.0 if forward_only else 1.0 / g_div
+        new: Dict[str, Tuple[Tensor, Tensor]] = {}  # (sum of A, sum of G) per layer updated this step
         for layer in self.layers:
             A = self._sum_A.get(layer.name)
             if A is None:
                 continue  # the layer did not run in this step's forward
-            if self.fisher_type == "forward-only":
-                G, g_scale = torch.eye(layer.out_dim, dtype=A.dtype, device=A.device), 1.0
-            else:
-                G = self._sum_G.get(layer.name)
-                if G is None or g_div == 0:
-                    continue  # no curvature pass reached it (e.g. backward() was not called)
-                g_scale = 1.0 / g_div
-            new[layer.name] = (A, 1.0 / n, G, g_scale)
+            G = (torch.eye(layer.out_dim, dtype=A.dtype, device=A.device) if forward_only
+                 else self._sum_G.get(layer.name))
+            if G is not None:  # None: no curvature pass reached it
+                new[layer.name] = (A, G)
         if not new:
             return
         # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
         # bounds the rest, so the diagonals decide.
-        if not all_finite([t.diagonal() for A, _, G, _ in new.values() for t in (A, G)]):
+        if not all_finite([t.diagonal() for pair in new.values() for t in pair]):
             warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
                       "averages keep their previous values")
             return
         decay = self.hyper()["factor_decay"]
-        averaged: Dict[float, Tuple[List[Tensor], List[Tensor]]] = {}  # alpha -> (averages, this step's sums)
-        for name, (A, a_scale, G, g_scale) in new.items():
-            st = self.state[name]
-            if "A" not in st:  # the first estimate starts the average (no bias towards zero)
-                st["A"], st["G"] = A * a_scale, G * g_scale
-                continue
-            for key, F, scale in (("A", A, a_scale), ("G", G, g_scale)):
-                into = averaged.setdefault((1.0 - decay) * scale, ([], []))
-                into[0].append(st[key]), into[1].append(F)
-        for alpha, (avgs, sums) in averaged.items():  # one fused op per scale (A's, G's), not two per factor
-            torch._foreach_mul_(avgs, decay)
-            torch._foreach_add_(avgs, sums, alpha=alpha)
+        running = [name for name in new if "A" in self.state[name]]
+        for name, (A, G) in new.items():
+            if "A" not in self.state[name]:  # the first estimate starts the average (no bias towards zero)
+                self.state[name]["A"], self.state[name]["G"] = A * a_scale, G * g_scale
+        for j, (key, scale) in enumerate((("A", a_scale), ("G", g_scale))):  # one fused op per factor kind
+            averages = [self.state[name][key] for name in running]
+            if averages:
+                torch._foreach_mul_(averages, decay)
+                torch._foreach_add_(averages, [new[name][j] for name in running], alpha=(1.0 - decay) * scale)
 
     def update_inverses(self) -> None:
         """Eigendecompositions of every factor, one batched call; a failed one keeps the previous."""

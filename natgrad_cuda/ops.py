@@ -192,16 +192,9 @@ def factor_update_(
             ns.factor_update_(*args, *rest)
 
 
-def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _trusted: bool = False):
-    """[(eigenvalues ascending, eigenvectors as columns)] of every symmetric matrix, one call for all.
-
-    Like torch.linalg.eigh (only the lower triangle is read). Matrices are float32 or float64, of any
-    sizes, on one device. A decomposition that fails or is not finite is redone in float64; one that
-    still fails comes back as NaN. Rank-deficient and zero matrices are fine.
-    """
-    mats = list(mats)
-    device = mats[0].device if _trusted and mats else None
-    for i, M in enumerate([] if _trusted else mats):
+def _check_eigh_args(mats):
+    device = None
+    for i, M in enumerate(mats):
         if not isinstance(M, torch.Tensor):
             raise TypeError(f"eigh_batched: mats[{i}] must be a tensor, got {type(M).__name__}")
         if M.dim() != 2 or M.shape[0] != M.shape[1]:
@@ -211,6 +204,18 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _t
         device = M.device if device is None else device
         if M.device != device:
             raise ValueError(f"eigh_batched: mats[{i}] is on {M.device}, mats[0] on {device}")
+    return device
+
+
+def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _trusted: bool = False):
+    """[(eigenvalues ascending, eigenvectors as columns)] of every symmetric matrix, one call for all.
+
+    Like torch.linalg.eigh (only the lower triangle is read). Matrices are float32 or float64, of any
+    sizes, on one device. A decomposition that fails or is not finite is redone in float64; one that
+    still fails comes back as NaN. Rank-deficient and zero matrices are fine.
+    """
+    mats = list(mats)
+    device = (mats[0].device if mats else None) if _trusted else _check_eigh_args(mats)
     if not mats:
         return []
     impl = _resolve_impl(impl, device)
@@ -268,9 +273,8 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
     """
     grads, QA, dA, QG, dG = (list(x) for x in (grads, QA, dA, QG, dG))
     n = len(grads)
-    device = grads[0].device if grads else None
-    if not _trusted:
-        device = _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse)
+    device = (grads[0].device if grads else None) if _trusted else _check_precondition_args(
+        grads, QA, dA, QG, dG, damping, inverse)
     if n == 0:
         return []
     impl = _resolve_impl(impl, device)
@@ -326,7 +330,7 @@ def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float
     params, directions, grads, momentum_buffers = (list(x) for x in (params, directions, grads, momentum_buffers))
     clipped = [bool(c) for c in clipped]
     n = len(params)
-    device = params[0].device if params else None
+    device = params[0].device if _trusted and params else None
     if not _trusted:
         lr, momentum, weight_decay, kl_clip, device = _check_kfac_update_args(
             params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip)

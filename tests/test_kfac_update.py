@@ -115,6 +115,8 @@ def test_bad_input(impl):
     params, directions, grads, bufs, clipped = make([(3, 4)], torch.float32, 5)
     with pytest.raises(ValueError, match="grads has 0 entries"):
         ng.ops.kfac_update_(params, directions, [], bufs, clipped, 0.1, 0.9, 0.0, 0.0, impl=impl)
+    with pytest.raises(TypeError, match=r"params\[0\] must be a tensor"):
+        ng.ops.kfac_update_([1.0], directions, grads, bufs, clipped, 0.1, 0.9, 0.0, 0.0, impl=impl)
     with pytest.raises(ValueError, match="momentum_buffers"):
         ng.ops.kfac_update_(params, directions, grads, [], clipped, 0.1, 0.9, 0.0, 0.0, impl=impl)
     with pytest.raises(ValueError, match=r"directions\[0\] must have params\[0\]'s shape"):

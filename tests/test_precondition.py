@@ -124,6 +124,8 @@ def test_bad_input(impl):
     ok = [[M], [QA], [dA], [QG], [dG]]
     with pytest.raises(ValueError, match="QG has 2 entries"):
         ng.ops.precondition([M], [QA], [dA], [QG, QG], [dG], 0.1, impl=impl)
+    with pytest.raises(TypeError, match=r"grads\[0\] must be a tensor"):
+        ng.ops.precondition([[1.0]], [QA], [dA], [QG], [dG], 0.1, impl=impl)
     with pytest.raises(ValueError, match="damping must be > 0"):
         ng.ops.precondition(*ok, 0.0, impl=impl)
     with pytest.raises(ValueError, match="damping must be finite"):
