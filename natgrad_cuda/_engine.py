@@ -188,6 +188,8 @@ class Engine:
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
         self._buffers: Dict[Tuple[str, str], Tensor] = {}  # this step's sums of A and G, reused
+        # [X, 1] rows for A of a joint weight-and-bias block; G's rows as they are.
+        self._append_ones = {(k, layer.name): k == "A" and layer.joint for layer in self.layers for k in ("A", "G")}
         self.steps = 0  # completed (not skipped) steps
         self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in self.layers}
         self.last_rho: Optional[float] = None
@@ -210,8 +212,7 @@ class Engine:
         self._rows_A: List[Tuple[str, Tensor, float]] = []
         self._rows_G: List[Tuple[str, Tensor, float]] = []
         self._rows_G_empirical: List[Tuple[str, Tensor, float]] = []
-        self._sum_A: Dict[str, Tensor] = {}
-        self._sum_G: Dict[str, Tensor] = {}
+        self._sums: Dict[Tuple[str, str], Tensor] = {}  # ("A" or "G", layer name): this step's sum
         self._records: List[_Record] = []
         self._g_divisor = 0.0
 
@@ -305,31 +306,28 @@ class Engine:
             self._grad_mode = "empirical" if self.fisher_type == "empirical" else None
 
     def flush(self, empirical_scale: Optional[float] = None) -> None:
-        """Accumulate the recorded rows into this step's pending sums (one op call for all layers).
+        """Accumulate the recorded rows into this step's pending sums, A's and G's of every layer in
+        one op call (one parallel region, balanced over all of them).
 
         The empirical rows wait for ``empirical_scale`` (1 / GradScaler scale^2, known at the step).
         """
-        rows_A, self._rows_A = self._rows_A, []
-        self._accumulate(self._sum_A, rows_A, {layer.name: layer.joint for layer in self.layers}, "A")
-        rows_G, self._rows_G = self._rows_G, []
+        rows = [(("A", n), r, s) for n, r, s in self._rows_A] + [(("G", n), r, s) for n, r, s in self._rows_G]
+        self._rows_A, self._rows_G = [], []
         if empirical_scale is not None:
-            rows_G += [(n, r, s * empirical_scale) for n, r, s in self._rows_G_empirical]
+            rows += [(("G", n), r, s * empirical_scale) for n, r, s in self._rows_G_empirical]
             self._rows_G_empirical = []
-        self._accumulate(self._sum_G, rows_G, dict.fromkeys(self.state, False), "G")
-
-    def _accumulate(self, sums: Dict[str, Tensor], rows, ones: Dict[str, bool], which: str) -> None:
-        """Rows into this step's sums. A layer's first rows of the step overwrite its buffer (decay 0:
-        the buffers live across steps and are never zeroed); later rows add to it."""
         if not rows:
             return
+        # A layer's first rows of the step overwrite its buffer (decay 0: the buffers live across
+        # steps and are never zeroed); later rows add to it.
         fresh, more, seen = [], [], set()
         for item in rows:
-            (fresh if item[0] not in sums and item[0] not in seen else more).append(item)
+            (fresh if item[0] not in self._sums and item[0] not in seen else more).append(item)
             seen.add(item[0])
-        for name, _, _ in fresh:
-            sums[name] = self._buffer(which, name)
-        _flush(sums, fresh, ones, self.impl, decay=0.0, trusted=True)
-        _flush(sums, more, ones, self.impl, trusted=True)
+        for key, _, _ in fresh:
+            self._sums[key] = self._buffer(*key)
+        _flush(self._sums, fresh, self._append_ones, self.impl, decay=0.0, trusted=True)
+        _flush(self._sums, more, self._append_ones, self.impl, trusted=True)
 
     def _buffer(self, which: str, name: str) -> Tensor:
         buf = self._buffers.get((which, name))
@@ -358,7 +356,7 @@ class Engine:
 
     def commit(self, grad_scale: Optional[float]) -> None:
         """This step's factors into the moving averages, then the eigendecompositions when due."""
-        if self._records or self._sum_A or self._rows_A:
+        if self._records or self._sums or self._rows_A:
             scale = 1.0
             if self.fisher_type == "empirical":
                 s = grad_scale if grad_scale is not None else (
@@ -386,11 +384,11 @@ class Engine:
         a_scale, g_scale = 1.0 / n, 1.0 if forward_only else 1.0 / g_div
         new: Dict[str, Tuple[Tensor, Tensor]] = {}  # (sum of A, sum of G) per layer updated this step
         for layer in self.layers:
-            A = self._sum_A.get(layer.name)
+            A = self._sums.get(("A", layer.name))
             if A is None:
                 continue  # the layer did not run in this step's forward
             G = (torch.eye(layer.out_dim, dtype=A.dtype, device=A.device) if forward_only
-                 else self._sum_G.get(layer.name))
+                 else self._sums.get(("G", layer.name)))
             if G is not None:  # None: no curvature pass reached it
                 new[layer.name] = (A, G)
         if not new:
