@@ -135,9 +135,9 @@ def h100_estimate_ms():
     pre_bytes = 4 * (4 * n * d + 2 * (d * d + n * n)) * L
     upd = 8 * n * d * L
     upd_bytes = 4 * 5 * n * d * L
-    # launches: factor_update_ 2, syevBatched 2 groups (257 and 256: 2 calls + 2 buffer queries), precondition 4,
-    # kfac_update_ 2
-    est = (common.h100_estimate(fact, fact_bytes, 2) + common.h100_estimate(eig, eig_bytes, 4)
+    # launches: factor_update_ 1 (A and G together), syevBatched 2 groups (257 and 256: 2 calls + 2 buffer
+    # queries), precondition 4, kfac_update_ 2
+    est = (common.h100_estimate(fact, fact_bytes, 1) + common.h100_estimate(eig, eig_bytes, 4)
            + common.h100_estimate(pre, pre_bytes, 4) + common.h100_estimate(upd, upd_bytes, 2))
     return 1000 * est
 
