@@ -129,32 +129,25 @@ def measure(name: str, reps: int, peak: float) -> dict:
     # The parts of the bound, on the K-FAC model as trained above (its factors are real ones).
     model, opt = states["kfac"]
     engine = opt._engine
-    shapes = {}
-
-    def hook(module, inputs, output):
-        shapes[module] = (inputs[0].shape, output.shape)
-
     layers = [m for m in model.modules() if isinstance(m, LAYERS)]
-    handles = [m.register_forward_hook(hook) for m in layers]
     outputs = []
-    capture = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in layers]
+    handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in layers]
     x, y = data.x_train[batches[0]], data.y_train[batches[0]]
     with engine.suspended():  # a probe forward: K-FAC records nothing
         out = model(x)
-    for h in handles + capture:
+    for h in handles:
         h.remove()
     probe = torch.randn_like(out)
     # the curvature pass: a backward from (sampled) output gradients to every layer's output only
     curv_s = _best_time(lambda: torch.autograd.grad(out, outputs, grad_outputs=probe, retain_graph=True))
 
     prec_flops = factor_flops = 0.0
-    for m in layers:
-        (in_shape, out_shape) = shapes[m]
+    for m, o in zip(layers, outputs):
         d_out = m.weight.shape[0]
         d_in = m.weight[0].numel() + (m.bias is not None)
         prec_flops += 4.0 * d_out * d_in * (d_out + d_in)
-        rows = out_shape[0] * math.prod(out_shape[2:])  # one row per sample and output position
-        factor_flops += rows * (d_in * (d_in + 1) + d_out * (d_out + 1))
+        n_rows = o.shape[0] * math.prod(o.shape[2:])  # one row per sample and output position
+        factor_flops += n_rows * (d_in * (d_in + 1) + d_out * (d_out + 1))
     prec_s, factor_s = prec_flops / peak, factor_flops / peak
 
     mats = [st[k] for st in engine.state.values() if "A" in st for k in ("A", "G")]

@@ -215,7 +215,10 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _t
     still fails comes back as NaN. Rank-deficient and zero matrices are fine.
     """
     mats = list(mats)
-    device = (mats[0].device if mats else None) if _trusted else _check_eigh_args(mats)
+    if _trusted:
+        device = mats[0].device if mats else None
+    else:
+        device = _check_eigh_args(mats)
     if not mats:
         return []
     impl = _resolve_impl(impl, device)
@@ -273,8 +276,10 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
     """
     grads, QA, dA, QG, dG = (list(x) for x in (grads, QA, dA, QG, dG))
     n = len(grads)
-    device = (grads[0].device if grads else None) if _trusted else _check_precondition_args(
-        grads, QA, dA, QG, dG, damping, inverse)
+    if _trusted:
+        device = grads[0].device if grads else None
+    else:
+        device = _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse)
     if n == 0:
         return []
     impl = _resolve_impl(impl, device)
@@ -330,8 +335,9 @@ def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float
     params, directions, grads, momentum_buffers = (list(x) for x in (params, directions, grads, momentum_buffers))
     clipped = [bool(c) for c in clipped]
     n = len(params)
-    device = params[0].device if _trusted and params else None
-    if not _trusted:
+    if _trusted:
+        device = params[0].device if params else None
+    else:
         lr, momentum, weight_decay, kl_clip, device = _check_kfac_update_args(
             params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip)
     if n == 0:

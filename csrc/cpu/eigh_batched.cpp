@@ -2,15 +2,12 @@
 // the matrices. A result that fails or is not finite is redone
 // in float64 and cast back; one that still fails is NaN, for the caller to keep an earlier one.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <tuple>
 #include <vector>
 

@@ -5,10 +5,8 @@
 // 64-128-128-128-10: 295 us one layer at a time on two threads, about 180 us balanced).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "precondition.h"
