@@ -8,7 +8,12 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/StorageImpl.h>
+
 #include <cstdint>
+#include <unordered_map>
+#include <vector>
 
 #include "common.h"
 
@@ -23,6 +28,39 @@ inline void check_lengths(at::TensorList factors, at::TensorList inputs, at::Arr
   TORCH_CHECK(inputs.size() == factors.size() && scales.size() == factors.size() &&
                   append_ones.size() == factors.size(),
               "factor_update_: factors, inputs, scales and append_ones must have the same length");
+}
+
+// The inputs the kernels may read while they write the factors: every tensor on factors[0]'s
+// device (a host pointer in a CUDA kernel would poison the context), no factor overlapping itself or
+// another (the result would depend on the write order), and a copy of any input that shares memory
+// with a factor (F_i <- X^T X with X = F_i would read what it already overwrote). Factors are
+// grouped by storage first, so the usual call (every tensor its own storage) costs one lookup per input.
+inline std::vector<at::Tensor> unaliased_inputs(at::TensorList factors, at::TensorList inputs) {
+  std::unordered_map<const c10::StorageImpl*, std::vector<size_t>> by_storage;
+  for (size_t i = 0; i < factors.size(); ++i) {
+    const at::Tensor& F = factors[i];
+    TORCH_CHECK(F.device() == factors[0].device() && inputs[i].device() == F.device(), "factor_update_: factors[",
+                i, "] and inputs[", i, "] must be on ", factors[0].device(), ", got ", F.device(), " and ",
+                inputs[i].device());
+    TORCH_CHECK(at::has_internal_overlap(F) != at::MemOverlap::Yes, "factor_update_: factors[", i,
+                "] has elements sharing memory (an expanded view?)");
+    auto& same = by_storage[F.storage().unsafeGetStorageImpl()];
+    for (size_t j : same)
+      TORCH_CHECK(at::get_overlap_status(F, factors[j]) == at::MemOverlapStatus::No, "factor_update_: factors[", i,
+                  "] and factors[", j, "] share memory");
+    same.push_back(i);
+  }
+  std::vector<at::Tensor> out(inputs.begin(), inputs.end());
+  for (auto& X : out) {
+    const auto found = by_storage.find(X.storage().unsafeGetStorageImpl());
+    if (found == by_storage.end()) continue;
+    for (size_t j : found->second)
+      if (at::get_overlap_status(X, factors[j]) != at::MemOverlapStatus::No) {
+        X = X.clone();
+        break;
+      }
+  }
+  return out;
 }
 
 // The width d + ones of X~_i = [X_i, 1?] (X_i of width d), checked against factors[i]'s shape and dtype.

@@ -1,6 +1,9 @@
 // The op schemas (registered once, here) and the pybind11 module natgrad_cuda._C (build info).
 // Kernels register their implementations per dispatch key next to their code:
 // csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -18,6 +21,44 @@ TORCH_LIBRARY(natgrad, m) {
 TORCH_LIBRARY(natgrad_emu, m) {
   for (const char* schema : natgrad::kOpSchemas) m.def(schema);
 }
+namespace {
+
+// The ops have no derivatives. Without an Autograd kernel torch's fallback would differentiate
+// through whatever the kernel does inside (a silently wrong gradient) and let the in-place ops
+// write into autograd's leaves, so a tensor that requires grad while grad mode is on is refused;
+// otherwise the call goes straight on to the CPU or CUDA kernel.
+void refuse_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = (*stack)[first + i];
+      bool requires_grad = v.isTensor() && v.toTensor().requires_grad();
+      if (v.isTensorList()) {
+        const auto list = v.toTensorList();
+        for (size_t k = 0; k < list.size(); ++k) requires_grad = requires_grad || list.get(k).requires_grad();
+      }
+      TORCH_CHECK(!requires_grad, op.schema().name(), ": argument '", args[i].name(),
+                  "' requires grad, and the op has no derivative: pass detached tensors or call it under "
+                  "torch.no_grad()");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+void register_autograd_guards(torch::Library& m) {
+  for (const char* schema : natgrad::kOpSchemas) {
+    const std::string text(schema);
+    m.impl(text.substr(0, text.find('(')).c_str(), torch::CppFunction::makeFromBoxedFunction<&refuse_autograd>());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(natgrad, Autograd, m) { register_autograd_guards(m); }
+TORCH_LIBRARY_IMPL(natgrad_emu, Autograd, m) { register_autograd_guards(m); }
+
 TORCH_LIBRARY(natgrad_testing, m) {
   for (const char* schema : natgrad::kTestingSchemas) m.def(schema);
 }

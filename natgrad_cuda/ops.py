@@ -7,8 +7,11 @@ impl:
   "emulated"   the CUDA kernel source run on the CPU (CPU tensors); needs the emulated backend
 
 Every op checks its arguments here, once, so that bad input gets an error naming the argument
-whichever implementation runs. ``_trusted=True`` (the optimizer's own calls, whose arguments it built
-and which run every step) skips those checks; the kernels' own checks still guard them.
+whichever implementation runs: scalars are range-checked (TypeError for the wrong kind, ValueError
+out of range), and tensors that require grad are refused while grad mode is on (the ops have no
+derivatives, and the in-place ones would modify autograd leaves). ``_trusted=True`` (the
+optimizer's own calls, whose arguments it built and which run every step) skips those checks; the
+kernels' own checks still guard them.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as nnf
 
 from . import _ext, emulation, reference
+from ._checks import check_bool, check_number
 
 __all__ = ["factor_update_", "ConvPatches", "eigh_batched", "precondition", "kfac_update_", "IMPLS"]
 
@@ -49,14 +53,31 @@ def _resolve_impl(impl: Optional[str], device: torch.device) -> str:
     return impl
 
 
-def _check_finite(name: str, value: float) -> float:
+def _refuse_autograd(op: str, **named) -> None:
+    """No tensor that requires grad while grad mode is on: the ops have no derivatives (a silent zero
+    or wrong gradient otherwise), and the in-place ones would write into autograd's leaves."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensors in named.items():
+        for i, t in enumerate(tensors):
+            t = t.image if isinstance(t, ConvPatches) else t
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(f"{op}: {name}[{i}] requires grad, and {op} has no derivative: pass detached "
+                                 "tensors or call it under torch.no_grad()")
+
+
+def _pair(name: str, value, count: int, low: int) -> Tuple[int, ...]:
+    """An int or a sequence of ``count`` ints, each >= low, as a tuple (as torch's conv arguments)."""
+    items = (value,) * count if isinstance(value, int) and not isinstance(value, bool) else value
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+        if isinstance(items, (str, bytes)):
+            raise TypeError
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"ConvPatches: {name} must be an int or {count} ints, got {value!r}") from None
+    if len(items) != count:
+        raise ValueError(f"ConvPatches: {name} must be an int or {count} ints, got {value!r}")
+    return tuple(check_number(f"ConvPatches: {name}", v, low=low, integer=True) for v in items)
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,14 @@ class ConvPatches:
     stride: Tuple[int, int] = (1, 1)
     dilation: Tuple[int, int] = (1, 1)
     padding: Tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def __post_init__(self):  # ints allowed where pairs are meant, as for torch's convolutions
+        if not isinstance(self.image, torch.Tensor):
+            raise TypeError(f"ConvPatches: image must be a tensor, got {type(self.image).__name__}")
+        object.__setattr__(self, "kernel", _pair("kernel", self.kernel, 2, 1))
+        object.__setattr__(self, "stride", _pair("stride", self.stride, 2, 1))
+        object.__setattr__(self, "dilation", _pair("dilation", self.dilation, 2, 1))
+        object.__setattr__(self, "padding", _pair("padding", self.padding, 4, 0))
 
     @property
     def output_size(self) -> Tuple[int, int]:
@@ -118,17 +147,17 @@ def _check_factor_update_args(factors, inputs, decay, scales, append_ones):
     for name, seq in (("inputs", inputs), ("scales", scales), ("append_ones", append_ones)):
         if len(seq) != n:
             raise ValueError(f"factor_update_: {name} has {len(seq)} entries but factors has {n}")
-    decay = _check_finite("decay", decay)
-    scales = [_check_finite(f"scales[{i}]", s) for i, s in enumerate(scales)]
-    append_ones = [bool(a) for a in append_ones]
+    decay = check_number("decay", decay, low=0.0, high=1.0)
+    scales = [check_number(f"scales[{i}]", s, low=0.0) for i, s in enumerate(scales)]
+    append_ones = [check_bool(f"append_ones[{i}]", a) for i, a in enumerate(append_ones)]
+    _refuse_autograd("factor_update_", factors=factors, inputs=inputs)
     device = None
     for i, (F, X, ones) in enumerate(zip(factors, inputs, append_ones)):
         if not isinstance(F, torch.Tensor) or not isinstance(X, (torch.Tensor, ConvPatches)):
             raise TypeError(f"factor_update_: factors[{i}] must be a tensor and inputs[{i}] a tensor or ConvPatches")
-        if isinstance(X, ConvPatches) and (X.image.dim() != 4 or min(*X.kernel, *X.stride, *X.dilation) < 1
-                                           or min(X.padding) < 0):
-            raise ValueError(f"factor_update_: inputs[{i}] (ConvPatches) needs a (B, C, H, W) image, positive kernel, "
-                             "stride and dilation and non-negative padding")
+        if isinstance(X, ConvPatches) and X.image.dim() != 4:
+            raise ValueError(f"factor_update_: inputs[{i}] (ConvPatches) needs a (B, C, H, W) image, got shape "
+                             f"{tuple(X.image.shape)}")
         if X.dim() != 2:
             raise ValueError(f"factor_update_: inputs[{i}] must be 2-D (rows, features), got shape {tuple(X.shape)}")
         d = X.shape[1] + int(ones)
@@ -193,6 +222,7 @@ def factor_update_(
 
 
 def _check_eigh_args(mats):
+    _refuse_autograd("eigh_batched", mats=mats)
     device = None
     for i, M in enumerate(mats):
         if not isinstance(M, torch.Tensor):
@@ -234,9 +264,7 @@ def _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse):
     for name, seq in (("QA", QA), ("dA", dA), ("QG", QG), ("dG", dG)):
         if len(seq) != n:
             raise ValueError(f"precondition: {name} has {len(seq)} entries but grads has {n}")
-    damping = _check_finite("damping", damping)
-    if damping <= 0:
-        raise ValueError(f"damping must be > 0, got {damping}")
+    damping = check_number("damping", damping, low=0.0, low_open=True)
     if inverse not in reference.INVERSES:
         raise ValueError(f"inverse must be one of {reference.INVERSES}, got {inverse!r}")
     device = None
@@ -262,7 +290,8 @@ def _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse):
         device = M.device if device is None else device
         if any(t.device != device for t in tensors.values()):
             raise ValueError(f"precondition: the tensors of layer {i} must all be on {device}")
-    return device
+    _refuse_autograd("precondition", grads=grads, QA=QA, dA=dA, QG=QG, dG=dG)
+    return device, damping
 
 
 def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", impl: Optional[str] = None, *,
@@ -279,7 +308,7 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
     if _trusted:
         device = grads[0].device if grads else None
     else:
-        device = _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse)
+        device, damping = _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse)
     if n == 0:
         return []
     impl = _resolve_impl(impl, device)
@@ -295,8 +324,11 @@ def _check_kfac_update_args(params, directions, grads, momentum_buffers, clipped
     for name, seq in (("directions", directions), ("grads", grads), ("clipped", clipped)):
         if len(seq) != n:
             raise ValueError(f"kfac_update_: {name} has {len(seq)} entries but params has {n}")
-    lr, momentum, weight_decay, kl_clip = (_check_finite(k, v) for k, v in (
-        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("kl_clip", kl_clip)))
+    lr = check_number("lr", lr, low=0.0)
+    momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    weight_decay = check_number("weight_decay", weight_decay, low=0.0)
+    kl_clip = check_number("kl_clip", kl_clip, low=0.0)
+    clipped = [check_bool(f"clipped[{i}]", c) for i, c in enumerate(clipped)]
     if momentum_buffers and len(momentum_buffers) != n:
         raise ValueError(f"kfac_update_: momentum_buffers has {len(momentum_buffers)} entries but params has {n}")
     if not momentum_buffers and momentum != 0:
@@ -320,7 +352,9 @@ def _check_kfac_update_args(params, directions, grads, momentum_buffers, clipped
         device = p.device if device is None else device
         if any(t.device != device for _, t in group):
             raise ValueError(f"kfac_update_: the tensors of parameter {i} must all be on {device}")
-    return lr, momentum, weight_decay, kl_clip, device
+    _refuse_autograd("kfac_update_", params=params, directions=directions, grads=grads,
+                     momentum_buffers=momentum_buffers)
+    return lr, momentum, weight_decay, kl_clip, clipped, device
 
 
 def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float, momentum: float,
@@ -333,12 +367,12 @@ def kfac_update_(params, directions, grads, momentum_buffers, clipped, lr: float
     momentum_buffers when momentum is 0). Buffers start at zero. Returns nu, a 0-d float64 tensor
     on the parameters' device (no host synchronisation)."""
     params, directions, grads, momentum_buffers = (list(x) for x in (params, directions, grads, momentum_buffers))
-    clipped = [bool(c) for c in clipped]
+    clipped = list(clipped)
     n = len(params)
     if _trusted:
         device = params[0].device if params else None
     else:
-        lr, momentum, weight_decay, kl_clip, device = _check_kfac_update_args(
+        lr, momentum, weight_decay, kl_clip, clipped, device = _check_kfac_update_args(
             params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip)
     if n == 0:
         return torch.ones((), dtype=torch.float64)

@@ -14,8 +14,10 @@ One K-FAC step (Martens and Grosse 2015; CURVATURE.md for the conventions):
    parameters outside supported layers follow the same momentum SGD with their plain gradient; and
    optionally Levenberg-Marquardt adaptation of the damping from the quadratic model's reduction ratio.
 
-A step whose gradients hold a NaN or Inf is skipped: parameters, factors and momentum stay as they
-were, and a warning says so (under a GradScaler the scaler's own skips are silent).
+A step whose gradients, preconditioned directions or update would hold a NaN or Inf is skipped:
+parameters, factors, inverses, momentum and the step counter stay as they were, a warning says so
+with the count of skipped steps (under a GradScaler the scaler's own skips are silent), and too many
+skips in a row raise RuntimeError.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from ._engine import Engine, check_number
+from ._checks import check_bool, check_number
+from ._engine import Engine, all_finite, norms_of, refuse_copy, warn_user
 
 __all__ = ["KFAC", "KFACPreconditioner", "lm_damping"]
 
@@ -47,31 +50,31 @@ DEFAULTS = dict(
     adapt_damping_interval=5,
     min_damping=1e-8,
     max_damping=1e4,
+    max_consecutive_skips=100,
 )
 
 
-def _check_hyper(h: dict) -> None:
-    check_number("lr", h["lr"], low=0.0)
-    check_number("momentum", h["momentum"], low=0.0, high=1.0)
-    if h["momentum"] == 1.0:
-        raise ValueError("momentum must be < 1, got 1.0")
-    check_number("weight_decay", h["weight_decay"], low=0.0)
-    check_number("damping", h["damping"], low=0.0, low_open=True)
-    check_number("factor_decay", h["factor_decay"], low=0.0, high=1.0)
-    if h["factor_decay"] == 1.0:
-        raise ValueError("factor_decay must be < 1 (1 would never take in new curvature), got 1.0")
-    check_number("factor_update_freq", h["factor_update_freq"], low=1, integer=True)
-    check_number("inv_update_freq", h["inv_update_freq"], low=1, integer=True)
-    check_number("kl_clip", h["kl_clip"], low=0.0, low_open=True, allow_none=True)
-    if not isinstance(h["adaptive_step"], bool):
-        raise ValueError(f"adaptive_step must be a bool, got {h['adaptive_step']!r}")
-    if not isinstance(h["adapt_damping"], bool):
-        raise ValueError(f"adapt_damping must be a bool, got {h['adapt_damping']!r}")
-    check_number("adapt_damping_interval", h["adapt_damping_interval"], low=1, integer=True)
-    check_number("min_damping", h["min_damping"], low=0.0, low_open=True)
-    check_number("max_damping", h["max_damping"], low=0.0, low_open=True)
-    if h["min_damping"] > h["max_damping"]:
+def _check_hyper(h: dict) -> dict:
+    """Validate the hyperparameters (a param group or the preconditioner's own); returns them as
+    Python numbers (NumPy scalars and 0-d tensors are accepted, as torch.optim does)."""
+    out = dict(h)
+    out["lr"] = check_number("lr", h["lr"], low=0.0)
+    out["momentum"] = check_number("momentum", h["momentum"], low=0.0, high=1.0, high_open=True)
+    out["weight_decay"] = check_number("weight_decay", h["weight_decay"], low=0.0)
+    out["damping"] = check_number("damping", h["damping"], low=0.0, low_open=True)
+    out["factor_decay"] = check_number("factor_decay", h["factor_decay"], low=0.0, high=1.0, high_open=True)
+    out["factor_update_freq"] = check_number("factor_update_freq", h["factor_update_freq"], low=1, integer=True)
+    out["inv_update_freq"] = check_number("inv_update_freq", h["inv_update_freq"], low=1, integer=True)
+    out["kl_clip"] = check_number("kl_clip", h["kl_clip"], low=0.0, low_open=True, allow_none=True)
+    check_bool("adaptive_step", h["adaptive_step"])
+    check_bool("adapt_damping", h["adapt_damping"])
+    out["adapt_damping_interval"] = check_number("adapt_damping_interval", h["adapt_damping_interval"], low=1,
+                                                 integer=True)
+    out["min_damping"] = check_number("min_damping", h["min_damping"], low=0.0, low_open=True)
+    out["max_damping"] = check_number("max_damping", h["max_damping"], low=0.0, low_open=True)
+    if out["min_damping"] > out["max_damping"]:
         raise ValueError(f"min_damping ({h['min_damping']}) must be <= max_damping ({h['max_damping']})")
+    return out
 
 
 def lm_damping(damping: float, rho: float, interval: int, min_damping: float, max_damping: float) -> float:
@@ -115,11 +118,18 @@ class KFAC(torch.optim.Optimizer):
         then unused.
       adapt_damping: Levenberg-Marquardt adaptation every ``adapt_damping_interval`` steps, within
         [min_damping, max_damping]; it needs step(closure) (see ``step``).
+      max_consecutive_skips: step() raises RuntimeError when this many steps in a row were skipped
+        for non-finite values (None: never).
       backend: the kernels of the whole step (ops.factor_update_, eigh_batched, precondition,
         kfac_update_): "auto" (native where compiled), "reference", "native" or "emulated".
       seed: the optimizer's own random generator (MC targets); None seeds it from torch's.
       grad_scaler: the torch.amp.GradScaler, needed only with fisher_type="empirical" (whose G is
         built from the scaled gradients).
+
+    Gradient accumulation: several forwards, each with its own ``opt.backward(loss_i, out_i)``,
+    then one ``step()``: the factors are those of the concatenated batch, and the step equals one
+    on it when each loss_i is weighted by its share of the batch (for equal micro-batches, the
+    mean loss divided by their number), as for any optimizer.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf; skipped steps reach us
@@ -134,16 +144,15 @@ class KFAC(torch.optim.Optimizer):
                  adaptive_step: bool = DEFAULTS["adaptive_step"], adapt_damping: bool = DEFAULTS["adapt_damping"],
                  adapt_damping_interval: int = DEFAULTS["adapt_damping_interval"],
                  min_damping: float = DEFAULTS["min_damping"], max_damping: float = DEFAULTS["max_damping"],
+                 max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
                  backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-                        factor_decay=factor_decay, factor_update_freq=factor_update_freq,
-                        inv_update_freq=inv_update_freq, kl_clip=kl_clip, adaptive_step=adaptive_step,
-                        adapt_damping=adapt_damping,
-                        adapt_damping_interval=adapt_damping_interval, min_damping=min_damping,
-                        max_damping=max_damping)
-        _check_hyper(defaults)
+        defaults = _check_hyper(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                                     factor_decay=factor_decay, factor_update_freq=factor_update_freq,
+                                     inv_update_freq=inv_update_freq, kl_clip=kl_clip, adaptive_step=adaptive_step,
+                                     adapt_damping=adapt_damping, adapt_damping_interval=adapt_damping_interval,
+                                     min_damping=min_damping, max_damping=max_damping))
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
@@ -151,13 +160,17 @@ class KFAC(torch.optim.Optimizer):
         self._engine = Engine(model, lambda: self.param_groups[0], loss=loss, reduction=reduction,
                               fisher_type=fisher_type, mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse,
-                              backend=backend, seed=seed, grad_scaler=grad_scaler)
+                              backend=backend, seed=seed, grad_scaler=grad_scaler,
+                              max_consecutive_skips=max_consecutive_skips, owner="KFAC")
         if adaptive_step and self._engine.spec is None:
             raise ValueError("adaptive_step=True needs loss= (its quadratic model uses the loss's Hessian)")
         self._engine.keep_inputs = adaptive_step
         if self._engine.unsupported:
             warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their parameters follow "
                           "momentum SGD with their plain gradient", UserWarning, stacklevel=2)
+
+    # An optimizer bound to its model by hooks has no meaningful copy: refuse at copy time.
+    __deepcopy__ = __copy__ = __reduce_ex__ = __getstate__ = refuse_copy
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "param_groups", None):
@@ -169,8 +182,9 @@ class KFAC(torch.optim.Optimizer):
     def backward(self, loss: Tensor, outputs: Tensor) -> None:
         """``loss.backward()``, preceded on factor-update steps by the curvature pass that gives G.
 
-        ``outputs`` is the model output that ``loss`` was computed from. Under a GradScaler pass the
-        scaled loss (``scaler.scale(loss)``); the curvature pass does not depend on the scale.
+        ``outputs`` is the tensor the model's forward returned, which ``loss`` was computed from;
+        only that forward feeds the factors. Under a GradScaler pass the scaled loss
+        (``scaler.scale(loss)``); the curvature pass does not depend on the scale.
         """
         self._engine.backward(loss, outputs)
 
@@ -182,6 +196,11 @@ class KFAC(torch.optim.Optimizer):
     def steps(self) -> int:
         """Steps taken (skipped ones do not count)."""
         return self._engine.steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients, directions or updates (GradScaler skips included)."""
+        return self._engine.skipped_steps
 
     @property
     def last_rho(self) -> Optional[float]:
@@ -196,19 +215,23 @@ class KFAC(torch.optim.Optimizer):
         the forward that fed backward()) and returns it; the step calls it without gradients before
         and after the update on adaptation steps. Under a GradScaler, ``scaler.step(opt)``.
         """
-        group = self.param_groups[0]
-        _check_hyper(group)
+        group = _check_hyper(self.param_groups[0])
         engine = self._engine
         params = [p for p in group["params"] if p.grad is not None]
         adapt = group["adapt_damping"] and engine.steps % group["adapt_damping_interval"] == 0
         if adapt and closure is None:
             raise ValueError("adapt_damping=True: step(closure) needs a closure that returns the loss on the "
                              "step's batch")
+        if not params:
+            engine.discard()
+            warn_user("KFAC.step(): no parameter has a gradient (call opt.backward(loss, outputs) first); nothing "
+                      "was done and the step does not count")
+            return False
 
         # AMP: GradScaler.step sets these (torch.amp's contract for _step_supports_amp_scaling).
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if found_inf is not None and float(found_inf) != 0.0:
-            engine.discard()
+            engine.skip(None)
             return False
         scale_value = None
         if grad_scale is not None:
@@ -218,34 +241,53 @@ class KFAC(torch.optim.Optimizer):
                 by_device.setdefault(p.grad.device, []).append(p.grad)
             for device, grads in by_device.items():  # one fused division per device
                 torch._foreach_div_(grads, grad_scale.to(device))
-        if not engine.grads_finite(params, "KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, "
-                                           "factors and momentum unchanged)"):
+        if not engine.grads_finite(params):
+            engine.skip("KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, factors and momentum "
+                        "unchanged)")
             return False
 
-        engine.commit(scale_value)
+        engine.prepare(scale_value)
         directions, blocks = engine.preconditioned()
-        old_loss = self._closure_loss(closure) if adapt else None
-
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
         if group["adaptive_step"]:
-            predicted = self._adaptive_update(group, params, directions)
+            old_loss = self._closure_loss(closure) if adapt else None
+            update = self._adaptive_update(group, params, directions)
+            if update is None:
+                return False
+            updates, predicted = update
+            engine.accept()
+            for p, u in zip(params, updates):
+                self.state[p]["prev_update"] = u
+            torch._foreach_add_(params, updates)
             if adapt:
                 self._adapt_damping(group, old_loss, self._closure_loss(closure), predicted)
             engine.step_done()
             return True
+
         # Trust region, weight decay, momentum and the update for every parameter in one op call.
         bufs = []
         if momentum != 0:
             for p in params:
                 state = self.state[p]
-                if "momentum_buffer" not in state:  # zero: the first step's buffer is then d, as in SGD
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                bufs.append(state["momentum_buffer"])
+                buf = state.get("momentum_buffer")
+                if buf is None:  # zero: the first step's buffer is then d, as in SGD
+                    buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                elif buf.dtype != p.dtype or buf.device != p.device:  # the model moved (model.half(), .to(...))
+                    buf = state["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
+                bufs.append(buf)
+        dirs = [directions.get(id(p), p.grad) for p in params]
+        clipped = [id(p) in directions for p in params]
+        kl_clip = float(group["kl_clip"] or 0.0)
+        if not self._update_is_finite(params, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip):
+            engine.skip("KFAC: the preconditioned direction or the update is not finite (an overflow: a low-precision "
+                        "model with a small damping?); the step is skipped (parameters, factors and momentum "
+                        "unchanged)")
+            return False
+        old_loss = self._closure_loss(closure) if adapt else None
+        engine.accept()
         before = [p.detach().clone() for p in params] if adapt else []
-        grads = [p.grad for p in params]
-        ops.kfac_update_(params, [directions.get(id(p), p.grad) for p in params], grads, bufs,
-                         [id(p) in directions for p in params], float(lr), float(momentum), float(wd),
-                         float(group["kl_clip"] or 0.0), impl=engine.impl, _trusted=True)
+        ops.kfac_update_(params, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip, impl=engine.impl, _trusted=True)
 
         if adapt:
             new_loss = self._closure_loss(closure)
@@ -255,19 +297,42 @@ class KFAC(torch.optim.Optimizer):
         engine.step_done()
         return True
 
+    def _update_is_finite(self, params, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip) -> bool:
+        """Whether the momentum buffers and parameters this step writes stay finite, with one host
+        sync in the usual case: 2-norms bound the entries, and momentum * |buf| + |d| + wd |p| and
+        |p| + lr (...) within half the dtype's range leave nothing to overflow (nu <= 1). Past that
+        bound the update is tried on copies and checked exactly."""
+        n = len(params)
+        norms = torch.stack([t.double() for t in norms_of(list(dirs) + list(params) + list(bufs), 2)])
+        d, p = norms[:n], norms[n:2 * n]
+        b = norms[2 * n:] if bufs else torch.zeros_like(d)
+        key = tuple(q.dtype for q in params)
+        if getattr(self, "_limits_key", None) != (key, d.device):
+            self._limits = torch.tensor([torch.finfo(dt).max / 2 for dt in key], dtype=torch.float64, device=d.device)
+            self._limits_key = (key, d.device)
+        step = momentum * b + d + wd * p
+        if bool(((step <= self._limits) & (p + lr * step <= self._limits)).all()):  # NaN compares False
+            return True
+        trial, trial_bufs = [q.detach().clone() for q in params], [q.clone() for q in bufs]
+        ops.kfac_update_(trial, dirs, grads, trial_bufs, clipped, lr, momentum, wd, kl_clip, impl=self._engine.impl,
+                         _trusted=True)
+        return all_finite(trial + trial_bufs)
+
     def _adapt_damping(self, group: dict, old_loss: float, new_loss: float, predicted: float) -> None:
         """The LM rule on rho = actual / predicted change (not a number unless the model predicted a decrease)."""
         rho = (new_loss - old_loss) / predicted if predicted < 0 else float("nan")
         self._engine.last_rho = rho
-        group["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"], group["min_damping"],
-                                      group["max_damping"])
+        self.param_groups[0]["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"],
+                                                     group["min_damping"], group["max_damping"])
 
-    def _adaptive_update(self, group: dict, params, directions: Dict[int, Tensor]) -> float:
+    def _adaptive_update(self, group: dict, params, directions: Dict[int, Tensor]):
         """Martens and Grosse (2015, section 7): the update alpha * Delta + mu * delta_prev with
         (alpha, mu) minimising the exact-GGN quadratic model
         M(d) = g^T d + 1/2 d^T (GGN + (damping + weight_decay) I) d on this step's batch, Delta the
         K-FAC direction (plain gradient outside K-FAC layers, weight decay included) and delta_prev
-        the previous update. Returns the undamped model's predicted change of the loss."""
+        the previous update. Returns the per-parameter updates (new tensors, nothing written yet)
+        and the undamped model's predicted change of the loss, or None (the step skipped) when the
+        update or the parameters it gives would not be finite."""
         lam, wd = group["damping"], group["weight_decay"]
         # Rows of one float64 workspace kept across steps (fresh vectors over every parameter each step
         # cost more than the products on them: autoencoder step 10.4 -> 8.4 ms): Delta, delta_prev, g,
@@ -298,13 +363,13 @@ class KFAC(torch.optim.Optimizer):
             x = torch.zeros(k, dtype=torch.float64, device=V.device)
             x[0] = -b[0] / C[0, 0] if C[0, 0] > 0 else 0.0
         torch.mv(V.T, x.reshape(-1), out=W[4])
-        for p in params:
-            if "prev_update" not in self.state[p]:
-                self.state[p]["prev_update"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-        updates = [self.state[p]["prev_update"] for p in params]
-        torch._foreach_copy_(updates, rows[4])  # rounded to the parameters' dtype, as they are updated
-        torch._foreach_add_(params, updates)
-        return float(b_loss @ x + 0.5 * x @ gram @ x)
+        # rounded to the parameters' dtype, as they are updated
+        updates = [u.to(dtype=p.dtype, copy=True) for u, p in zip(rows[4], params)]
+        if not all_finite(updates + list(torch._foreach_add(params, updates))):
+            self._engine.skip("KFAC: the adaptive step's update is not finite; the step is skipped (parameters, "
+                              "factors and momentum unchanged)")
+            return None
+        return updates, float(b_loss @ x + 0.5 * x @ gram @ x)
 
     def _workspace(self, params) -> Tuple[Tensor, List[List[Tensor]]]:
         """(5, P) float64 scratch over all of ``params`` and its rows as per-parameter views."""
@@ -329,21 +394,49 @@ class KFAC(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``. Everything is validated first (a bad entry raises ValueError
+        naming it), so that a refused state leaves the optimizer exactly as it was."""
         if not isinstance(state_dict, dict) or "kfac" not in state_dict:
             raise ValueError("state_dict: not a KFAC state dict (no 'kfac' entry)")
-        state_dict = dict(state_dict)
-        kfac_state = state_dict.pop("kfac")
-        if kfac_state.get("fisher_type") != self._engine.fisher_type:
-            raise ValueError(f"state_dict: saved with fisher_type={kfac_state.get('fisher_type')!r}, this optimizer "
-                             f"uses {self._engine.fisher_type!r}")
-        backup = self._engine.state_dict()
-        self._engine.load_state_dict(kfac_state)  # validates before it changes anything
+        load_engine = self._engine.check_state_dict(state_dict["kfac"])
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict: not a KFAC state dict (no {key!r} entry)")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(groups[0], dict):
+            raise ValueError("state_dict: 'param_groups' must hold the one parameter group of a KFAC optimizer")
+        saved_group = groups[0]
+        params = self.param_groups[0]["params"]
+        if len(saved_group.get("params", ())) != len(params):
+            raise ValueError(f"state_dict: its parameter group has {len(saved_group.get('params', ()))} parameters, "
+                             f"this optimizer's {len(params)}")
+        merged = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        merged.update({k: v for k, v in saved_group.items() if k != "params"})
         try:
-            super().load_state_dict(state_dict)
-            _check_hyper(self.param_groups[0])
-        except Exception:
-            self._engine.load_state_dict(backup)
-            raise
+            _check_hyper(merged)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state_dict: param_groups[0]: {exc}") from None
+        self._check_param_state(state_dict["state"], saved_group["params"], params)
+        rest = {k: v for k, v in state_dict.items() if k != "kfac"}
+        super().load_state_dict(rest)
+        load_engine()
+
+    @staticmethod
+    def _check_param_state(state, ids, params) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict: 'state' must be a dict, got {type(state).__name__}")
+        index = {i: p for i, p in zip(ids, params)}
+        for i, entry in state.items():
+            if i not in index or not isinstance(entry, dict):
+                raise ValueError(f"state_dict: state entry {i!r} belongs to no parameter of this optimizer")
+            for key, t in entry.items():
+                if key not in ("momentum_buffer", "prev_update"):
+                    raise ValueError(f"state_dict: state[{i!r}] has an unknown entry {key!r}")
+                if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != index[i].shape:
+                    raise ValueError(f"state_dict: state[{i!r}][{key!r}] must be a floating tensor of the parameter's "
+                                     f"shape {tuple(index[i].shape)}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"state_dict: state[{i!r}][{key!r}] is not finite")
 
     def remove_hooks(self) -> None:
         """Detach from the model (its forwards are no longer recorded)."""
@@ -376,17 +469,23 @@ class KFACPreconditioner:
                  inv_update_freq: int = DEFAULTS["inv_update_freq"], kl_clip: Optional[float] = DEFAULTS["kl_clip"],
                  inverse: str = "eigen", fisher_type: str = "mc", mc_samples: int = 1, loss: Optional[str] = None,
                  reduction: str = "mean", kfac_approx: str = "expand", separate_weight_and_bias: bool = False,
+                 max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
                  backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
         self.lr, self.damping, self.factor_decay, self.kl_clip = lr, damping, factor_decay, kl_clip
         self.factor_update_freq, self.inv_update_freq = factor_update_freq, inv_update_freq
-        _check_hyper(self._hyper())
+        checked = _check_hyper(self._hyper())
+        for k in self._HYPER:
+            setattr(self, k, checked[k])
         self._engine = Engine(model, self._hyper, loss=loss, reduction=reduction, fisher_type=fisher_type,
                               mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse, backend=backend,
-                              seed=seed, grad_scaler=grad_scaler)
+                              seed=seed, grad_scaler=grad_scaler, max_consecutive_skips=max_consecutive_skips,
+                              owner="KFACPreconditioner")
         if self._engine.unsupported:
             warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their gradients are left "
                           "as they are", UserWarning, stacklevel=2)
+
+    __deepcopy__ = __copy__ = __reduce_ex__ = __getstate__ = refuse_copy
 
     def _hyper(self) -> dict:
         h = dict(DEFAULTS)
@@ -394,32 +493,51 @@ class KFACPreconditioner:
         return h
 
     def backward(self, loss: Tensor, outputs: Tensor) -> None:
-        """``loss.backward()``, preceded on factor-update steps by the curvature pass that gives G."""
+        """``loss.backward()``, preceded on factor-update steps by the curvature pass that gives G;
+        ``outputs`` is the tensor the model's forward returned (see ``KFAC.backward``)."""
         self._engine.backward(loss, outputs)
 
     @property
     def steps(self) -> int:
         return self._engine.steps
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients or directions."""
+        return self._engine.skipped_steps
+
     @torch.no_grad()
     def step(self) -> bool:
         """Precondition the gradients in place. Returns False (gradients and factors untouched) when a
-        gradient is not finite, so that the optimizer's step (or the GradScaler) can skip as well."""
-        _check_hyper(self._hyper())
+        gradient or a direction is not finite, so that the optimizer's step (or the GradScaler) can
+        skip as well, and when there are no gradients at all (that step does not count)."""
+        h = _check_hyper(self._hyper())
         engine = self._engine
         params = [p for layer in engine.layers for p in (layer.weight, layer.bias)
                   if p is not None and p.grad is not None]
-        warning = None if engine.grad_scaler is not None else (  # under a GradScaler skips are routine
-            "KFACPreconditioner: a gradient holds NaN or Inf; gradients left as they are and factors unchanged")
-        if not engine.grads_finite(params, warning):
+        if not params:
+            engine.discard()
+            warn_user("KFACPreconditioner.step(): no K-FAC layer has a gradient (call pre.backward(loss, outputs) "
+                      "first); nothing was done and the step does not count")
             return False
-        engine.commit(None)
+        # under a GradScaler skips are routine: silent
+        quiet = engine.grad_scaler is not None
+        if not engine.grads_finite(params):
+            engine.skip(None if quiet else "KFACPreconditioner: a gradient holds NaN or Inf; gradients left as they "
+                        "are and factors unchanged")
+            return False
+        engine.prepare(None)
         directions, _ = engine.preconditioned()
         clipped = [p for p in params if id(p) in directions]
-        nu = reference.kl_nu([directions[id(p)] for p in clipped], [p.grad for p in clipped], [True] * len(clipped),
-                             self.lr, self.kl_clip or 0.0)
-        for p in clipped:
-            d = directions[id(p)]
+        dirs = [directions[id(p)] for p in clipped]
+        if not all_finite(dirs):
+            engine.skip(None if quiet else "KFACPreconditioner: a preconditioned direction is not finite (an "
+                        "overflow: a low-precision model with a small damping?); gradients left as they are and "
+                        "factors unchanged")
+            return False
+        engine.accept()
+        nu = reference.kl_nu(dirs, [p.grad for p in clipped], [True] * len(clipped), h["lr"], h["kl_clip"] or 0.0)
+        for p, d in zip(clipped, dirs):
             p.grad.copy_(d * nu.to(d.dtype))
         engine.step_done()
         return True
@@ -430,19 +548,23 @@ class KFACPreconditioner:
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``, validated completely first: a bad entry raises ValueError naming
+        it and leaves the preconditioner exactly as it was."""
         if not isinstance(state_dict, dict) or "hyper" not in state_dict:
             raise ValueError("state_dict: not a KFACPreconditioner state dict (no 'hyper' entry)")
-        hyper = dict(state_dict["hyper"])
-        saved = {k: getattr(self, k) for k in self._HYPER}
-        for k in self._HYPER:
-            setattr(self, k, hyper.get(k, saved[k]))
+        hyper = state_dict["hyper"]
+        if not isinstance(hyper, dict) or set(hyper) != set(self._HYPER):
+            raise ValueError(f"state_dict: entry 'hyper' must hold exactly {sorted(self._HYPER)}")
+        h = dict(DEFAULTS)
+        h.update(hyper)
         try:
-            _check_hyper(self._hyper())
-            self._engine.load_state_dict(state_dict)
-        except ValueError:
-            for k, v in saved.items():
-                setattr(self, k, v)
-            raise
+            checked = _check_hyper(h)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state_dict: hyper: {exc}") from None
+        load_engine = self._engine.check_state_dict(state_dict)
+        for k in self._HYPER:
+            setattr(self, k, checked[k])
+        load_engine()
 
     def remove_hooks(self) -> None:
         self._engine.remove()

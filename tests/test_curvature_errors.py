@@ -115,9 +115,10 @@ def test_targets_are_checked_in_every_batch(fn):
 
 @pytest.mark.parametrize("fn", ALL)
 def test_unbatched_outputs(fn):
+    # (B,) outputs are a column for MSE and BCE (tests/test_misuse.py), but cross-entropy needs classes
     model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)).to(DT)
     with pytest.raises(ValueError, match="model outputs must be batched"):
-        fn(model, nn.MSELoss(), (X4, torch.randn(4, dtype=DT)))
+        fn(model, nn.CrossEntropyLoss(), (X4, torch.randint(0, 2, (4,))))
 
 
 @pytest.mark.parametrize("model", [

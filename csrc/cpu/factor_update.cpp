@@ -66,9 +66,10 @@ void blas_update(const at::Tensor& F, const at::Tensor& input, bool ones, double
 
 }  // namespace
 
-void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
+void factor_update_(at::TensorList factors, at::TensorList given, double decay,
                     at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  factor_update::check_lengths(factors, inputs, scales, append_ones);
+  factor_update::check_lengths(factors, given, scales, append_ones);
+  const std::vector<at::Tensor> inputs = factor_update::unaliased_inputs(factors, given);
   std::vector<int64_t> layers;
   std::vector<double> work;
   for (size_t i = 0; i < factors.size(); ++i) {
@@ -143,9 +144,10 @@ void write_patch_rows(const at::Tensor& x, const factor_update::ConvGeometry& g,
   });
 }
 
-void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntArrayRef geometry, double decay,
+void conv_factor_update_(at::TensorList factors, at::TensorList given, at::IntArrayRef geometry, double decay,
                          at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  factor_update::check_lengths(factors, images, scales, append_ones);
+  factor_update::check_lengths(factors, given, scales, append_ones);
+  const std::vector<at::Tensor> images = factor_update::unaliased_inputs(factors, given);
   TORCH_CHECK(geometry.size() == factors.size() * factor_update::kConvGeometry, "conv_factor_update_: geometry must "
               "hold ", factor_update::kConvGeometry, " ints per layer");
   for (size_t i = 0; i < factors.size(); ++i) {

@@ -133,9 +133,10 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
   }
 }
 
-void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
+void factor_update_(at::TensorList factors, at::TensorList given, double decay,
                     at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  factor_update::check_lengths(factors, inputs, scales, append_ones);
+  factor_update::check_lengths(factors, given, scales, append_ones);
+  const std::vector<at::Tensor> inputs = factor_update::unaliased_inputs(factors, given);
   launch_groups(factors, inputs, decay, scales, [&](size_t i, Layer* L) {
     const at::Tensor& X = inputs[i];
     L->dim = factor_update::checked_dim(factors[i], X, append_ones.get(i), i);
@@ -149,9 +150,10 @@ void factor_update_(at::TensorList factors, at::TensorList inputs, double decay,
 }
 
 // The patches of each image, read straight from it by the kernel's loader: no unfold in memory.
-void conv_factor_update_(at::TensorList factors, at::TensorList images, at::IntArrayRef geometry, double decay,
+void conv_factor_update_(at::TensorList factors, at::TensorList given, at::IntArrayRef geometry, double decay,
                          at::ArrayRef<double> scales, const c10::List<bool>& append_ones) {
-  factor_update::check_lengths(factors, images, scales, append_ones);
+  factor_update::check_lengths(factors, given, scales, append_ones);
+  const std::vector<at::Tensor> images = factor_update::unaliased_inputs(factors, given);
   TORCH_CHECK(geometry.size() == factors.size() * factor_update::kConvGeometry, "conv_factor_update_: geometry must "
               "hold ", factor_update::kConvGeometry, " ints per layer");
   launch_groups(factors, images, decay, scales, [&](size_t i, Layer* L) {

@@ -146,10 +146,11 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
       out[i] = at::empty(M.sizes(), M.options());
       if (M.numel() == 0) continue;
       const at::Tensor T = at::empty(M.sizes(), QA[i].options()), V = at::empty(M.sizes(), QA[i].options());
-      keep.push_back(T);
-      keep.push_back(V);
+      // The epilogue indexes the eigenvalues densely: a strided (or stride-0) view is copied first.
+      const at::Tensor da = dA[i].contiguous(), dg = dG[i].contiguous();
+      keep.insert(keep.end(), {T, V, da, dg});
       stage[0].push_back(entry(M, false, QA[i], false, T, &tiles[0]));
-      stage[1].push_back(entry(QG[i], true, T, false, V, &tiles[1], factored ? kFactored : kExact, &dG[i], &dA[i],
+      stage[1].push_back(entry(QG[i], true, T, false, V, &tiles[1], factored ? kFactored : kExact, &dg, &da,
                                damping));
       stage[2].push_back(entry(V, false, QA[i], true, T, &tiles[2]));
       stage[3].push_back(entry(QG[i], false, T, false, out[i], &tiles[3]));

@@ -66,9 +66,10 @@ class LossSpec:
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         """Raise ValueError unless ``targets`` fit ``outputs`` for this loss."""
-        if outputs.dim() < 2:
+        if outputs.dim() < (2 if self.name == "cross_entropy" else 1):
             raise ValueError(
                 f"model outputs must be batched with a class / feature dimension, got shape {tuple(outputs.shape)}"
+                + (" (a (B,) output works with MSE and BCE)" if outputs.dim() == 1 else "")
             )
         if not isinstance(targets, Tensor):
             raise ValueError(f"data: targets must be tensors, got {type(targets).__name__}")
@@ -90,9 +91,11 @@ class LossSpec:
             )
 
     def flatten_outputs(self, outputs: Tensor) -> Tensor:
-        """(terms, C) view of the outputs, differentiable."""
+        """(terms, C) view of the outputs, differentiable; (B,) outputs of MSE and BCE are (B, 1)."""
         if self.name == "cross_entropy":
             outputs = outputs.movedim(1, -1)
+        elif outputs.dim() == 1:
+            return outputs.unsqueeze(-1)
         return outputs.reshape(-1, outputs.shape[-1])
 
     def flatten_targets(self, targets: Tensor, outputs: Tensor) -> Tensor:

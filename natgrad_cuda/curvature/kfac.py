@@ -150,6 +150,10 @@ def kfac(
     if num_data == 0:
         raise ValueError("data is empty: it holds no (inputs, targets) batch with a data point")
 
+    for name in A:
+        if not (bool(torch.isfinite(A[name]).all()) and bool(torch.isfinite(G[name]).all())):
+            raise ValueError(f"the K-FAC factors of layer {name!r} are not finite: the data, the model's parameters "
+                             "or its outputs hold NaN or Inf")
     for a in A.values():
         a.div_(num_data)
     if fisher_type == "forward-only":

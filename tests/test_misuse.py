@@ -1,0 +1,756 @@
+"""Misuse and faults: every case either gives the right result (equal to the correct computation) or
+a clear error naming the problem, with nothing changed in the model or the optimizer by a refused call.
+
+Each test is named for what the user did. float64 unless the case is about dtypes.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad_cuda as ng
+from natgrad_cuda import emulation
+
+DT = torch.float64
+IMPLS = ["reference"] + (["native"] if "cpu" in ng.build_info()["backends"] else []) + (
+    ["emulated"] if emulation.available() else [])
+
+
+def mlp(seed=0, out=3, dtype=DT):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, out)).to(dtype)
+
+
+def batch(n=12, seed=1, out=3, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, dtype=dtype, generator=g), torch.randint(0, out, (n,), generator=g)
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def snapshot(model, opt):
+    """Everything a refused call must leave alone: parameters, gradients, the optimizer's state."""
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    sd = opt.state_dict()
+    return params, grads, pickle.dumps(_tensors_to_lists(sd))
+
+
+def _tensors_to_lists(obj):
+    if isinstance(obj, torch.Tensor):
+        return (str(obj.dtype), obj.tolist())
+    if isinstance(obj, dict):
+        return {k: _tensors_to_lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tensors_to_lists(v) for v in obj]
+    return obj
+
+
+def assert_unchanged(before, model, opt):
+    params, grads, sd = snapshot(model, opt)
+    for a, b in zip(before[0], params):
+        assert torch.equal(a, b)
+    for a, b in zip(before[1], grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert before[2] == sd
+
+
+def train(model, opt, batches, extra=None):
+    """Plain steps; ``extra(model)`` runs between opt.backward and step."""
+    for x, y in batches:
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(F.cross_entropy(out, y), out)
+        if extra is not None:
+            extra(model)
+        opt.step()
+    return flat(model.parameters())
+
+
+def kfac(model, **kw):
+    kw = {"loss": "cross_entropy", "fisher_type": "type-2", "factor_update_freq": 1, "inv_update_freq": 1,
+          "seed": 0, **kw}
+    return ng.KFAC(model, **kw)
+
+
+BATCHES = [batch(seed=s) for s in range(4)]
+
+
+# ---- 1. curvature fed by the wrong forward ----------------------------------------------------------
+
+
+def test_passing_a_slice_of_the_outputs_is_refused_and_changes_nothing():
+    model = mlp()
+    opt = kfac(model)
+    x, y = batch()
+    out = model(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="computed from the model's output"):
+        opt.backward(F.cross_entropy(out[:4], y[:4]), out[:4])
+    assert_unchanged(before, model, opt)
+    opt.backward(F.cross_entropy(out, y), out)  # the right call still works afterwards
+    assert opt.step()
+
+
+@pytest.mark.parametrize("when", ["before", "between", "after_backward"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical", "forward-only"])
+def test_monitoring_forward_outside_no_grad_does_not_change_the_step(when, fisher_type):
+    clean, noisy = mlp(), mlp()
+    opt_a, opt_b = kfac(clean, fisher_type=fisher_type), kfac(noisy, fisher_type=fisher_type)
+    xm, _ = batch(n=30, seed=99)
+    for x, y in BATCHES:
+        for model, opt, monitor in ((clean, opt_a, False), (noisy, opt_b, True)):
+            opt.zero_grad()
+            if monitor and when == "before":
+                model(xm).sum()  # a forward with gradients enabled whose outputs never reach a backward
+            out = model(x)
+            if monitor and when == "between":
+                model(xm)
+            opt.backward(F.cross_entropy(out, y), out)
+            if monitor and when == "after_backward":
+                model(xm)
+            opt.step()
+    assert torch.equal(flat(clean.parameters()), flat(noisy.parameters()))
+
+
+def test_outputs_the_loss_was_not_computed_from_are_refused():
+    model = mlp()
+    opt = kfac(model)
+    x, y = batch()
+    out1, out2 = model(x), model(x * 2)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="loss was not computed from outputs"):
+        opt.backward(F.cross_entropy(out1, y), out2)
+    assert_unchanged(before, model, opt)
+
+
+@pytest.mark.parametrize("detached,match", [("outputs", "outputs does not require grad"),
+                                             ("loss", "loss does not require grad")])
+def test_detached_outputs_or_loss_are_refused(detached, match):
+    model = mlp()
+    opt = kfac(model)
+    x, y = batch()
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.backward(loss.detach() if detached == "loss" else loss, out.detach() if detached == "outputs" else out)
+    assert_unchanged(before, model, opt)
+
+
+def test_outputs_of_another_model_or_of_a_forward_before_the_optimizer_are_refused():
+    model, other = mlp(), mlp(seed=3)
+    x, y = batch()
+    early = model(x)
+    opt = kfac(model)
+    with pytest.raises(ValueError, match="not the output of a forward of this optimizer's model"):
+        opt.backward(F.cross_entropy(early, y), early)
+    out = other(x)
+    with pytest.raises(ValueError, match="not the output of a forward of this optimizer's model"):
+        opt.backward(F.cross_entropy(out, y), out)
+
+
+def test_calling_opt_backward_twice_on_one_forward_is_refused():
+    model = mlp()
+    opt = kfac(model)
+    x, y = batch()
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    opt.backward(loss, out)
+    with pytest.raises(ValueError, match="already called"):
+        opt.backward(F.cross_entropy(out, y), out)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "forward-only"])
+@pytest.mark.parametrize("cls", ["KFAC", "KFACPreconditioner"])
+def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch(fisher_type, cls):
+    """Micro-batches of 5 and 7, each loss weighted by its share of the batch, then one step: the
+    same factors and step as one batch of 12 (three steps, momentum on, float64)."""
+    def make(model):
+        if cls == "KFAC":
+            return kfac(model, fisher_type=fisher_type, momentum=0.5), None
+        pre = ng.KFACPreconditioner(model, loss="cross_entropy", fisher_type=fisher_type, factor_update_freq=1,
+                                    inv_update_freq=1, lr=0.1)
+        return pre, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+
+    whole, parts = mlp(), mlp()
+    (opt_w, sgd_w), (opt_p, sgd_p) = make(whole), make(parts)
+    for x, y in BATCHES[:3]:
+        for model, opt, sgd, splits in ((whole, opt_w, sgd_w, [12]), (parts, opt_p, sgd_p, [5, 7])):
+            model.zero_grad()
+            for xs, ys in zip(x.split(splits), y.split(splits)):
+                out = model(xs)
+                opt.backward(F.cross_entropy(out, ys) * (len(ys) / 12), out)
+            opt.step()
+            if sgd is not None:
+                sgd.step()
+    torch.testing.assert_close(flat(parts.parameters()), flat(whole.parameters()), rtol=1e-10, atol=1e-12)
+    def layers(opt):
+        sd = opt.state_dict()
+        return sd["kfac"]["layers"] if cls == "KFAC" else sd["layers"]
+
+    for name, st in layers(opt_w).items():
+        for key in ("A", "G"):
+            torch.testing.assert_close(layers(opt_p)[name][key], st[key], rtol=1e-12, atol=1e-14)
+
+
+# ---- 2. loss.backward() in place of opt.backward() ----------------------------------------------------
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_plain_loss_backward_with_a_curvature_fisher_warns_naming_opt_backward(fisher_type):
+    model = mlp()
+    opt = kfac(model, fisher_type=fisher_type)
+    x, y = batch()
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    with pytest.warns(RuntimeWarning, match=r"opt\.backward\(loss, outputs\)"):
+        opt.step()
+
+
+def test_step_without_any_gradient_does_nothing_and_does_not_count():
+    model = mlp()
+    opt = kfac(model)
+    model(batch()[0])  # a forward, but no backward
+    before = snapshot(model, opt)
+    with pytest.warns(RuntimeWarning, match="no parameter has a gradient"):
+        assert opt.step() is False
+    assert opt.steps == 0 and opt.skipped_steps == 0
+    assert_unchanged(before, model, opt)
+
+
+# ---- 3. non-finite directions and updates ---------------------------------------------------------------
+
+
+def half_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).half()
+
+
+@pytest.mark.parametrize("backend", IMPLS)
+def test_fp16_model_whose_direction_overflows_skips_the_step(backend):
+    """Small inputs make A's smallest eigenvalues tiny, so at damping 1e-9 the direction is many times
+    the gradient, past float16's range (finite gradients of at most 31): the step must be skipped,
+    not written."""
+    model = half_model()
+    opt = kfac(model, damping=1e-9, kl_clip=None, lr=1e-3, backend=backend)
+    x, y = torch.randn(16, 5).half() * 1e-2, torch.randint(0, 3, (16,))
+    out = model(x)
+    opt.backward(F.cross_entropy(out.float(), y) * 100, out)
+    params = flat(model.parameters()).clone()
+    with pytest.warns(RuntimeWarning, match="direction or the update is not finite"):
+        assert opt.step() is False
+    assert torch.equal(flat(model.parameters()), params)
+    assert opt.steps == 0 and opt.skipped_steps == 1
+    assert all(not st for st in opt.state_dict()["kfac"]["layers"].values())  # no factors committed
+    assert torch.isfinite(flat(model.parameters())).all()
+
+
+@pytest.mark.parametrize("backend", IMPLS)
+def test_fp16_update_that_would_overflow_the_parameters_skips_the_step(backend):
+    model = half_model()
+    opt = kfac(model, damping=1.0, kl_clip=None, lr=3e4, momentum=0.0, backend=backend)
+    x, y = torch.randn(16, 5).half(), torch.randint(0, 3, (16,))
+    out = model(x)
+    opt.backward(F.cross_entropy(out.float(), y) * 100, out)
+    params = flat(model.parameters()).clone()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert opt.step() is False
+    assert torch.equal(flat(model.parameters()), params)
+
+
+def test_fp16_preconditioner_with_an_overflowing_direction_leaves_the_gradients():
+    model = half_model()
+    pre = ng.KFACPreconditioner(model, loss="cross_entropy", fisher_type="type-2", damping=1e-9, kl_clip=None,
+                                factor_update_freq=1, inv_update_freq=1)
+    x, y = torch.randn(16, 5).half() * 1e-2, torch.randint(0, 3, (16,))
+    out = model(x)
+    pre.backward(F.cross_entropy(out.float(), y) * 100, out)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="direction is not finite"):
+        assert pre.step() is False
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert pre.steps == 0 and pre.skipped_steps == 1
+
+
+def test_large_but_finite_fp16_update_is_taken():
+    """The bound that guards the update is only a shortcut: an update near float16's limit that
+    stays finite is taken (checked exactly on copies)."""
+    model = half_model()
+    with torch.no_grad():
+        model[0].weight.fill_(2e4)
+    opt = kfac(model, damping=1.0, kl_clip=None, lr=1e-3, momentum=0.9)
+    x, y = torch.randn(16, 5).half() * 1e-3, torch.randint(0, 3, (16,))
+    out = model(x)
+    opt.backward(F.cross_entropy(out.float(), y), out)
+    assert opt.step() is True
+
+
+# ---- 4. state dicts -------------------------------------------------------------------------------
+
+
+def trained(**kw):
+    model = mlp()
+    opt = kfac(model, **kw)
+    train(model, opt, BATCHES[:2])
+    return model, opt
+
+
+def corrupt(sd, path, value):
+    sd = copy.deepcopy(sd)
+    target = sd
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value(target[path[-1]]) if callable(value) else value
+    return sd
+
+
+def _nan(t):
+    t = t.clone(memory_format=torch.contiguous_format)
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+BAD_STATES = [
+    (("kfac", "layers", "0", "A"), _nan, "'A' is not finite"),
+    (("kfac", "layers", "0", "QA"), _nan, "'QA' is not finite"),
+    (("kfac", "layers", "2", "dG"), _nan, "'dG' is not finite"),
+    (("kfac", "layers", "2", "dG"), lambda t: -t - 1, "eigenvalues must be >= 0"),
+    (("kfac", "layers", "0", "QG"), lambda t: t * 2, "orthonormal"),
+    (("kfac", "layers", "0", "G"), lambda t: t[:2, :2], "shape"),
+    (("kfac", "layers", "0", "A"), lambda t: t.long(), "floating-point"),
+    (("kfac", "layers", "0", "dA"), KeyError, "incomplete"),
+    (("kfac", "layers", "0"), lambda st: {**st, "H": st["A"]}, "unknown"),
+    (("kfac", "steps"), 2.0, "'steps' must be an int"),
+    (("kfac", "steps"), True, "'steps' must be an int"),
+    (("kfac", "steps"), -1, "'steps' must be an int"),
+    (("kfac", "steps"), KeyError, "missing steps"),
+    (("kfac", "generator"), lambda g: g[:10], "generator"),
+    (("kfac", "last_rho"), "high", "last_rho"),
+    (("param_groups", 0, "lr"), -1.0, "lr"),
+    (("param_groups", 0, "momentum"), 5.0, "momentum"),
+    (("param_groups", 0, "damping"), "0.01", "damping"),
+    (("state",), KeyError, "'state'"),
+    (("state", 0, "momentum_buffer"), _nan, "not finite"),
+    (("state", 0, "momentum_buffer"), lambda t: t[:1], "shape"),
+]
+
+
+@pytest.mark.parametrize("path,value,match", BAD_STATES, ids=[f"{'.'.join(map(str, p))}-{i}"
+                                                             for i, (p, _, _) in enumerate(BAD_STATES)])
+def test_loading_a_bad_state_dict_raises_naming_the_entry_and_changes_nothing(path, value, match):
+    _, source = trained()
+    sd = corrupt(source.state_dict(), path, value)
+    model, opt = trained()
+    train(model, opt, BATCHES[2:3])
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(before, model, opt)
+    opt.load_state_dict(source.state_dict())  # a good state still loads
+
+
+def test_loading_a_bad_preconditioner_state_changes_nothing():
+    model = mlp()
+    pre = ng.KFACPreconditioner(model, loss="cross_entropy", fisher_type="type-2", damping=0.1)
+    x, y = batch()
+    out = model(x)
+    pre.backward(F.cross_entropy(out, y), out)
+    pre.step()
+    sd = pre.state_dict()
+    bad = corrupt(sd, ("hyper", "damping"), -1.0)
+    worse = corrupt(sd, ("layers", "0", "A"), _nan)
+    for state, match in ((bad, "damping"), (worse, "'A' is not finite")):
+        pre.damping = 0.3
+        before = pickle.dumps(_tensors_to_lists(pre.state_dict()))
+        with pytest.raises(ValueError, match=match):
+            pre.load_state_dict(state)
+        assert pre.damping == 0.3 and pickle.dumps(_tensors_to_lists(pre.state_dict())) == before
+
+
+# ---- 5. runs that skip every step -------------------------------------------------------------------
+
+
+def test_a_run_that_skips_every_step_counts_warns_each_time_and_escalates():
+    model = mlp()
+    opt = kfac(model, max_consecutive_skips=4)
+    x, y = batch()
+    messages = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # the default filter: identical messages would show once
+        for i in range(3):
+            opt.zero_grad()
+            out = model(x)
+            opt.backward(F.cross_entropy(out, y) * float("inf"), out)
+            assert opt.step() is False
+        messages = [str(w.message) for w in caught if "NaN or Inf" in str(w.message)]
+    assert len(messages) == 3 and len(set(messages)) == 3
+    assert "3 in a row, 3 skipped in all" in messages[-1]
+    assert opt.skipped_steps == 3 and opt.steps == 0
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y) * float("inf"), out)
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="last 4 steps were all skipped"):
+        opt.step()
+    # a good step resets the run of skips
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y), out)
+    assert opt.step() and opt.steps == 1 and opt.skipped_steps == 4
+
+
+def test_skip_counters_survive_a_checkpoint():
+    model = mlp()
+    opt = kfac(model)
+    x, y = batch()
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y) * float("nan"), out)
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    other = kfac(mlp())
+    other.load_state_dict(opt.state_dict())
+    assert other.skipped_steps == 1
+
+
+# ---- 6. copies ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["KFAC", "KFACPreconditioner"])
+def test_copying_or_pickling_the_optimizer_is_refused_clearly(cls):
+    model = mlp()
+    opt = kfac(model) if cls == "KFAC" else ng.KFACPreconditioner(model, loss="cross_entropy")
+    for attempt in (lambda: copy.deepcopy(opt), lambda: copy.copy(opt), lambda: pickle.dumps(opt),
+                    lambda: torch.save(opt, io.BytesIO())):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
+            attempt()
+
+
+def test_copying_or_saving_the_model_after_building_the_optimizer_works_and_the_copy_is_not_recorded():
+    model, reference = mlp(), mlp()
+    opt, opt_ref = kfac(model), kfac(reference)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the whole model, hooks and all
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for x, y in BATCHES:
+        for m in (twin, loaded):  # forwards of the copies, with gradients, must not reach the optimizer
+            F.cross_entropy(m(x), y).backward()
+        train(model, opt, [(x, y)])
+        train(reference, opt_ref, [(x, y)])
+    assert torch.equal(flat(model.parameters()), flat(reference.parameters()))
+    # and a copy can get an optimizer of its own
+    train(twin, kfac(twin), BATCHES[:2])
+
+
+# ---- 7. the model's dtype or device changed ---------------------------------------------------------------
+
+
+def test_model_double_after_building_the_optimizer_follows_the_new_dtype():
+    built_f32, built_f64 = mlp(dtype=torch.float32), mlp()
+    opt_a = kfac(built_f32)
+    opt_b = kfac(built_f64)
+    built_f32.double()
+    train(built_f32, opt_a, BATCHES)
+    train(built_f64, opt_b, BATCHES)
+    assert opt_a.state_dict()["kfac"]["layers"]["0"]["A"].dtype == torch.float64
+    torch.testing.assert_close(flat(built_f32.parameters()), flat(built_f64.parameters()), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_model_half_after_some_steps_keeps_training(momentum):
+    model = mlp(dtype=torch.float32)
+    opt = kfac(model, momentum=momentum, damping=0.1)
+    batches = [(x.float(), y) for x, y in BATCHES]
+    train(model, opt, batches[:2])
+    model.half()
+    train(model, opt, [(x.half(), y) for x, y in batches[2:]])
+    assert opt.steps == 4 and torch.isfinite(flat(model.parameters())).all()
+    layers = opt.state_dict()["kfac"]["layers"]
+    assert layers["0"]["A"].dtype == torch.float32  # half models accumulate in float32
+    if momentum:
+        assert all(s["momentum_buffer"].dtype == torch.float16 for s in opt.state.values())
+
+
+# ---- 8. the ops -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("view", ["strided", "stride0"])
+def test_precondition_with_strided_or_expanded_eigenvalue_vectors(impl, view):
+    g = torch.Generator().manual_seed(0)
+    o, k = 5, 7
+    M = torch.randn(o, k, dtype=DT, generator=g)
+    QA = torch.linalg.qr(torch.randn(k, k, dtype=DT, generator=g))[0]
+    QG = torch.linalg.qr(torch.randn(o, o, dtype=DT, generator=g))[0]
+    if view == "strided":
+        dA, dG = torch.rand(2 * k, dtype=DT, generator=g)[::2], torch.rand(3 * o, dtype=DT, generator=g)[::3]
+    else:
+        dA, dG = torch.tensor(0.7, dtype=DT).expand(k), torch.tensor(1.3, dtype=DT).expand(o)
+    expect = ng.reference.precondition([M], [QA], [dA.contiguous()], [QG], [dG.contiguous()], 0.01)[0]
+    got = ng.ops.precondition([M], [QA], [dA], [QG], [dG], 0.01, impl=impl)[0]
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ones", [False, True])
+def test_factor_update_of_a_factor_with_itself_as_input(impl, ones):
+    """F <- 0.5 F + 2 F~^T F~ with the input aliasing the factor (or a view of it)."""
+    g = torch.Generator().manual_seed(0)
+    F0 = torch.randn(6, 6, dtype=DT, generator=g)
+    F0 = F0 @ F0.T
+    dim = 6
+    expect = F0.clone() if not ones else torch.zeros(dim + 1, dim + 1, dtype=DT)
+    X = F0.clone() if not ones else F0.clone()
+    if not ones:
+        ng.reference.factor_update_([expect], [X], 0.5, [2.0], [False])
+        F = F0.clone()
+        ng.ops.factor_update_([F], [F], 0.5, [2.0], [False], impl=impl)
+    else:  # the factor is 7 x 7 and its input a 7 x 6 view of it
+        big = torch.randn(7, 7, dtype=DT, generator=g)
+        big = big @ big.T
+        expect = big.clone()
+        ng.reference.factor_update_([expect], [big[:, :6].clone()], 0.5, [2.0], [True])
+        F = big.clone()
+        ng.ops.factor_update_([F], [F[:, :6]], 0.5, [2.0], [True], impl=impl)
+    torch.testing.assert_close(F, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+def test_factor_update_with_two_factors_sharing_memory_is_refused(impl):
+    F = torch.zeros(8, 4, dtype=DT)
+    X = torch.randn(3, 4, dtype=DT)
+    with pytest.raises(RuntimeError, match="share memory"):
+        ng.ops.factor_update_([F[:4], F[:4]], [X, X], 0.0, [1.0, 1.0], [False, False], impl=impl)
+
+
+def op_calls(requires_grad_arg):
+    """One call of each op with the named argument requiring grad."""
+    g = torch.Generator().manual_seed(0)
+    F_ = torch.eye(4, dtype=DT)
+    X = torch.randn(3, 4, dtype=DT, generator=g)
+    M = torch.randn(2, 4, dtype=DT, generator=g)
+    e4, e2 = torch.eye(4, dtype=DT), torch.eye(2, dtype=DT)
+    d4, d2 = torch.ones(4, dtype=DT), torch.ones(2, dtype=DT)
+    p, buf = torch.randn(2, 4, dtype=DT, generator=g), torch.zeros(2, 4, dtype=DT)
+
+    def rg(name, t):
+        return t.clone().requires_grad_() if name == requires_grad_arg else t
+
+    return {
+        "factor_update_": lambda impl: ng.ops.factor_update_([rg("factors", F_)], [rg("inputs", X)], 0.5, [1.0],
+                                                             [False], impl=impl),
+        "eigh_batched": lambda impl: ng.ops.eigh_batched([rg("mats", F_)], impl=impl),
+        "precondition": lambda impl: ng.ops.precondition([rg("grads", M)], [rg("QA", e4)], [d4], [e2], [d2], 0.1,
+                                                         impl=impl),
+        "kfac_update_": lambda impl: ng.ops.kfac_update_([rg("params", p)], [M], [M], [buf], [True], 0.1, 0.5,
+                                                         0.0, 0.0, impl=impl),
+    }
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op,arg", [("factor_update_", "factors"), ("factor_update_", "inputs"),
+                                    ("eigh_batched", "mats"), ("precondition", "grads"), ("precondition", "QA"),
+                                    ("kfac_update_", "params")])
+def test_op_on_tensors_that_require_grad_is_refused(impl, op, arg):
+    call = op_calls(arg)[op]
+    with pytest.raises(ValueError, match=f"{arg}\\[0\\] requires grad.*no derivative"):
+        call(impl)
+    with torch.no_grad():  # what the optimizer does: fine
+        call(impl)
+
+
+@pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
+def test_calling_the_registered_op_directly_on_tensors_that_require_grad_is_refused(ns):
+    """torch.ops.natgrad.* bypass the Python checks: the dispatcher's Autograd entry refuses instead of
+    torch's fallback, which differentiated the kernel's internals into a wrong gradient."""
+    if not ng._ext.loaded():
+        pytest.skip("no compiled extension")
+    M = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    args = ([torch.eye(3, dtype=DT)], [torch.ones(3, dtype=DT)], [torch.eye(2, dtype=DT)], [torch.ones(2, dtype=DT)])
+    op = getattr(torch.ops, ns)
+    with pytest.raises(RuntimeError, match="argument 'grads' requires grad.*no derivative"):
+        op.precondition([M], *args, 0.5, False)
+    F_ = torch.eye(3, dtype=DT, requires_grad=True)
+    with pytest.raises(RuntimeError, match="argument 'factors' requires grad"):
+        op.factor_update_([F_], [torch.randn(2, 3, dtype=DT)], 0.5, [1.0], [False])
+    assert torch.equal(F_, torch.eye(3, dtype=DT))
+    with torch.no_grad():
+        out = op.precondition([M], *args, 0.5, False)[0]
+    torch.testing.assert_close(out, M.detach() / 1.5)
+
+
+@pytest.mark.parametrize("call,name,error", [
+    (lambda: ng.ops.factor_update_([torch.eye(2)], [torch.ones(1, 2)], -0.5, [1.0], [False]), "decay", ValueError),
+    (lambda: ng.ops.factor_update_([torch.eye(2)], [torch.ones(1, 2)], 1.5, [1.0], [False]), "decay", ValueError),
+    (lambda: ng.ops.factor_update_([torch.eye(2)], [torch.ones(1, 2)], 0.5, [-1.0], [False]), "scales", ValueError),
+    (lambda: ng.ops.factor_update_([torch.eye(2)], [torch.ones(1, 2)], "0.5", [1.0], [False]), "decay", TypeError),
+    (lambda: ng.ops.factor_update_([torch.eye(2)], [torch.ones(1, 2)], 0.5, [1.0], ["no"]), "append_ones",
+     TypeError),
+    (lambda: ng.ops.precondition([torch.ones(1, 1)], [torch.eye(1)], [torch.ones(1)], [torch.eye(1)],
+                                 [torch.ones(1)], "0.01"), "damping", TypeError),
+    (lambda: ng.ops.precondition([torch.ones(1, 1)], [torch.eye(1)], [torch.ones(1)], [torch.eye(1)],
+                                 [torch.ones(1)], float("nan")), "damping", ValueError),
+    (lambda: ng.ops.kfac_update_([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [True], 0.1,
+                                 5.0, 0.0, 0.0), "momentum", ValueError),
+    (lambda: ng.ops.kfac_update_([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [True], -0.1,
+                                 0.5, 0.0, 0.0), "lr", ValueError),
+    (lambda: ng.ops.kfac_update_([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [True], 0.1,
+                                 0.5, -1.0, 0.0), "weight_decay", ValueError),
+    (lambda: ng.ops.kfac_update_([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [True], 0.1,
+                                 0.5, 0.0, -1.0), "kl_clip", ValueError),
+])
+def test_op_scalars_out_of_range_or_of_the_wrong_kind_are_refused(call, name, error):
+    with pytest.raises(error, match=name):
+        call()
+
+
+def test_op_scalars_may_be_numpy_or_0d_tensors():
+    F1, F2 = torch.eye(3), torch.eye(3)
+    X = torch.randn(4, 3)
+    ng.ops.factor_update_([F1], [X], 0.5, [0.25], [False])
+    ng.ops.factor_update_([F2], [X], np.float32(0.5), [torch.tensor(0.25)], [np.bool_(False).item()])
+    torch.testing.assert_close(F1, F2)
+
+
+# ---- 9. clearer errors, and what torch.optim accepts ------------------------------------------------------
+
+
+def test_freezing_a_layer_after_building_the_optimizer_is_refused_clearly():
+    model = mlp()
+    opt = kfac(model)
+    model[0].weight.requires_grad_(False)
+    x, y = batch()
+    out = model(x)
+    with pytest.raises(ValueError, match="layer '0' was frozen after the optimizer was built"):
+        opt.backward(F.cross_entropy(out, y), out)
+
+
+def test_curvature_kfac_of_data_with_nan_is_refused():
+    model = mlp()
+    x, y = batch()
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        ng.curvature.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="type-2")
+
+
+def test_conv_patches_take_int_kernels_like_torch():
+    x = torch.randn(2, 3, 6, 6, dtype=DT)
+    a, b = ng.ops.ConvPatches(x, 3, stride=2, padding=1), ng.ops.ConvPatches(x, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    assert a == b or (a.kernel, a.stride, a.dilation, a.padding) == (b.kernel, b.stride, b.dilation, b.padding)
+    torch.testing.assert_close(a.unfold(), b.unfold())
+    with pytest.raises(TypeError, match="kernel"):
+        ng.ops.ConvPatches(x, "3")
+    with pytest.raises(ValueError, match="kernel"):
+        ng.ops.ConvPatches(x, (3, 0))
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25)])
+def test_numpy_and_0d_tensor_hyperparameters_are_accepted(lr):
+    a, b = mlp(), mlp()
+    train(a, kfac(a, lr=lr, damping=np.float32(0.125)), BATCHES[:2])
+    train(b, kfac(b, lr=0.25, damping=0.125), BATCHES[:2])
+    assert torch.equal(flat(a.parameters()), flat(b.parameters()))
+
+
+@pytest.mark.parametrize("loss,fn", [("mse", F.mse_loss), ("bce", F.binary_cross_entropy_with_logits)])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_one_dimensional_outputs_for_mse_and_bce_equal_a_column(loss, fn, fisher_type):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 5, dtype=DT, generator=g)
+    y = torch.rand(12, dtype=DT, generator=g).round() if loss == "bce" else torch.randn(12, dtype=DT, generator=g)
+    # a model whose forward itself returns (B,)
+    squeezed = nn.Sequential(mlp(out=1), nn.Flatten(0))
+    opt_s = kfac(squeezed, loss=loss, fisher_type=fisher_type)
+    ref = mlp(out=1)
+    opt_r = kfac(ref, loss=loss, fisher_type=fisher_type)
+    for _ in range(3):
+        opt_s.zero_grad()
+        out = squeezed(x)
+        assert out.shape == (12,)
+        opt_s.backward(fn(out, y), out)
+        opt_s.step()
+        opt_r.zero_grad()
+        out = ref(x)
+        opt_r.backward(fn(out, y[:, None]), out)
+        opt_r.step()
+    torch.testing.assert_close(flat(squeezed.parameters()), flat(ref.parameters()), rtol=1e-10, atol=1e-12)
+    K1 = ng.curvature.kfac(squeezed, {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[loss](), (x, y),
+                           fisher_type="type-2").dense()
+    K2 = ng.curvature.kfac(ref, {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[loss](), (x, y[:, None]),
+                           fisher_type="type-2").dense()
+    torch.testing.assert_close(K1, K2, rtol=1e-12, atol=1e-14)
+    loss_fn = {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[loss]()
+    torch.testing.assert_close(ng.curvature.ggn(squeezed, loss_fn, (x, y)), ng.curvature.ggn(ref, loss_fn, (x, y[:, None])),
+                               rtol=1e-12, atol=1e-14)
+
+
+# ---- more of the same kind --------------------------------------------------------------------------------
+
+
+def test_calling_a_layer_outside_the_models_forward_warns():
+    model = mlp()
+    opt = kfac(model, fisher_type="empirical")
+    x, y = batch()
+    opt.zero_grad()
+    h = model[1](model[0](x))  # the model's layers, called one by one: the optimizer never sees a forward
+    F.cross_entropy(model[2](h), y).backward()
+    with pytest.warns(RuntimeWarning, match="outside a forward of the model"):
+        opt.step()
+
+
+def test_adaptive_step_with_a_monitoring_forward_equals_the_clean_run():
+    clean, noisy = mlp(), mlp()
+    opt_a, opt_b = kfac(clean, adaptive_step=True), kfac(noisy, adaptive_step=True)
+    train(clean, opt_a, BATCHES)
+    train(noisy, opt_b, BATCHES, extra=lambda m: m(torch.randn(40, 5, dtype=DT)))
+    assert torch.equal(flat(clean.parameters()), flat(noisy.parameters()))
+
+
+def test_model_returning_a_tuple_trains_like_the_plain_model():
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            out = self.net(x)
+            return out, out.pow(2).mean()
+
+    wrapped, plain = WithAux(), mlp()
+    opt_w, opt_p = kfac(wrapped), kfac(plain)
+    for x, y in BATCHES:
+        opt_w.zero_grad()
+        logits, aux = wrapped(x)
+        opt_w.backward(F.cross_entropy(logits, y), logits)
+        opt_w.step()
+    train(plain, opt_p, BATCHES)
+    assert torch.equal(flat(wrapped.parameters()), flat(plain.parameters()))
+
+
+def test_a_dropped_optimizer_stops_recording():
+    """A model whose first optimizer was replaced (rebinding ``opt`` in a notebook) trains like a
+    fresh model under the second: the first one's hooks go inert once it is collected."""
+    import gc
+
+    model, reference = mlp(), mlp()
+    first = kfac(model)
+    del first
+    gc.collect()
+    opt, opt_ref = kfac(model), kfac(reference)
+    train(model, opt, BATCHES)
+    train(reference, opt_ref, BATCHES)
+    assert torch.equal(flat(model.parameters()), flat(reference.parameters()))
