@@ -34,7 +34,7 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
     """Validate one scalar argument and return it as a Python number (None passes when allowed)."""
     if value is None and allow_none:
         return None
-    number = _as_python_number(value)
+    number = value if type(value) in (float, int) else _as_python_number(value)  # the usual case, fast
     if number is None:
         kind = "an int" if integer else "a real number"
         raise TypeError(f"{name} must be {kind}{' or None' if allow_none else ''}, got {value!r}")

@@ -61,14 +61,19 @@ def warn_user(message: str, category=RuntimeWarning) -> None:
     warnings.warn(message, category, stacklevel=level - 1 if frame is None else level)
 
 
-def norms_of(tensors: List[Tensor], ord_) -> List[Tensor]:
-    """Norms of every tensor; half-precision ones reduced in float32 (their 2-norm overflows early)."""
-    low = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
-    if not low:
-        return list(torch._foreach_norm(tensors, ord_))
-    if len(low) == len(tensors):
-        return list(torch._foreach_norm(tensors, ord_, dtype=torch.float32))
-    return [torch.linalg.vector_norm(t, ord_, dtype=torch.float32 if t in low else None) for t in tensors]
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def norms_of(tensors: List[Tensor], ord_=2) -> Tensor:
+    """The norms of every tensor as one vector, from vectorised passes; half-precision tensors are
+    reduced in float32 (their 2-norm overflows early)."""
+    low = [t.dtype in _HALF for t in tensors]
+    if not any(low):
+        return torch.stack(torch._foreach_norm(tensors, ord_))
+    if all(low):
+        return torch.stack(torch._foreach_norm(tensors, ord_, dtype=torch.float32))
+    return torch.stack([torch.linalg.vector_norm(t, ord_, dtype=torch.float32 if h else None).float()
+                        for t, h in zip(tensors, low)])
 
 
 def all_finite(tensors: List[Tensor]) -> bool:
@@ -78,9 +83,9 @@ def all_finite(tensors: List[Tensor]) -> bool:
     but are a slower, unvectorised reduction on the CPU)."""
     if not tensors:
         return True
-    if bool(torch.stack([n.double() for n in norms_of(tensors, 2)]).isfinite().all()):
+    if bool(norms_of(tensors).isfinite().all()):
         return True
-    return bool(torch.stack([n.double() for n in norms_of(tensors, float("inf"))]).isfinite().all())
+    return bool(norms_of(tensors, float("inf")).isfinite().all())
 
 
 def refuse_copy(obj, *args):
@@ -343,26 +348,23 @@ class Engine:
         record, self._open = self._open, None
         if record is None:
             return
-        tensors = _tensors_in(output, [])
-        record.outputs = [weakref.ref(t) for t in tensors]
-        if isinstance(output, Tensor) and self.spec is not None and output.dim() >= 1:
-            try:  # for a backward that is not opt.backward (empirical); opt.backward sets them again
+        record.outputs = [weakref.ref(t) for t in _tensors_in(output, [])]
+        if record.capture and isinstance(output, Tensor):
+            try:  # for a backward that is not opt.backward (empirical, forward-only); opt.backward sets them again
                 record.n, record.z = self._sizes(output)
             except ValueError:
                 pass
-        elif isinstance(output, Tensor) and output.dim() >= 1:
-            record.n = output.shape[0]
 
     def _sizes(self, outputs: Tensor) -> Tuple[int, Optional[int]]:
         """(data points, loss normaliser) of a batch of model outputs; ValueError when they do not
         fit the loss."""
-        if outputs.dim() == 0 or (outputs.dim() == 1 and (self.spec is None or self.spec.name == "cross_entropy")):
+        if outputs.dim() == 0 or (outputs.dim() == 1 and self.spec is not None and self.spec.name == "cross_entropy"):
             raise ValueError(f"model outputs must be batched with a class / feature dimension, got shape "
                              f"{tuple(outputs.shape)}" + (" (a (B,) output works with loss='mse' or 'bce')"
                                                           if outputs.dim() == 1 else ""))
         if self.spec is None:
             return outputs.shape[0], None
-        return outputs.shape[0], self.spec.normalizer(*self.spec.flatten_outputs(outputs).shape)
+        return outputs.shape[0], self.spec.normalizer(*self.spec.flat_shape(outputs.shape))
 
     def _layer_hook(self, layer: _Layer, module, inputs, output):
         record = self._open
@@ -508,14 +510,11 @@ class Engine:
                     self._sums[(which, layer.name)] = self._sums[(which, layer.name)].to(**to)
         device = self.layers[0].weight.device
         if moved and self.generator.device != device:  # MC targets are drawn on the outputs' device
-            seed = int(torch.randint(0, 2**62, (), generator=self.generator).item())
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device).item())
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed)
 
     # ---- the step -----------------------------------------------------------------------------
-
-    def grads_finite(self, params: List[Tensor]) -> bool:
-        return all_finite([p.grad for p in params if p.grad is not None])
 
     def prepare(self, grad_scale: Optional[float]) -> None:
         """This step's factors and, when due, the inverses of the new moving averages, staged for

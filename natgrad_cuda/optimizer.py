@@ -25,6 +25,7 @@ import math
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -241,16 +242,22 @@ class KFAC(torch.optim.Optimizer):
                 by_device.setdefault(p.grad.device, []).append(p.grad)
             for device, grads in by_device.items():  # one fused division per device
                 torch._foreach_div_(grads, grad_scale.to(device))
-        if not engine.grads_finite(params):
-            engine.skip("KFAC: a gradient holds NaN or Inf; the step is skipped (parameters, factors and momentum "
-                        "unchanged)")
-            return False
 
         engine.prepare(scale_value)
         directions, blocks = engine.preconditioned()
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         grads = [p.grad for p in params]
-        if group["adaptive_step"]:
+        dirs = [directions.get(id(p), p.grad) for p in params]
+        clipped = [id(p) in directions for p in params]
+        kl_clip = float(group["kl_clip"] or 0.0)
+        adaptive = group["adaptive_step"]
+        bufs = [] if adaptive else self._momentum_buffers(params, momentum)
+        problem = self._step_problem(params, grads, dirs, bufs, clipped, 0.0 if adaptive else lr, momentum, wd,
+                                     kl_clip)
+        if problem is not None:
+            engine.skip(f"KFAC: {problem}; the step is skipped (parameters, factors and momentum unchanged)")
+            return False
+        if adaptive:
             old_loss = self._closure_loss(closure) if adapt else None
             update = self._adaptive_update(group, params, directions)
             if update is None:
@@ -266,24 +273,6 @@ class KFAC(torch.optim.Optimizer):
             return True
 
         # Trust region, weight decay, momentum and the update for every parameter in one op call.
-        bufs = []
-        if momentum != 0:
-            for p in params:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:  # zero: the first step's buffer is then d, as in SGD
-                    buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                elif buf.dtype != p.dtype or buf.device != p.device:  # the model moved (model.half(), .to(...))
-                    buf = state["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
-                bufs.append(buf)
-        dirs = [directions.get(id(p), p.grad) for p in params]
-        clipped = [id(p) in directions for p in params]
-        kl_clip = float(group["kl_clip"] or 0.0)
-        if not self._update_is_finite(params, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip):
-            engine.skip("KFAC: the preconditioned direction or the update is not finite (an overflow: a low-precision "
-                        "model with a small damping?); the step is skipped (parameters, factors and momentum "
-                        "unchanged)")
-            return False
         old_loss = self._closure_loss(closure) if adapt else None
         engine.accept()
         before = [p.detach().clone() for p in params] if adapt else []
@@ -297,26 +286,52 @@ class KFAC(torch.optim.Optimizer):
         engine.step_done()
         return True
 
-    def _update_is_finite(self, params, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip) -> bool:
-        """Whether the momentum buffers and parameters this step writes stay finite, with one host
-        sync in the usual case: 2-norms bound the entries, and momentum * |buf| + |d| + wd |p| and
-        |p| + lr (...) within half the dtype's range leave nothing to overflow (nu <= 1). Past that
-        bound the update is tried on copies and checked exactly."""
+    def _momentum_buffers(self, params, momentum: float) -> List[Tensor]:
+        if momentum == 0:
+            return []
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:  # zero: the first step's buffer is then d, as in SGD
+                buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif buf.dtype != p.dtype or buf.device != p.device:  # the model moved (model.half(), .to(...))
+                buf = state["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
+            bufs.append(buf)
+        return bufs
+
+    def _step_problem(self, params, grads, dirs, bufs, clipped, lr, momentum, wd, kl_clip) -> Optional[str]:
+        """What would make this step write a non-finite value (None: nothing), from one pass of
+        2-norms over the gradients, directions, parameters and momentum buffers and one host sync
+        in the usual case. The norms bound the entries: with momentum * |buf| + |d| + wd |p| and
+        |p| + lr (...) within half the dtype's range nothing can overflow (nu <= 1; lr 0 checks the
+        gradients and directions alone). Past that bound the update is tried on copies, exactly."""
         n = len(params)
-        norms = torch.stack([t.double() for t in norms_of(list(dirs) + list(params) + list(bufs), 2)])
-        d, p = norms[:n], norms[n:2 * n]
-        b = norms[2 * n:] if bufs else torch.zeros_like(d)
+        # the one host sync; the arithmetic on a few numbers per parameter is NumPy's
+        norms = norms_of(list(grads) + list(dirs) + list(params) + list(bufs)).cpu().numpy().astype(np.float64)
+        g, d, p = norms[:n], norms[n:2 * n], norms[2 * n:3 * n]
+        b = norms[3 * n:] if bufs else 0.0
         key = tuple(q.dtype for q in params)
-        if getattr(self, "_limits_key", None) != (key, d.device):
-            self._limits = torch.tensor([torch.finfo(dt).max / 2 for dt in key], dtype=torch.float64, device=d.device)
-            self._limits_key = (key, d.device)
-        step = momentum * b + d + wd * p
-        if bool(((step <= self._limits) & (p + lr * step <= self._limits)).all()):  # NaN compares False
-            return True
+        if getattr(self, "_limits_key", None) != key:
+            self._limits = np.array([torch.finfo(dt).max / 2 for dt in key])
+            self._limits_key = key
+        if np.isfinite(norms).all():  # then the float64 arithmetic below cannot overflow
+            step = momentum * b + d + wd * p
+            if ((step <= self._limits) & (p + lr * step <= self._limits)).all():
+                return None
+        if not all_finite(grads):
+            return "a gradient holds NaN or Inf"
+        if not all_finite(dirs):
+            return ("a preconditioned direction is not finite (an overflow: a low-precision model with a small "
+                    "damping?)")
+        if lr == 0:
+            return None
         trial, trial_bufs = [q.detach().clone() for q in params], [q.clone() for q in bufs]
         ops.kfac_update_(trial, dirs, grads, trial_bufs, clipped, lr, momentum, wd, kl_clip, impl=self._engine.impl,
                          _trusted=True)
-        return all_finite(trial + trial_bufs)
+        if all_finite(trial + trial_bufs):
+            return None
+        return "the update would overflow the parameters or momentum buffers (a low-precision model with a large lr?)"
 
     def _adapt_damping(self, group: dict, old_loss: float, new_loss: float, predicted: float) -> None:
         """The LM rule on rho = actual / predicted change (not a number unless the model predicted a decrease)."""
@@ -520,20 +535,18 @@ class KFACPreconditioner:
             warn_user("KFACPreconditioner.step(): no K-FAC layer has a gradient (call pre.backward(loss, outputs) "
                       "first); nothing was done and the step does not count")
             return False
-        # under a GradScaler skips are routine: silent
-        quiet = engine.grad_scaler is not None
-        if not engine.grads_finite(params):
-            engine.skip(None if quiet else "KFACPreconditioner: a gradient holds NaN or Inf; gradients left as they "
-                        "are and factors unchanged")
-            return False
         engine.prepare(None)
         directions, _ = engine.preconditioned()
         clipped = [p for p in params if id(p) in directions]
         dirs = [directions[id(p)] for p in clipped]
-        if not all_finite(dirs):
-            engine.skip(None if quiet else "KFACPreconditioner: a preconditioned direction is not finite (an "
-                        "overflow: a low-precision model with a small damping?); gradients left as they are and "
-                        "factors unchanged")
+        grads = [p.grad for p in params]
+        if not all_finite(grads + dirs):  # one pass, one sync
+            problem = ("a gradient holds NaN or Inf" if not all_finite(grads) else
+                       "a preconditioned direction is not finite (an overflow: a low-precision model with a small "
+                       "damping?)")
+            # under a GradScaler skips are routine: silent
+            engine.skip(None if engine.grad_scaler is not None else
+                        f"KFACPreconditioner: {problem}; gradients left as they are and factors unchanged")
             return False
         engine.accept()
         nu = reference.kl_nu(dirs, [p.grad for p in clipped], [True] * len(clipped), h["lr"], h["kl_clip"] or 0.0)

@@ -237,6 +237,15 @@ def half_model():
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).half()
 
 
+def fp16_backward(model, opt, x_scale, loss_scale):
+    """One forward of a float16 batch (inputs scaled by x_scale) and opt.backward of the float32
+    cross-entropy times loss_scale; returns the parameters before the step."""
+    x, y = torch.randn(16, 5).half() * x_scale, torch.randint(0, 3, (16,))
+    out = model(x)
+    opt.backward(F.cross_entropy(out.float(), y) * loss_scale, out)
+    return flat(model.parameters()).clone()
+
+
 @pytest.mark.parametrize("backend", IMPLS)
 def test_fp16_model_whose_direction_overflows_skips_the_step(backend):
     """Small inputs make A's smallest eigenvalues tiny, so at damping 1e-9 the direction is many times
@@ -244,11 +253,8 @@ def test_fp16_model_whose_direction_overflows_skips_the_step(backend):
     not written."""
     model = half_model()
     opt = kfac(model, damping=1e-9, kl_clip=None, lr=1e-3, backend=backend)
-    x, y = torch.randn(16, 5).half() * 1e-2, torch.randint(0, 3, (16,))
-    out = model(x)
-    opt.backward(F.cross_entropy(out.float(), y) * 100, out)
-    params = flat(model.parameters()).clone()
-    with pytest.warns(RuntimeWarning, match="direction or the update is not finite"):
+    params = fp16_backward(model, opt, 1e-2, 100)
+    with pytest.warns(RuntimeWarning, match="a preconditioned direction is not finite"):
         assert opt.step() is False
     assert torch.equal(flat(model.parameters()), params)
     assert opt.steps == 0 and opt.skipped_steps == 1
@@ -260,11 +266,8 @@ def test_fp16_model_whose_direction_overflows_skips_the_step(backend):
 def test_fp16_update_that_would_overflow_the_parameters_skips_the_step(backend):
     model = half_model()
     opt = kfac(model, damping=1.0, kl_clip=None, lr=3e4, momentum=0.0, backend=backend)
-    x, y = torch.randn(16, 5).half(), torch.randint(0, 3, (16,))
-    out = model(x)
-    opt.backward(F.cross_entropy(out.float(), y) * 100, out)
-    params = flat(model.parameters()).clone()
-    with pytest.warns(RuntimeWarning, match="not finite"):
+    params = fp16_backward(model, opt, 1.0, 100)
+    with pytest.warns(RuntimeWarning, match="the update would overflow the parameters"):
         assert opt.step() is False
     assert torch.equal(flat(model.parameters()), params)
 
@@ -273,9 +276,7 @@ def test_fp16_preconditioner_with_an_overflowing_direction_leaves_the_gradients(
     model = half_model()
     pre = ng.KFACPreconditioner(model, loss="cross_entropy", fisher_type="type-2", damping=1e-9, kl_clip=None,
                                 factor_update_freq=1, inv_update_freq=1)
-    x, y = torch.randn(16, 5).half() * 1e-2, torch.randint(0, 3, (16,))
-    out = model(x)
-    pre.backward(F.cross_entropy(out.float(), y) * 100, out)
+    fp16_backward(model, pre, 1e-2, 100)
     grads = [p.grad.clone() for p in model.parameters()]
     with pytest.warns(RuntimeWarning, match="direction is not finite"):
         assert pre.step() is False
@@ -290,10 +291,9 @@ def test_large_but_finite_fp16_update_is_taken():
     with torch.no_grad():
         model[0].weight.fill_(2e4)
     opt = kfac(model, damping=1.0, kl_clip=None, lr=1e-3, momentum=0.9)
-    x, y = torch.randn(16, 5).half() * 1e-3, torch.randint(0, 3, (16,))
-    out = model(x)
-    opt.backward(F.cross_entropy(out.float(), y), out)
+    params = fp16_backward(model, opt, 1e-3, 1)
     assert opt.step() is True
+    assert not torch.equal(flat(model.parameters()), params) and torch.isfinite(flat(model.parameters())).all()
 
 
 # ---- 4. state dicts -------------------------------------------------------------------------------

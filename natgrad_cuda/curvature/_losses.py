@@ -104,6 +104,14 @@ class LossSpec:
             return targets.reshape(-1).long()
         return self.flatten_outputs(targets.to(outputs.dtype))
 
+    def flat_shape(self, shape) -> tuple:
+        """(terms, C) of ``flatten_outputs`` for outputs of this shape, without touching them."""
+        if self.name == "cross_entropy":
+            return math.prod(shape) // shape[1], shape[1]
+        if len(shape) == 1:
+            return shape[0], 1
+        return math.prod(shape[:-1]), shape[-1]
+
     def normalizer(self, terms: int, classes: int) -> int:
         """This batch's share of Z, the divisor of the reduction (ignored for "sum", where Z = 1)."""
         return terms if self.name == "cross_entropy" else terms * classes
