@@ -228,6 +228,9 @@ class KFAC(torch.optim.Optimizer):
             warn_user("KFAC.step(): no parameter has a gradient (call opt.backward(loss, outputs) first); nothing "
                       "was done and the step does not count")
             return False
+        if any(p.grad.is_sparse for p in params):
+            raise ValueError("KFAC does not support sparse gradients (nn.Embedding(sparse=True) or "
+                             "nn.EmbeddingBag(sparse=True)): build those modules with sparse=False")
 
         # AMP: GradScaler.step sets these (torch.amp's contract for _step_supports_amp_scaling).
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
@@ -274,9 +277,15 @@ class KFAC(torch.optim.Optimizer):
 
         # Trust region, weight decay, momentum and the update for every parameter in one op call.
         old_loss = self._closure_loss(closure) if adapt else None
-        engine.accept()
         before = [p.detach().clone() for p in params] if adapt else []
-        ops.kfac_update_(params, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip, impl=engine.impl, _trusted=True)
+        # The op updates in place, so a parameter stored with gaps or out of order (a transposed
+        # view made a Parameter) goes through a contiguous copy.
+        dense = [p if p.is_contiguous() else p.contiguous() for p in params]
+        ops.kfac_update_(dense, dirs, grads, bufs, clipped, lr, momentum, wd, kl_clip, impl=engine.impl, _trusted=True)
+        for p, q in zip(params, dense):
+            if q is not p:
+                p.copy_(q)
+        engine.accept()  # after the update: an error in it leaves the factors as they were
 
         if adapt:
             new_loss = self._closure_loss(closure)

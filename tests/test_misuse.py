@@ -754,3 +754,37 @@ def test_a_dropped_optimizer_stops_recording():
     train(model, opt, BATCHES)
     train(reference, opt_ref, BATCHES)
     assert torch.equal(flat(model.parameters()), flat(reference.parameters()))
+
+
+def test_sparse_embedding_gradients_are_refused_clearly():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 5, sparse=True), nn.Linear(5, 3)
+
+        def forward(self, i):
+            return self.fc(self.emb(i))
+
+    model = Tagger().to(DT)
+    with pytest.warns(UserWarning, match="does not cover emb"):
+        opt = kfac(model)
+    i, y = torch.randint(0, 10, (8,)), torch.randint(0, 3, (8,))
+    out = model(i)
+    opt.backward(F.cross_entropy(out, y), out)
+    params = flat(model.parameters()).clone()
+    with pytest.raises(ValueError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), params) and opt.steps == 0
+
+
+def test_a_non_contiguous_parameter_trains_like_a_contiguous_one():
+    strided, plain = mlp(), mlp()
+    with torch.no_grad():  # the same values, stored transposed
+        strided[2].weight = nn.Parameter(plain[2].weight.detach().t().contiguous().t())
+    assert not strided[2].weight.is_contiguous()
+    for adaptive in (False, True):
+        a, b = copy.deepcopy(strided), copy.deepcopy(plain)
+        train(a, kfac(a, adaptive_step=adaptive), BATCHES)
+        train(b, kfac(b, adaptive_step=adaptive), BATCHES)
+        # the transposed layout changes the GEMMs' summation order: rounding, amplified over four steps
+        torch.testing.assert_close(flat(a.parameters()), flat(b.parameters()), rtol=1e-8, atol=1e-10)
