@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import warnings
@@ -199,7 +200,8 @@ def split_block(params: List[Tensor], M: Tensor) -> List[Tensor]:
 class _Record:
     """One forward of the model with gradients enabled, since the last step."""
 
-    __slots__ = ("capture", "outputs", "n", "z", "rows_A", "rows_G", "targets", "inputs", "used", "reached")
+    __slots__ = ("capture", "outputs", "n", "z", "rows_A", "rows_G", "targets", "inputs", "used", "reached",
+                 "batches")
 
     def __init__(self, capture: bool, inputs):
         self.capture = capture  # a factor-update step: its layers' inputs are kept for A
@@ -213,6 +215,7 @@ class _Record:
         # hook) without the weight-gradient products of the other layers.
         self.targets: List[Tensor] = []
         self.inputs = inputs  # (args, kwargs) of the forward, for the adaptive step's J v
+        self.batches: List[Tuple[str, int, int]] = []  # (layer, batch size, positions) per call
         self.used = False  # its outputs went to opt.backward
         self.reached = False  # a backward reached its layers' outputs
 
@@ -304,6 +307,10 @@ class Engine:
         self._open: Optional[_Record] = None  # the forward running now
         self._active: Optional[_Record] = None  # the record whose curvature pass is running
         self._stray = False  # a K-FAC layer ran outside a forward of the model
+        # Cross-entropy over outputs of 3+ dimensions, by their shape after the batch dimension:
+        # True when the classes are the last dimension (language-model logits (B, T, V) whose loss
+        # is taken on their (B*T, V) view), False for torch's (B, C, d1, ...) layout.
+        self._class_last: Dict[Tuple[int, ...], bool] = {}
         self._suspended = False
         self.keep_inputs = False  # set by KFAC(adaptive_step=True): the forward's inputs, for J v
         self.last_inputs = None
@@ -351,20 +358,62 @@ class Engine:
         record.outputs = [weakref.ref(t) for t in _tensors_in(output, [])]
         if record.capture and isinstance(output, Tensor):
             try:  # for a backward that is not opt.backward (empirical, forward-only); opt.backward sets them again
-                record.n, record.z = self._sizes(output)
+                record.n, record.z = self._sizes(output.shape)
             except ValueError:
                 pass
 
-    def _sizes(self, outputs: Tensor) -> Tuple[int, Optional[int]]:
-        """(data points, loss normaliser) of a batch of model outputs; ValueError when they do not
-        fit the loss."""
-        if outputs.dim() == 0 or (outputs.dim() == 1 and self.spec is not None and self.spec.name == "cross_entropy"):
+    def _sizes(self, shape) -> Tuple[int, Optional[int]]:
+        """(data points, loss normaliser) of a batch of model outputs of this shape; ValueError when
+        they do not fit the loss or (cross-entropy over 3+ dimensions) the class dimension is not
+        known yet."""
+        if len(shape) == 0 or (len(shape) == 1 and self.spec is not None and self.spec.name == "cross_entropy"):
             raise ValueError(f"model outputs must be batched with a class / feature dimension, got shape "
-                             f"{tuple(outputs.shape)}" + (" (a (B,) output works with loss='mse' or 'bce')"
-                                                          if outputs.dim() == 1 else ""))
+                             f"{tuple(shape)}" + (" (a (B,) output works with loss='mse' or 'bce')"
+                                                  if len(shape) == 1 else ""))
         if self.spec is None:
-            return outputs.shape[0], None
-        return outputs.shape[0], self.spec.normalizer(*self.spec.flat_shape(outputs.shape))
+            return shape[0], None
+        flat = self.spec.flat_shape(shape)
+        if self.spec.name == "cross_entropy" and len(shape) >= 3:
+            last = self._class_last.get(tuple(shape[1:]))
+            if last is None:
+                raise ValueError(f"cross-entropy outputs of shape {tuple(shape)}: which dimension holds the classes "
+                                 "is not known; call opt.backward(loss, outputs), which tells it from the loss")
+            if last:
+                flat = (math.prod(shape[:-1]), shape[-1])
+        return shape[0], self.spec.normalizer(*flat)
+
+    def _loss_view(self, outputs: Tensor) -> Tensor:
+        """The outputs as the loss reads them: (B, T, V) logits with the classes last, (B*T, V)."""
+        if outputs.dim() >= 3 and self._class_last.get(tuple(outputs.shape[1:])):
+            return outputs.reshape(-1, outputs.shape[-1])
+        return outputs
+
+    def _learn_class_dim(self, loss: Tensor, outputs: Tensor) -> None:
+        """Cross-entropy over outputs of 3+ dimensions: torch's loss reads the classes from dim 1,
+        a language model's loss on the (B*T, V) view from the last. The loss's gradient with
+        respect to its logits sums to zero along the classes, which tells them apart; a layout it
+        cannot tell is an error, never a guess. Learned once per output shape."""
+        key = tuple(outputs.shape[1:])
+        if key in self._class_last:
+            return
+        mode, self._grad_mode = self._grad_mode, None  # a probe: no hook records anything
+        try:
+            (g,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+        finally:
+            self._grad_mode = mode
+        g = g.detach().double()
+        total = float(g.abs().sum())
+        if total == 0 or not math.isfinite(total):
+            return  # nothing to tell from (yet)
+        tol = (1e-2 if outputs.dtype in _HALF else 1e-5) * total
+        along_1, along_last = float(g.sum(1).abs().sum()) <= tol, float(g.sum(-1).abs().sum()) <= tol
+        if along_1 == along_last:
+            raise ValueError(
+                f"loss='cross_entropy' with outputs of shape {tuple(outputs.shape)}: cannot tell which dimension holds "
+                "the classes (the gradient of a cross-entropy sums to zero along them, and here it sums to zero "
+                f"along {'both' if along_1 else 'neither'} of dim 1 and the last). Use torch's (B, C, d1, ...) "
+                "layout, or (B, T, V) logits with the loss computed on their (B*T, V) view")
+        self._class_last[key] = along_last
 
     def _layer_hook(self, layer: _Layer, module, inputs, output):
         record = self._open
@@ -376,6 +425,8 @@ class Engine:
             return
         x = inputs[0]
         record.rows_A.append((layer.name, *_layers.input_rows(layer.name, module, x, self.kfac_approx)))
+        if isinstance(output, Tensor) and output.dim():
+            record.batches.append((layer.name, output.shape[0], _layers.positions(module, output)))
         record.targets.append(x if isinstance(x, Tensor) and x.requires_grad else module.weight)
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(functools.partial(self._grad_hook, layer, record))
@@ -433,14 +484,24 @@ class Engine:
             if not layer.weight.requires_grad or (layer.bias is not None and not layer.bias.requires_grad):
                 raise ValueError(f"layer {layer.name!r} was frozen after the optimizer was built (its parameters no "
                                  "longer all require grad); build a new optimizer over the trainable layers")
-        n, z = self._sizes(outputs) if record.capture else (None, None)
+        if record.capture:
+            if self.spec is not None and self.spec.name == "cross_entropy" and outputs.dim() >= 3:
+                self._learn_class_dim(loss, outputs)
+            n, z = self._sizes(outputs.shape)
+            for name, batch, positions in record.batches:
+                if positions > 1 and n == batch * positions:
+                    raise ValueError(
+                        f"outputs have {n} rows, layer {name!r}'s batch of {batch} times its {positions} positions: "
+                        "the model returned its outputs with the positions folded into the batch (the (B*T, V) view "
+                        "of (B, T, V) logits), which would scale A by 1/T. Return the outputs with the batch "
+                        "dimension the layers saw, and compute the loss on whatever view it needs")
         record.used = True
         if self.keep_inputs:
             self.last_inputs = record.inputs
         if record.capture:
             record.n, record.z = n, z
             if self.fisher_type in _CURVATURE_PASS:
-                self._curvature_passes(record, outputs)
+                self._curvature_passes(record, self._loss_view(outputs))
             record.targets = []  # done with them: no layer inputs held past the backward
             # A's and G's rows of every layer in one op call
             self._flush(self._take_rows_A(record) + self._take_rows_G())
@@ -585,8 +646,10 @@ class Engine:
             return None
         for record in counted:
             if record.n is None:
-                raise ValueError(f"fisher_type={self.fisher_type!r}: the model's output is not a tensor, so its "
-                                 "batch size and loss normaliser are unknown; call opt.backward(loss, outputs)")
+                raise ValueError(f"fisher_type={self.fisher_type!r}: the batch size and loss normaliser of a forward "
+                                 "that went to a plain loss.backward() are unknown (its output is not a tensor, or is "
+                                 "a cross-entropy's over 3+ dimensions whose class dimension was never seen); call "
+                                 "opt.backward(loss, outputs)")
         n = sum(r.n for r in counted)
         forward_only = self.fisher_type == "forward-only"
         # the A rows of forwards a plain loss.backward() reached (empirical, forward-only)

@@ -788,3 +788,67 @@ def test_a_non_contiguous_parameter_trains_like_a_contiguous_one():
         train(b, kfac(b, adaptive_step=adaptive), BATCHES)
         # the transposed layout changes the GEMMs' summation order: rounding, amplified over four steps
         torch.testing.assert_close(flat(a.parameters()), flat(b.parameters()), rtol=1e-8, atol=1e-10)
+
+
+# ---- sequence outputs: the layout the loss reads ---------------------------------------------------------
+
+
+class TinyLM(nn.Module):
+    """(B, T, 5) -> (B, T, 4) logits; ``layout`` says how the forward returns them."""
+
+    def __init__(self, layout="btv"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.layout = nn.Linear(5, 7), nn.Linear(7, 4), layout
+
+    def forward(self, x):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return {"btv": out, "bvt": out.transpose(1, 2), "flat": out.reshape(-1, out.shape[-1])}[self.layout]
+
+
+def seq_batches(n=3, B=4, T=6):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(B, T, 5, dtype=DT, generator=g), torch.randint(0, 4, (B, T), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["btv", "bvt"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_sequence_logits_train_like_the_flattened_batch(layout, fisher_type):
+    """(B, T, V) logits with the loss on their (B*T, V) view, or torch's (B, V, T) layout: the
+    factors and steps of the flattened batch of B*T tokens (a cross-entropy layout that used to be
+    misread, G off by several times)."""
+    seq = TinyLM(layout).to(DT)
+    flat_model = nn.Sequential(copy.deepcopy(seq.fc1), nn.Tanh(), copy.deepcopy(seq.fc2))
+    opt_s, opt_f = kfac(seq, fisher_type=fisher_type), kfac(flat_model, fisher_type=fisher_type)
+    for x, y in seq_batches():
+        opt_s.zero_grad()
+        out = seq(x)
+        loss = F.cross_entropy(out.reshape(-1, 4), y.reshape(-1)) if layout == "btv" else F.cross_entropy(out, y)
+        opt_s.backward(loss, out)
+        opt_s.step()
+        train(flat_model, opt_f, [(x.reshape(-1, 5), y.reshape(-1))])
+    s_layers, f_layers = opt_s.state_dict()["kfac"]["layers"], opt_f.state_dict()["kfac"]["layers"]
+    for a, b in (("fc1", "0"), ("fc2", "2")):
+        for key in ("A", "G"):
+            torch.testing.assert_close(s_layers[a][key], f_layers[b][key], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(flat(seq.parameters()), flat(flat_model.parameters()), rtol=1e-9, atol=1e-12)
+
+
+def test_model_returning_the_flattened_view_of_sequence_logits_is_refused():
+    model = TinyLM("flat").to(DT)
+    opt = kfac(model)
+    x, y = seq_batches(1)[0]
+    out = model(x)
+    with pytest.raises(ValueError, match="folded into the batch"):
+        opt.backward(F.cross_entropy(out, y.reshape(-1)), out)
+
+
+def test_cross_entropy_layout_that_cannot_be_told_is_refused():
+    model = TinyLM("btv").to(DT)
+    opt = kfac(model)
+    x, _ = seq_batches(1)[0]
+    out = model(x)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="cannot tell which dimension holds the classes"):
+        opt.backward(out.square().mean(), out)  # declared cross_entropy, but not one
+    assert_unchanged(before, model, opt)

@@ -24,6 +24,7 @@ __all__ = [
     "input_rows",
     "conv_patches",
     "grad_rows",
+    "positions",
     "ParamSlot",
     "parameter_slots",
     "write_dense_blocks",
@@ -113,6 +114,13 @@ def input_rows(name: str, module: nn.Module, x: Tensor, kfac_approx: str):
         return (patches if kh * kw > sh * sw else patches.unfold()), 1.0 / positions
     rows = patches.unfold()
     return rows.reshape(x.shape[0], positions, rows.shape[1]).mean(1), 1.0
+
+
+def positions(module: nn.Module, output: Tensor) -> int:
+    """S, the weight-sharing positions of one call of the layer, from its output."""
+    if isinstance(module, nn.Linear):
+        return math.prod(output.shape[1:-1])
+    return math.prod(output.shape[2:])
 
 
 def grad_rows(module: nn.Module, g: Tensor, kfac_approx: str) -> Tensor:
