@@ -1,6 +1,6 @@
 """ops.factor_update_: native CPU against the reference (side by side, median of per-repetition
 ratios), FLOPs and bytes, launches and library calls on the CUDA path (counted in emulation), and
-the estimated H100 time of ../shared/PERF.md.
+the estimated H100 time (limits in common.py).
 
     python bench/bench_factor_update.py [--reps 15] [--out bench/results/factor_update.json]
 """

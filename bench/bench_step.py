@@ -125,7 +125,7 @@ def launches():
 
 
 def h100_estimate_ms():
-    """The width-256 step's kernels on an H100 (PERF.md limits), factors and inverses every step."""
+    """The width-256 step's kernels on an H100 (the limits in common.py), factors and inverses every step."""
     n, d, L = WIDTH, WIDTH + 1, DEPTH
     fact = 2 * BATCH * (d * d + n * n) * L  # both factors, full products
     fact_bytes = 4 * (BATCH * (n + n) + 2 * (d * d + n * n)) * L

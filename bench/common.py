@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: side-by-side timing, the H100 estimate of PERF.md, output."""
+"""Shared helpers for the benchmarks: side-by-side timing, the H100 estimate, output."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-# ../shared/PERF.md: NVIDIA H100 SXM limits and per-launch latency.
+# NVIDIA H100 SXM limits (datasheet FP32 peak, measured copy bandwidth) and per-launch latency.
 H100_FP32_FLOPS = 67e12
 H100_BF16_TENSOR_FLOPS = 989e12
 H100_BYTES_PER_S = 3.0e12  # measured copy bandwidth

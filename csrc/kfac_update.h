@@ -1,5 +1,5 @@
 // kfac_update_: the end of a K-FAC step for every parameter at once, as torch.optim.SGD does it,
-// after the KL-clip trust region (CURVATURE.md):
+// after the KL-clip trust region (docs/curvature.md):
 //   nu = min(1, sqrt(kl_clip / (lr^2 sum over clipped i of <d_i, g_i>)))  (1 when kl_clip <= 0 or the sum <= 0)
 //   d = d_i (* nu if clipped_i) + weight_decay p;  buf = momentum buf + d (if momentum);  p -= lr (buf or d)
 // The math shared by the CPU and CUDA kernels; buffers start at zero, so the first step's buf = d.

@@ -2,7 +2,7 @@
 the Kronecker factors, their exponential moving averages, the damped eigenbasis inverses and the
 preconditioned directions.
 
-The factors follow the curvature layer's conventions (``natgrad_cuda.curvature``, CURVATURE.md): the
+The factors follow the curvature layer's conventions (``natgrad_cuda.curvature``, docs/curvature.md): the
 rows come from ``curvature._layers``, the backward scalars of each Fisher type from
 ``curvature.kfac``. The heavy lifting goes through the batched ops with ``impl`` = the backend:
 ``ops.factor_update_`` (factor accumulation), ``ops.eigh_batched`` (inverses) and
@@ -175,7 +175,7 @@ class _Layer:
 
     def blocks(self) -> List[Tuple[List[Tensor], bool]]:
         """(parameters, is the separate bias) per preconditioned block: [W | b] jointly, or W and b
-        apart (b with A = 1, the bias block of CURVATURE.md being G alone)."""
+        apart (b with A = 1, the bias block of docs/curvature.md being G alone)."""
         if self.joint:
             return [([self.weight, self.bias], False)]
         if self.bias is None:

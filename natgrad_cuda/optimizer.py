@@ -1,6 +1,6 @@
 """``KFAC``, a torch.optim.Optimizer, and ``KFACPreconditioner``, which rewrites ``.grad`` for any optimizer.
 
-One K-FAC step (Martens and Grosse 2015; CURVATURE.md for the conventions):
+One K-FAC step (Martens and Grosse 2015; docs/curvature.md for the conventions):
 
 1. factors, every ``factor_update_freq`` steps: A and G of each supported layer from this step's
    forward and a curvature pass (sampled targets for "mc", the loss-Hessian columns for "type-2",

@@ -1,4 +1,4 @@
-"""natgrad_cuda.curvature against curvlinops 3.0.1 (the oracle; CURVATURE.md) and against itself.
+"""natgrad_cuda.curvature against curvlinops 3.0.1 (the oracle; docs/curvature.md) and against itself.
 
 float64 throughout; "relative error" is ||ours - theirs||_F / ||theirs||_F.
 """
@@ -396,7 +396,7 @@ def test_mc_converges_to_type2(loss):
     assert errors[-1] < 0.03 and errors[-1] < errors[0] / 10, errors
 
 
-# ---- 4. CURVATURE.md identities and the exact matrices --------------------------------------------------
+# ---- 4. docs/curvature.md identities and the exact matrices --------------------------------------------------
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -1,5 +1,5 @@
 """Curvature of a model's loss: K-FAC factors (``kfac``) and exact dense matrices for small models
-(``ggn``, ``empirical_fisher``). Conventions follow curvlinops 3.x; see ``CURVATURE.md``."""
+(``ggn``, ``empirical_fisher``). Conventions follow curvlinops 3.x; see ``docs/curvature.md``."""
 from __future__ import annotations
 
 from ._losses import LOSS_NAMES, LossSpec

@@ -1,5 +1,5 @@
 """Supported-layer rules: which layers K-FAC covers, the rows their factors are built from, and
-where their parameters sit in the dense (P, P) matrix. Conventions: ``CURVATURE.md``.
+where their parameters sit in the dense (P, P) matrix. Conventions: ``docs/curvature.md``.
 
 A layer's input x and output gradient g become rows: A accumulates sum(rows^T rows) * scale / N and
 G accumulates sum(rows^T rows) / Z.
@@ -167,7 +167,7 @@ def parameter_slots(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Tu
 
 
 def write_dense_blocks(out: Tensor, slot: ParamSlot, A: Tensor, G: Tensor, joint: bool) -> None:
-    """Write one layer's K-FAC blocks into the dense matrix ``out`` (layout: CURVATURE.md).
+    """Write one layer's K-FAC blocks into the dense matrix ``out`` (layout: docs/curvature.md).
 
     With joint weight and bias, A carries the bias as its last entry: the bias block is A[-1, -1] G
     and the weight-bias block kron(G, A[:d, -1:]), i.e. kron(G, A) with the bias entries moved after

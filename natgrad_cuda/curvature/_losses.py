@@ -3,7 +3,7 @@
 A loss is a sum (reduction "sum") or mean (reduction "mean") of per-term losses l_r over the model's
 outputs flattened to (terms, C): CrossEntropy takes (B, C, ...) outputs, MSE and BCE take (B, ..., C).
 ``LossSpec`` holds these rules; it is built from an ``nn`` loss module (``LossSpec.from_module``) or
-from a name (``LossSpec.from_name``, what the optimizer uses). Conventions: ``CURVATURE.md``.
+from a name (``LossSpec.from_name``, what the optimizer uses). Conventions: ``docs/curvature.md``.
 """
 from __future__ import annotations
 

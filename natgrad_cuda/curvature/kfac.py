@@ -1,7 +1,7 @@
 """K-FAC factors of a model's Fisher / GGN over a data set: ``kfac(model, loss_fn, data, ...)``.
 
 Conventions (normalisation, the loss-Hessian square roots, the dense layout) follow curvlinops 3.x
-and are written down in ``CURVATURE.md``. Every factor accumulation goes through
+and are written down in ``docs/curvature.md``. Every factor accumulation goes through
 ``natgrad_cuda.ops.factor_update_``, so the native kernels do the heavy lifting when compiled.
 """
 from __future__ import annotations
@@ -220,7 +220,7 @@ def _is_batch(obj) -> bool:
 
 def _backward_scalars(spec: LossSpec, fisher_type: str, f: Tensor, y: Tensor, mc_samples: int,
                       generator: Optional[torch.Generator]) -> Iterable[Tensor]:
-    """The scalars phi whose output gradients g make G = sum g g^T / (Z * M) (CURVATURE.md)."""
+    """The scalars phi whose output gradients g make G = sum g g^T / (Z * M) (docs/curvature.md)."""
     if fisher_type == "type-2":
         S = spec.hessian_sqrt(f)
         for c in range(f.shape[1]):
