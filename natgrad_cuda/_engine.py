@@ -362,10 +362,10 @@ class Engine:
             except ValueError:
                 pass
 
-    def _sizes(self, shape) -> Tuple[int, Optional[int]]:
+    def _sizes(self, shape, class_last: Optional[bool] = None) -> Tuple[int, Optional[int]]:
         """(data points, loss normaliser) of a batch of model outputs of this shape; ValueError when
         they do not fit the loss or (cross-entropy over 3+ dimensions) the class dimension is not
-        known yet."""
+        known (``class_last``, else what was learned for this shape)."""
         if len(shape) == 0 or (len(shape) == 1 and self.spec is not None and self.spec.name == "cross_entropy"):
             raise ValueError(f"model outputs must be batched with a class / feature dimension, got shape "
                              f"{tuple(shape)}" + (" (a (B,) output works with loss='mse' or 'bce')"
@@ -374,7 +374,7 @@ class Engine:
             return shape[0], None
         flat = self.spec.flat_shape(shape)
         if self.spec.name == "cross_entropy" and len(shape) >= 3:
-            last = self._class_last.get(tuple(shape[1:]))
+            last = self._class_last.get(tuple(shape[1:])) if class_last is None else class_last
             if last is None:
                 raise ValueError(f"cross-entropy outputs of shape {tuple(shape)}: which dimension holds the classes "
                                  "is not known; call opt.backward(loss, outputs), which tells it from the loss")
@@ -382,20 +382,15 @@ class Engine:
                 flat = (math.prod(shape[:-1]), shape[-1])
         return shape[0], self.spec.normalizer(*flat)
 
-    def _loss_view(self, outputs: Tensor) -> Tensor:
-        """The outputs as the loss reads them: (B, T, V) logits with the classes last, (B*T, V)."""
-        if outputs.dim() >= 3 and self._class_last.get(tuple(outputs.shape[1:])):
-            return outputs.reshape(-1, outputs.shape[-1])
-        return outputs
-
-    def _learn_class_dim(self, loss: Tensor, outputs: Tensor) -> None:
+    def _class_dim_is_last(self, loss: Tensor, outputs: Tensor) -> bool:
         """Cross-entropy over outputs of 3+ dimensions: torch's loss reads the classes from dim 1,
         a language model's loss on the (B*T, V) view from the last. The loss's gradient with
         respect to its logits sums to zero along the classes, which tells them apart; a layout it
-        cannot tell is an error, never a guess. Learned once per output shape."""
+        cannot tell is an error, never a guess. Learned once per output shape (a gradient of zero,
+        from saturated logits, tells nothing: torch's layout for that step, where G is zero anyway)."""
         key = tuple(outputs.shape[1:])
         if key in self._class_last:
-            return
+            return self._class_last[key]
         mode, self._grad_mode = self._grad_mode, None  # a probe: no hook records anything
         try:
             (g,) = torch.autograd.grad(loss, outputs, retain_graph=True)
@@ -404,7 +399,7 @@ class Engine:
         g = g.detach().double()
         total = float(g.abs().sum())
         if total == 0 or not math.isfinite(total):
-            return  # nothing to tell from (yet)
+            return False
         tol = (1e-2 if outputs.dtype in _HALF else 1e-5) * total
         along_1, along_last = float(g.sum(1).abs().sum()) <= tol, float(g.sum(-1).abs().sum()) <= tol
         if along_1 == along_last:
@@ -414,6 +409,7 @@ class Engine:
                 f"along {'both' if along_1 else 'neither'} of dim 1 and the last). Use torch's (B, C, d1, ...) "
                 "layout, or (B, T, V) logits with the loss computed on their (B*T, V) view")
         self._class_last[key] = along_last
+        return along_last
 
     def _layer_hook(self, layer: _Layer, module, inputs, output):
         record = self._open
@@ -474,7 +470,6 @@ class Engine:
             raise ValueError(f"outputs must be the model's output tensor, got {type(outputs).__name__}")
         if not loss.requires_grad:
             raise ValueError("loss does not require grad (computed under torch.no_grad(), or detached)")
-        self.follow_parameters()
         record = self._find_record(outputs)
         if record.used:
             raise ValueError("opt.backward was already called with these outputs in this step; run a new forward")
@@ -484,10 +479,11 @@ class Engine:
             if not layer.weight.requires_grad or (layer.bias is not None and not layer.bias.requires_grad):
                 raise ValueError(f"layer {layer.name!r} was frozen after the optimizer was built (its parameters no "
                                  "longer all require grad); build a new optimizer over the trainable layers")
+        class_last = False
         if record.capture:
             if self.spec is not None and self.spec.name == "cross_entropy" and outputs.dim() >= 3:
-                self._learn_class_dim(loss, outputs)
-            n, z = self._sizes(outputs.shape)
+                class_last = self._class_dim_is_last(loss, outputs)
+            n, z = self._sizes(outputs.shape, class_last)
             for name, batch, positions in record.batches:
                 if positions > 1 and n == batch * positions:
                     raise ValueError(
@@ -495,13 +491,16 @@ class Engine:
                         "the model returned its outputs with the positions folded into the batch (the (B*T, V) view "
                         "of (B, T, V) logits), which would scale A by 1/T. Return the outputs with the batch "
                         "dimension the layers saw, and compute the loss on whatever view it needs")
+        self.follow_parameters()
         record.used = True
         if self.keep_inputs:
             self.last_inputs = record.inputs
         if record.capture:
             record.n, record.z = n, z
             if self.fisher_type in _CURVATURE_PASS:
-                self._curvature_passes(record, self._loss_view(outputs))
+                # the outputs as the loss reads them: (B, T, V) logits with the classes last as (B*T, V)
+                view = outputs.reshape(-1, outputs.shape[-1]) if class_last else outputs
+                self._curvature_passes(record, view)
             record.targets = []  # done with them: no layer inputs held past the backward
             # A's and G's rows of every layer in one op call
             self._flush(self._take_rows_A(record) + self._take_rows_G())
