@@ -311,6 +311,7 @@ class Engine:
         # True when the classes are the last dimension (language-model logits (B, T, V) whose loss
         # is taken on their (B*T, V) view), False for torch's (B, C, d1, ...) layout.
         self._class_last: Dict[Tuple[int, ...], bool] = {}
+        self._unrecorded: set = set()  # layers warned about for having no factors
         self._suspended = False
         self.keep_inputs = False  # set by KFAC(adaptive_step=True): the forward's inputs, for J v
         self.last_inputs = None
@@ -679,6 +680,7 @@ class Engine:
                  else self._sums.get(("G", layer.name)))
             if G is not None:  # None: no backward reached it
                 new[layer.name] = (A, G)
+        self._note_unrecorded(new)
         if not new:
             return None
         # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
@@ -688,6 +690,17 @@ class Engine:
                       "averages keep their previous values")
             return None
         return new, 1.0 / n, 1.0 / g_div
+
+    def _note_unrecorded(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> None:
+        """Warn, once per layer, about a K-FAC layer with a gradient that no counted forward ran as a
+        module (its weight used functionally, say): it has no factors and follows its plain gradient."""
+        for layer in self.layers:
+            if (layer.name not in new and layer.name not in self._unrecorded and "A" not in self.state[layer.name]
+                    and layer.weight.grad is not None):
+                self._unrecorded.add(layer.name)
+                warn_user(f"{self.owner}: layer {layer.name!r} has a gradient but did not run as a module in this "
+                          "step's forward (is its weight used functionally?); it gets no factors and follows its "
+                          "plain gradient until it does")
 
     def _average(self, states, new: Dict[str, Tuple[Tensor, Tensor]], a_scale: float, g_scale: float, *,
                  in_place: bool) -> None:

@@ -852,3 +852,40 @@ def test_cross_entropy_layout_that_cannot_be_told_is_refused():
     with pytest.raises(ValueError, match="cannot tell which dimension holds the classes"):
         opt.backward(out.square().mean(), out)  # declared cross_entropy, but not one
     assert_unchanged(before, model, opt)
+
+
+# ---- layers K-FAC lists but never sees ---------------------------------------------------------------------
+
+
+def test_multihead_attention_out_proj_is_reported_not_silently_uncovered():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attn().to(DT)
+    with pytest.warns(UserWarning, match=r"attn\.out_proj .*applied functionally by the nn\.MultiheadAttention"):
+        opt = kfac(model)
+    assert [layer.name for layer in opt._engine.layers] == ["head"]
+    x, y = torch.randn(4, 5, 8, dtype=DT), torch.randint(0, 3, (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no further warning: every layer it lists does run as a module
+        train(model, opt, [(x, y)])
+
+
+def test_a_layer_whose_weight_is_used_functionally_warns_that_it_gets_no_factors():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.skip = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x) + F.linear(x, self.skip.weight, self.skip.bias)  # self.skip never runs as a module
+
+    model = Functional().to(DT)
+    opt = kfac(model)
+    with pytest.warns(RuntimeWarning, match="layer 'skip' has a gradient but did not run as a module"):
+        train(model, opt, BATCHES[:1])

@@ -44,12 +44,22 @@ def is_supported(module: nn.Module) -> bool:
 
 def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[str]]:
     """The supported layers with a trainable parameter, and the names of the other modules with
-    trainable parameters of their own, which K-FAC does not cover. Frozen modules are neither."""
-    layers, unsupported = [], []
+    trainable parameters of their own, which K-FAC does not cover. Frozen modules are neither.
+
+    The nn.Linear inside an nn.MultiheadAttention (``out_proj``) is not covered: the attention
+    applies its weight functionally, so the layer never runs as a module and no hook would see it.
+    """
+    layers, unsupported, functional = [], [], []
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            functional.append(name + ".")
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        if is_supported(module):
+        inside = next((prefix for prefix in functional if name.startswith(prefix)), None)
+        if inside is not None:
+            unsupported.append(f"{name} ({type(module).__name__}, applied functionally by the "
+                               f"nn.MultiheadAttention {inside[:-1] or '<root>'!r})")
+        elif is_supported(module):
             layers.append((name, module))
         else:
             unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
