@@ -37,6 +37,7 @@ from . import ops
 from ._checks import check_bool, check_number
 from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
+from .curvature.rules import rule_for
 from .curvature.exact import load_forward_ad
 from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, _backward_scalars, _flush, _is_joint
 from .reference import INVERSES, accumulation_dtype
@@ -161,8 +162,10 @@ class _Layer:
 
     def __init__(self, name: str, module: nn.Module, joint: bool):
         self.name, self.module, self.joint = name, module, joint
-        self.weight = module.weight
-        self.bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.rule = rule_for(module)
+        self.weight = self.rule.weight(module)
+        bias = self.rule.bias(module)
+        self.bias = bias if bias is not None and bias.requires_grad else None
         self.out_dim = self.weight.shape[0]
         self.in_dim = self.weight[0].numel() + int(joint)
         self.factor_dtype = accumulation_dtype(self.weight.dtype)
@@ -269,13 +272,16 @@ class Engine:
                 "trainable weight)"
             )
         for name, module in found:
-            if not module.weight.requires_grad:
+            if not rule_for(module).weight(module).requires_grad:
                 raise ValueError(f"layer {name!r}: K-FAC needs its weight trainable (a frozen weight with a "
                                  "trainable bias is not supported)")
         self.unsupported = unsupported
         slots, _ = _layers.parameter_slots(model, found)
-        self.layers = [_Layer(name, module, _is_joint(slots[name], separate_weight_and_bias)
-                              and module.bias.requires_grad) for name, module in found]
+        self.layers = []
+        for name, module in found:
+            bias = rule_for(module).bias(module)
+            joint = _is_joint(slots[name], separate_weight_and_bias) and bias.requires_grad
+            self.layers.append(_Layer(name, module, joint))
         self.model, self.hyper, self.owner = model, hyper, owner
         self.spec = LossSpec.from_name(loss, reduction) if loss is not None else None
         self.fisher_type, self.kfac_approx, self.inverse = fisher_type, kfac_approx, inverse
@@ -421,10 +427,10 @@ class Engine:
         if not record.capture:
             return
         x = inputs[0]
-        record.rows_A.append((layer.name, *_layers.input_rows(layer.name, module, x, self.kfac_approx)))
+        record.rows_A.append((layer.name, *layer.rule.input_rows(layer.name, module, x, self.kfac_approx)))
         if isinstance(output, Tensor) and output.dim():
-            record.batches.append((layer.name, output.shape[0], _layers.positions(module, output)))
-        record.targets.append(x if isinstance(x, Tensor) and x.requires_grad else module.weight)
+            record.batches.append((layer.name, output.shape[0], layer.rule.positions(module, output)))
+        record.targets.append(x if isinstance(x, Tensor) and x.requires_grad else layer.weight)
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(functools.partial(self._grad_hook, layer, record))
 
@@ -434,11 +440,11 @@ class Engine:
             return
         if mode == "curvature":
             if record is self._active:
-                self._rows_G.append((layer.name, _layers.grad_rows(layer.module, g, self.kfac_approx), 1.0))
+                self._rows_G.append((layer.name, layer.rule.grad_rows(layer.module, g, self.kfac_approx), 1.0))
             return
         record.reached = True
         if mode == "empirical":
-            record.rows_G.append((layer.name, _layers.grad_rows(layer.module, g, self.kfac_approx)))
+            record.rows_G.append((layer.name, layer.rule.grad_rows(layer.module, g, self.kfac_approx)))
 
     def _find_record(self, outputs: Tensor) -> _Record:
         """The record of the forward that returned ``outputs``; ValueError saying what is wrong otherwise."""

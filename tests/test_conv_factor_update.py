@@ -11,7 +11,8 @@ from torch import nn
 
 import natgrad_cuda as ng
 from natgrad_cuda import emulation
-from natgrad_cuda.curvature._layers import conv_patches, input_rows
+from natgrad_cuda.curvature._layers import input_rows
+from natgrad_cuda.curvature.rules import conv_patches
 
 
 def random_conv(rng: random.Random):

@@ -170,7 +170,7 @@ class WithEmbedding(nn.Module):
     (WithEmbedding(), ["emb (Embedding)"]),
     (WithBareParameter(), ["<root> (WithBareParameter)"]),
     (nn.Sequential(nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 2, 1, padding_mode="reflect"), nn.Flatten(),
-                   nn.Linear(2, 2), nn.LayerNorm(2)), ["1 (Conv1d)", "4 (LayerNorm)"]),
+                   nn.Linear(2, 2), nn.LayerNorm(2)), ["1 (Conv1d: padding_mode='reflect'", "4 (LayerNorm)"]),
 ])
 def test_unsupported_layers_warn_once_naming_them(model, names):
     model = model.to(DT)

@@ -163,7 +163,7 @@ def test_bad_input(impl):
 @pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
 def test_decay_zero_does_not_read_the_factor(impl):
     """As BLAS's beta = 0: an uninitialised (here NaN) factor is overwritten, not propagated."""
-    from natgrad_cuda.curvature._layers import conv_patches
+    from natgrad_cuda.curvature.rules import conv_patches
 
     g = torch.Generator().manual_seed(0)
     X = [torch.randn(9, w, generator=g) for w in (3, 70)]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..reference import accumulation_dtype
 from ._layers import ParamSlot, find_layers, grad_rows, input_rows, parameter_slots, write_dense_blocks
+from .rules import rule_for
 from ._losses import LossSpec
 
 __all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches"]
@@ -88,7 +89,8 @@ def kfac(
     ignored otherwise), "empirical" (the true targets) or "forward-only" (G = I). kfac_approx:
     "expand" or "reduce" for weight-shared layers. seed: None draws MC targets from torch's global
     RNG, an int from a private generator seeded with it. backend: the ``impl`` of
-    ``ops.factor_update_``. Supported layers: nn.Linear, nn.Conv1d, nn.Conv2d (zero padding); other
+    ``ops.factor_update_``. Supported layers: those with a rule (``curvature.rules``: nn.Linear,
+    nn.Conv1d, nn.Conv2d with zero padding, and any registered with ``register_rule``); other
     modules with trainable parameters get a warning and zero blocks in ``dense()``.
     """
     spec = LossSpec.from_module(loss_fn)
@@ -113,7 +115,7 @@ def kfac(
     joint = {name: _is_joint(slots[name], separate_weight_and_bias) for name, _ in layers}
     A, G = {}, {}
     for name, module in layers:
-        w = module.weight
+        w = rule_for(module).weight(module)
         dtype = accumulation_dtype(w.dtype)
         d_in = slots[name].in_features + int(joint[name])
         A[name] = torch.zeros(d_in, d_in, dtype=dtype, device=w.device)

@@ -1,0 +1,180 @@
+"""Layer rules: how K-FAC treats each module type, one rule per type, in one place.
+
+K-FAC approximates the curvature block of a layer y = W x (+ b), applied at each of S weight-sharing
+positions of a data point, by G (x) A: A from the layer's inputs x, G from the gradients g at its
+outputs (conventions: docs/curvature.md). A rule tells, for one module type, what the rest of the
+package needs to know:
+
+- ``check(module)``: whether K-FAC can cover this module (None) or why not;
+- ``weight(module)``, ``bias(module)``: the parameters of its block; the weight's first dimension
+  is the output, the rest flatten (row-major) to the input features, so the (out, in) matrix of
+  the block is ``weight.reshape(out, -1)``, with the bias as an extra column when they are joint;
+- ``input_rows(name, module, x, kfac_approx)``: the rows whose Gram matrix gives A, and the scale of
+  their outer products (before the division by the number of data points);
+- ``grad_rows(module, g, kfac_approx)``: the rows whose Gram matrix gives G;
+- ``positions(module, output)``: S of one call, from its output.
+
+From these the optimizer, the preconditioner and ``curvature.kfac`` derive everything else the same
+way for every rule: the state's shapes (A: in (+1), G: out), the preconditioned form of the
+gradient, the dense block of ``curvature.kfac(...).dense()``.
+
+Add a rule for your own module with ``register_rule(MyModule, MyRule())``; a subclass of a module
+type with a rule gets that rule unless it has its own.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+__all__ = ["LayerRule", "LinearRule", "ConvRule", "register_rule", "rule_for", "conv_patches"]
+
+Rows = Union[Tensor, ops.ConvPatches]
+
+
+class LayerRule:
+    """The rule of a layer y = W x (+ b). Subclasses implement ``input_rows``, ``grad_rows`` and
+    ``positions``; the defaults of the others suit modules with ``weight`` and ``bias`` attributes."""
+
+    def check(self, module: nn.Module) -> Optional[str]:
+        """None when K-FAC covers ``module``; otherwise the reason, which the optimizer reports."""
+        return None
+
+    def weight(self, module: nn.Module) -> Tensor:
+        return module.weight
+
+    def bias(self, module: nn.Module) -> Optional[Tensor]:
+        return getattr(module, "bias", None)
+
+    def input_rows(self, name: str, module: nn.Module, x: Tensor, kfac_approx: str) -> Tuple[Rows, float]:
+        raise NotImplementedError
+
+    def grad_rows(self, module: nn.Module, g: Tensor, kfac_approx: str) -> Tensor:
+        raise NotImplementedError
+
+    def positions(self, module: nn.Module, output: Tensor) -> int:
+        raise NotImplementedError
+
+
+def _batched(name: str, t: Tensor, min_dim: int, what: str) -> None:
+    if t.dim() < min_dim:
+        raise ValueError(f"layer {name!r}: K-FAC needs a batched {what}, got shape {tuple(t.shape)}")
+
+
+def _rows_of(g: Tensor, kfac_approx: str) -> Tensor:
+    """(B, S, d) per-position rows: all of them ("expand"), or their sum over positions ("reduce")."""
+    return g.reshape(-1, g.shape[-1]) if kfac_approx == "expand" else g.sum(1)
+
+
+class LinearRule(LayerRule):
+    """nn.Linear on inputs (B, ..., in): every leading dimension after the batch is a position."""
+
+    def input_rows(self, name, module, x, kfac_approx):
+        x = x.detach()
+        _batched(name, x, 2, "input (B, ..., in_features)")
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # (B, S, d_in)
+        if kfac_approx == "expand":
+            return x.reshape(-1, x.shape[-1]), 1.0 / x.shape[1]
+        return x.mean(1), 1.0
+
+    def grad_rows(self, module, g, kfac_approx):
+        g = g.detach()
+        return _rows_of(g.reshape(g.shape[0], math.prod(g.shape[1:-1]), g.shape[-1]), kfac_approx)
+
+    def positions(self, module, output):
+        return math.prod(output.shape[1:-1])
+
+
+def _zero_padding(module: nn.Module) -> List[Tuple[int, int]]:
+    """(left, right) padding per spatial dimension; "same" puts an odd remainder on the right, as torch does."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def conv_patches(module: nn.Module, x: Tensor) -> ops.ConvPatches:
+    """Conv input (B, C_in, *spatial) -> the description of its unfolded patches (rows in F.unfold's
+    order, columns (input channel, kernel row, kernel column), the order of weight.flatten(1)).
+
+    Grouped conv: the input channels are averaged over the groups first, as curvlinops does. A
+    Conv1d is a Conv2d with a kernel of height 1.
+    """
+    B, c_in = x.shape[:2]
+    g = module.groups
+    if g > 1:
+        x = x.reshape(B, g, c_in // g, *x.shape[2:]).mean(1)
+    pads = _zero_padding(module)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        pads = [(0, 0), *pads]
+    return ops.ConvPatches(x, tuple(kernel), tuple(stride), tuple(dilation),
+                           (pads[0][0], pads[0][1], pads[1][0], pads[1][1]))
+
+
+class ConvRule(LayerRule):
+    """nn.Conv1d and nn.Conv2d with zero padding: the rows of A are the patches under the kernel at
+    every output position (the positions), those of G the output gradients there."""
+
+    def check(self, module):
+        # Circular, reflect and replicate padding put input entries in the patches that unfold's
+        # zero padding does not.
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only zero padding is supported)"
+        return None
+
+    def input_rows(self, name, module, x, kfac_approx):
+        """With "expand", when the unfold would be larger than the input (kernel taps > stride area,
+        e.g. every 3x3 stride-1 conv), the rows stay an ``ops.ConvPatches`` description, which
+        ``ops.factor_update_`` accumulates without materialising them on the native paths."""
+        x = x.detach()
+        _batched(name, x, module.weight.dim(), "input (B, C_in, *spatial)")
+        patches = conv_patches(module, x)
+        positions = math.prod(patches.output_size)
+        if kfac_approx == "expand":
+            (kh, kw), (sh, sw) = patches.kernel, patches.stride
+            return (patches if kh * kw > sh * sw else patches.unfold()), 1.0 / positions
+        rows = patches.unfold()
+        return rows.reshape(x.shape[0], positions, rows.shape[1]).mean(1), 1.0
+
+    def grad_rows(self, module, g, kfac_approx):
+        return _rows_of(g.detach().flatten(2).transpose(1, 2), kfac_approx)  # (B, C_out, *spatial) -> (B, S, d_out)
+
+    def positions(self, module, output):
+        return math.prod(output.shape[2:])
+
+
+_RULES: Dict[Type[nn.Module], LayerRule] = {}
+
+
+def register_rule(module_type: Type[nn.Module], rule: LayerRule) -> None:
+    """Make K-FAC cover every module of ``module_type`` (and its subclasses without a rule of their
+    own) with ``rule``. Register before building the optimizer; a later registration for the same
+    type replaces the earlier one."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"rule must be a natgrad_cuda.curvature.rules.LayerRule, got {type(rule).__name__}")
+    _RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> Optional[LayerRule]:
+    """The rule of ``module``'s type (the nearest registered class in its MRO), or None."""
+    for cls in type(module).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule
+    return None
+
+
+register_rule(nn.Linear, LinearRule())
+register_rule(nn.Conv1d, ConvRule())
+register_rule(nn.Conv2d, ConvRule())
