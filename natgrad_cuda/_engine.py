@@ -51,6 +51,11 @@ _NEEDS_LOSS = ("mc", "type-2", "empirical")
 _CURVATURE_PASS = ("mc", "type-2")
 _STATE_KEYS = ("A", "G", "QA", "dA", "QG", "dG")
 
+# Until the hooks see inside compiled graphs, a compiled model would silently get no curvature.
+_COMPILED = ("K-FAC does not support torch.compile'd models yet: its hooks do not see the layers' outputs inside a "
+             "compiled graph, so the model would get no curvature (plain momentum SGD). Build the optimizer on the "
+             "model itself and run its forward eagerly")
+
 _LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
 
 
@@ -265,6 +270,8 @@ class Engine:
         self.max_consecutive_skips = check_number("max_consecutive_skips", max_consecutive_skips, low=1,
                                                   integer=True, allow_none=True)
 
+        if getattr(model, "_orig_mod", None) is not None:  # torch.compile's OptimizedModule
+            raise ValueError(_COMPILED)
         found, unsupported = _layers.find_layers(model)
         if not found:
             raise ValueError(
@@ -477,6 +484,8 @@ class Engine:
             raise ValueError(f"outputs must be the model's output tensor, got {type(outputs).__name__}")
         if not loss.requires_grad:
             raise ValueError("loss does not require grad (computed under torch.no_grad(), or detached)")
+        if outputs.grad_fn is not None and type(outputs.grad_fn).__name__.startswith("CompiledFunction"):
+            raise ValueError(_COMPILED)
         record = self._find_record(outputs)
         if record.used:
             raise ValueError("opt.backward was already called with these outputs in this step; run a new forward")

@@ -889,3 +889,17 @@ def test_a_layer_whose_weight_is_used_functionally_warns_that_it_gets_no_factors
     opt = kfac(model)
     with pytest.warns(RuntimeWarning, match="layer 'skip' has a gradient but did not run as a module"):
         train(model, opt, BATCHES[:1])
+
+
+@pytest.mark.parametrize("order", ["compile_then_build", "build_then_compile"])
+def test_a_compiled_model_is_refused_clearly_instead_of_getting_no_curvature(order):
+    model = mlp()
+    x, y = batch()
+    with pytest.raises(ValueError, match="does not support torch.compile'd models"):
+        if order == "compile_then_build":
+            kfac(torch.compile(model))
+        else:
+            opt = kfac(model)
+            compiled = torch.compile(model)
+            out = compiled(x)
+            opt.backward(F.cross_entropy(out, y), out)
