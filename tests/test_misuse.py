@@ -171,16 +171,17 @@ def test_calling_opt_backward_twice_on_one_forward_is_refused():
         opt.backward(F.cross_entropy(out, y), out)
 
 
-@pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "forward-only"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical", "forward-only"])
 @pytest.mark.parametrize("cls", ["KFAC", "KFACPreconditioner"])
 def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch(fisher_type, cls):
     """Micro-batches of 5 and 7, each loss weighted by its share of the batch, then one step: the
-    same factors and step as one batch of 12 (three steps, momentum on, float64)."""
+    same factors and step as one batch of 12 (three steps, momentum on, float64). MC included: the
+    categorical draws of the micro-batches are those of the whole batch, one per row in order."""
     def make(model):
         if cls == "KFAC":
             return kfac(model, fisher_type=fisher_type, momentum=0.5), None
         pre = ng.KFACPreconditioner(model, loss="cross_entropy", fisher_type=fisher_type, factor_update_freq=1,
-                                    inv_update_freq=1, lr=0.1)
+                                    inv_update_freq=1, lr=0.1, seed=0)
         return pre, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
 
     whole, parts = mlp(), mlp()
