@@ -1,4 +1,5 @@
-"""Scalar argument checks shared by the ops and the optimizers: one rule, one wording.
+"""What the user is told: scalar argument checks shared by the ops and the optimizers (one rule,
+one wording), warnings attributed to the user's own line, and the refusal to copy an optimizer.
 
 A number may be a Python int or float, a NumPy scalar or a 0-d tensor (as torch.optim accepts); it
 comes back as a Python float (or int). A value of the wrong kind raises TypeError, one out of range
@@ -8,11 +9,32 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Optional
 
 import torch
 
-__all__ = ["check_number", "check_bool"]
+__all__ = ["check_number", "check_bool", "warn_user", "refuse_copy"]
+
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def warn_user(message: str, category=RuntimeWarning) -> None:
+    """A warning attributed to the first caller outside natgrad_cuda and torch (the user's
+    ``opt.step()``), however many wrappers (no_grad, torch.optim's hooks, GradScaler) lie between."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level - 1 if frame is None else level)
+
+
+def refuse_copy(obj, *args):
+    """``__deepcopy__``, ``__copy__`` and pickling of an object bound to its model by hooks."""
+    raise TypeError(
+        f"{type(obj).__name__} cannot be copied or pickled: it is bound to its model through hooks. Save "
+        "opt.state_dict() and load it into an optimizer built for the (copied) model")
 
 
 def _as_python_number(value):

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from ._checks import check_bool, check_number
-from ._engine import Engine, all_finite, norms_of, refuse_copy, warn_user
+from ._checks import check_bool, check_number, refuse_copy, warn_user
+from ._engine import Engine
+from ._finite import all_finite, norms_of
 
 __all__ = ["KFAC", "KFACPreconditioner", "lm_damping"]
 

@@ -153,7 +153,7 @@ def test_curvature_pass_reaches_every_layer(fisher_type):
 
 
 def test_all_finite_is_exact():
-    from natgrad_cuda._engine import all_finite
+    from natgrad_cuda._finite import all_finite
 
     big = torch.full((4, 4), 1e30)  # finite, but its sum of squares overflows float32
     assert all_finite([big, torch.ones(3)]) and all_finite([])

@@ -1,0 +1,56 @@
+"""A K-FAC layer of the optimizer: its rule, its parameters, and the (out, in[+1]) block matrices
+its gradients are preconditioned as."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .curvature.rules import rule_for
+from .reference import accumulation_dtype
+
+__all__ = ["Layer", "block_matrix", "split_block"]
+
+
+class Layer:
+    """One K-FAC layer: its parameters and how its gradient becomes the (out, in[+1]) matrix M."""
+
+    def __init__(self, name: str, module: nn.Module, joint: bool):
+        self.name, self.module, self.joint = name, module, joint
+        self.rule = rule_for(module)
+        self.weight = self.rule.weight(module)
+        bias = self.rule.bias(module)
+        self.bias = bias if bias is not None and bias.requires_grad else None
+        self.out_dim = self.weight.shape[0]
+        self.in_dim = self.weight[0].numel() + int(joint)
+        self.factor_dtype = accumulation_dtype(self.weight.dtype)
+        self.placement = (self.weight.dtype, self.weight.device)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """The shape of every state entry of this layer."""
+        a, g = self.in_dim, self.out_dim
+        return {"A": (a, a), "G": (g, g), "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,)}
+
+    def blocks(self) -> List[Tuple[List[Tensor], bool]]:
+        """(parameters, is the separate bias) per preconditioned block: [W | b] jointly, or W and b
+        apart (b with A = 1, the bias block of docs/curvature.md being G alone)."""
+        if self.joint:
+            return [([self.weight, self.bias], False)]
+        if self.bias is None:
+            return [([self.weight], False)]
+        return [([self.weight], False), ([self.bias], True)]
+
+
+def block_matrix(params: List[Tensor], tensors: List[Tensor]) -> Tensor:
+    """Parameter-shaped tensors (weight, bias) of one block as the (out, in[+1]) matrix."""
+    cols = [t.reshape(params[0].shape[0], -1) for t in tensors]
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+
+
+def split_block(params: List[Tensor], M: Tensor) -> List[Tensor]:
+    """Inverse of ``block_matrix``: the block matrix M back to parameter-shaped tensors."""
+    if len(params) == 1:
+        return [M.reshape(params[0].shape)]
+    w, b = params
+    return [M[:, :-1].reshape(w.shape), M[:, -1].reshape(b.shape)]

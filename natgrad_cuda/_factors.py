@@ -1,0 +1,212 @@
+"""Factor state: every layer's A and G as exponential moving averages of the steps' sums, and their
+eigendecompositions.
+
+A step is a transaction: ``stage`` takes this step's sums and, when the inverses are due, computes
+the new moving averages and their eigendecompositions out of place; ``accept`` commits them (or,
+between inverse updates, updates the averages in place); ``drop`` forgets them, so that a skipped
+step leaves the state as it was.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._blocks import Layer
+from ._checks import warn_user
+from ._directions import decompose
+from ._finite import all_finite
+from .curvature.kfac import _flush
+from .reference import accumulation_dtype
+
+__all__ = ["Factors", "STATE_KEYS"]
+
+STATE_KEYS = ("A", "G", "QA", "dA", "QG", "dG")
+
+
+class Factors:
+    """The factors of ``layers``; ``hyper()`` gives factor_decay, ``impl`` is the ops' backend."""
+
+    def __init__(self, layers: List[Layer], hyper: Callable[[], dict], impl: Optional[str], owner: str):
+        self.layers, self.hyper, self.impl, self.owner = layers, hyper, impl, owner
+        self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in layers}
+        self._buffers: Dict[Tuple[str, str], Tensor] = {}  # this step's sums of A and G, reused across steps
+        # [X, 1] rows for A of a joint weight-and-bias block; G's rows as they are.
+        self._append_ones = {(k, layer.name): k == "A" and layer.joint for layer in layers for k in ("A", "G")}
+        self._staged: Optional[Dict[str, Dict[str, Tensor]]] = None  # stage()'s new state, until accept()
+        self._new = None  # stage()'s sums of this step, until accept()
+        self._unrecorded: set = set()  # layers warned about for having no factors
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: Dict[Tuple[str, str], Tensor] = {}  # ("A" or "G", layer name): this step's sum
+
+    # ---- this step's sums -----------------------------------------------------------------------
+
+    def flush(self, rows) -> None:
+        """Accumulate (key, rows, scale) into this step's sums, all in one op call (one parallel
+        region, balanced over all of them)."""
+        if not rows:
+            return
+        # A layer's first rows of the step overwrite its buffer (decay 0: the buffers live across
+        # steps and are never zeroed); later rows add to it.
+        fresh, more, seen = [], [], set()
+        for item in rows:
+            (fresh if item[0] not in self._sums and item[0] not in seen else more).append(item)
+            seen.add(item[0])
+        for key, _, _ in fresh:
+            self._sums[key] = self._buffer(*key)
+        _flush(self._sums, fresh, self._append_ones, self.impl, decay=0.0, trusted=True)
+        _flush(self._sums, more, self._append_ones, self.impl, trusted=True)
+
+    def _buffer(self, which: str, name: str) -> Tensor:
+        buf = self._buffers.get((which, name))
+        if buf is None:
+            layer = next(layer for layer in self.layers if layer.name == name)
+            d = layer.in_dim if which == "A" else layer.out_dim
+            buf = self._buffers[(which, name)] = torch.empty(d, d, dtype=layer.factor_dtype, device=layer.weight.device)
+        return buf
+
+    def follow(self, layer: Layer) -> None:
+        """The layer's factors to its parameters' new dtype and device."""
+        layer.factor_dtype = accumulation_dtype(layer.weight.dtype)
+        to = dict(dtype=layer.factor_dtype, device=layer.weight.device)
+        self.state[layer.name] = {k: t.to(**to) for k, t in self.state[layer.name].items()}
+        for which in ("A", "G"):
+            self._buffers.pop((which, layer.name), None)
+            if (which, layer.name) in self._sums:
+                self._sums[(which, layer.name)] = self._sums[(which, layer.name)].to(**to)
+
+    # ---- the transaction ------------------------------------------------------------------------
+
+    def stage(self, n: int, g_div: float, forward_only: bool, inverses_due: bool) -> None:
+        """This step's factors from its sums (N data points, G's divisor; ``n`` 0: none this step)
+        and, when due or missing, the inverses of the new moving averages, staged for ``accept``."""
+        self._new = self._step_sums(n, g_div, forward_only) if n else None
+        have = {name for name, st in self.state.items() if "A" in st} | set(self._new[0] if self._new else ())
+        missing = any("QA" not in self.state[name] for name in have)
+        self._staged = None
+        if have and (inverses_due or missing):
+            staged = {name: dict(st) for name, st in self.state.items()}
+            if self._new:
+                self._average(staged, *self._new, in_place=False)
+            decompose(staged, self.impl)
+            self._staged = staged
+
+    def current(self) -> Dict[str, Dict[str, Tensor]]:
+        """The state this step's directions use: staged, or the committed one."""
+        return self._staged if self._staged is not None else self.state
+
+    def accept(self) -> None:
+        """Commit what ``stage`` staged: the new moving averages (and inverses)."""
+        if self._staged is not None:
+            self.state = self._staged
+        elif self._new:
+            self._average(self.state, *self._new, in_place=True)
+        self._staged = self._new = None
+
+    def drop(self) -> None:
+        self._staged = self._new = None
+        self.reset()
+
+    def _step_sums(self, n: int, g_div: float, forward_only: bool):
+        """(sum of A, sum of G) per layer updated this step with their scales; None when there are
+        none, or when they are not finite (with a warning)."""
+        if not forward_only and g_div == 0:
+            return None  # no curvature pass ran (non-finite outputs)
+        new: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for layer in self.layers:
+            A = self._sums.get(("A", layer.name))
+            if A is None:
+                continue  # the layer did not run in this step's forward
+            G = (torch.eye(layer.out_dim, dtype=A.dtype, device=A.device) if forward_only
+                 else self._sums.get(("G", layer.name)))
+            if G is not None:  # None: no backward reached it
+                new[layer.name] = (A, G)
+        self._note_unrecorded(new)
+        if not new:
+            return None
+        # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
+        # bounds the rest, so the diagonals decide.
+        if not all_finite([t.diagonal() for pair in new.values() for t in pair]):
+            warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
+                      "averages keep their previous values")
+            return None
+        return new, 1.0 / n, 1.0 / g_div
+
+    def _note_unrecorded(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> None:
+        """Warn, once per layer, about a K-FAC layer with a gradient that no counted forward ran as a
+        module (its weight used functionally, say): it has no factors and follows its plain gradient."""
+        for layer in self.layers:
+            if (layer.name not in new and layer.name not in self._unrecorded and "A" not in self.state[layer.name]
+                    and layer.weight.grad is not None):
+                self._unrecorded.add(layer.name)
+                warn_user(f"{self.owner}: layer {layer.name!r} has a gradient but did not run as a module in this "
+                          "step's forward (is its weight used functionally?); it gets no factors and follows its "
+                          "plain gradient until it does")
+
+    def _average(self, states, new: Dict[str, Tuple[Tensor, Tensor]], a_scale: float, g_scale: float, *,
+                 in_place: bool) -> None:
+        """The moving averages of ``states`` take in this step's sums; the first estimate starts one.
+        Every layer's sums share one scale per factor kind, so each kind is one fused op."""
+        decay = self.hyper()["factor_decay"]
+        running = [name for name in new if "A" in states[name]]
+        for name, (A, G) in new.items():
+            if "A" not in states[name]:  # the first estimate starts the average (no bias towards zero)
+                states[name]["A"], states[name]["G"] = A * a_scale, G * g_scale
+        for j, (key, scale) in enumerate((("A", a_scale), ("G", g_scale))):
+            averages = [states[name][key] for name in running]
+            if not averages:
+                continue
+            if in_place:
+                torch._foreach_mul_(averages, decay)
+            else:
+                averages = torch._foreach_mul(averages, decay)
+            torch._foreach_add_(averages, [new[name][j] for name in running], alpha=(1.0 - decay) * scale)
+            for name, avg in zip(running, averages):
+                states[name][key] = avg
+
+    # ---- saved state ----------------------------------------------------------------------------
+
+    @staticmethod
+    def checked_layer_state(layer: Layer, saved) -> Dict[str, Tensor]:
+        """A layer's saved state, validated (entries, kinds, shapes, finite, eigenvalues >= 0,
+        eigenvectors orthonormal) and moved to the layer's device and factor dtype; ValueError
+        naming the entry otherwise."""
+        where = f"state_dict: layer {layer.name!r}"
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: its state must be a dict, got {type(saved).__name__}")
+        unknown = set(saved) - set(STATE_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown entries {sorted(unknown)}")
+        keys = set(saved)
+        # A layer holds nothing (never updated), its factors, or its factors and their eigendecompositions.
+        for need, having in ((("A", "G"), STATE_KEYS), (("QA",), ("dA",)), (("dA",), ("QA",)), (("QG",), ("dG",)),
+                             (("dG",), ("QG",))):
+            if keys & set(having) and not set(need) <= keys:
+                raise ValueError(f"{where}: entries {sorted(keys)} are incomplete (missing "
+                                 f"{sorted(set(need) - keys)})")
+        out, shapes = {}, layer.shapes()
+        device = layer.weight.device
+        for key in STATE_KEYS:
+            if key not in saved:
+                continue
+            t = saved[key]
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"{where} entry {key!r} must be a floating-point tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+            if tuple(t.shape) != shapes[key]:
+                raise ValueError(f"{where} entry {key!r} has shape {tuple(t.shape)}, expected {shapes[key]}")
+            t = t.detach().to(device=device, dtype=layer.factor_dtype).clone()
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where} entry {key!r} is not finite")
+            if key.startswith("d") and bool((t < 0).any()):
+                raise ValueError(f"{where} entry {key!r}: eigenvalues must be >= 0")
+            if key.startswith("Q"):
+                eye = torch.eye(t.shape[0], dtype=t.dtype, device=device)
+                tol = 1e-3 if t.dtype == torch.float32 else 1e-8
+                if t.numel() and float((t.T @ t - eye).abs().max()) > tol * max(1, t.shape[0]) ** 0.5:
+                    raise ValueError(f"{where} entry {key!r}: eigenvectors must be orthonormal")
+            out[key] = t
+        return out
