@@ -1,7 +1,8 @@
 """The K-FAC machinery shared by ``KFAC`` and ``KFACPreconditioner``, one object per model, put
 together from its parts, each in its own file:
 
-- ``_recording.py``: the hooks on the model, which forwards count, and the rows of the factors;
+- ``curvature/recording.py``: the hooks on the model, which forwards count, and the rows of the
+  factors (shared with ``curvature.kfac``);
 - ``_factors.py``: the factors' moving averages and eigendecompositions, staged per step;
 - ``_directions.py``: the eigendecompositions and the preconditioned directions (batched ops);
 - ``_quadratic.py``: the quadratic models (damping adaptation, adaptive step);
@@ -29,10 +30,10 @@ from ._checks import check_bool, check_number, refuse_copy, warn_user
 from ._directions import directions
 from ._factors import Factors
 from ._quadratic import ggn_gram, quadratic_change
-from ._recording import COMPILED, Recorder
+from .curvature.recording import COMPILED, Recorder
 from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
-from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, _is_joint
+from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, is_joint
 from .curvature.rules import rule_for
 from .reference import INVERSES
 
@@ -96,7 +97,7 @@ class Engine:
         self.layers = []
         for name, module in found:
             bias = rule_for(module).bias(module)
-            joint = _is_joint(slots[name], separate_weight_and_bias) and bias.requires_grad
+            joint = is_joint(slots[name], separate_weight_and_bias) and bias.requires_grad
             self.layers.append(Layer(name, module, joint))
         self.model, self.hyper, self.owner = model, hyper, owner
         self.spec = LossSpec.from_name(loss, reduction) if loss is not None else None

@@ -17,7 +17,7 @@ from ._blocks import Layer
 from ._checks import warn_user
 from ._directions import decompose
 from ._finite import all_finite
-from .curvature.kfac import _flush
+from .curvature.kfac import accumulate_rows
 from .reference import accumulation_dtype
 
 __all__ = ["Factors", "STATE_KEYS"]
@@ -57,8 +57,8 @@ class Factors:
             seen.add(item[0])
         for key, _, _ in fresh:
             self._sums[key] = self._buffer(*key)
-        _flush(self._sums, fresh, self._append_ones, self.impl, decay=0.0, trusted=True)
-        _flush(self._sums, more, self._append_ones, self.impl, trusted=True)
+        accumulate_rows(self._sums, fresh, self._append_ones, self.impl, decay=0.0, trusted=True)
+        accumulate_rows(self._sums, more, self._append_ones, self.impl, trusted=True)
 
     def _buffer(self, which: str, name: str) -> Tensor:
         buf = self._buffers.get((which, name))

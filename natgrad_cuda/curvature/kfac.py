@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..reference import accumulation_dtype
-from ._layers import ParamSlot, find_layers, grad_rows, input_rows, parameter_slots, write_dense_blocks
-from .rules import rule_for
+from ._layers import ParamSlot, find_layers, parameter_slots, write_dense_blocks
+from .recording import Recorder, backward_scalars, take_input_rows
+from .rules import LayerRule, rule_for
 from ._losses import LossSpec
 
-__all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches"]
+__all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches", "accumulate_rows", "is_joint"]
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROXES = ("expand", "reduce")
@@ -57,7 +58,7 @@ class KFACCurvature:
 
     def is_joint(self, name: str) -> bool:
         """Whether module ``name``'s weight and bias share one Kronecker product."""
-        return _is_joint(self._slots[name], self.separate_weight_and_bias)
+        return is_joint(self._slots[name], self.separate_weight_and_bias)
 
     def dense(self) -> Tensor:
         """The block-diagonal (P, P) matrix in model.parameters() order; zero blocks for the
@@ -112,7 +113,7 @@ def kfac(
             stacklevel=2,
         )
     slots, num_params = parameter_slots(model, layers)
-    joint = {name: _is_joint(slots[name], separate_weight_and_bias) for name, _ in layers}
+    joint = {name: is_joint(slots[name], separate_weight_and_bias) for name, _ in layers}
     A, G = {}, {}
     for name, module in layers:
         w = rule_for(module).weight(module)
@@ -121,34 +122,40 @@ def kfac(
         A[name] = torch.zeros(d_in, d_in, dtype=dtype, device=w.device)
         G[name] = torch.zeros(w.shape[0], w.shape[0], dtype=dtype, device=w.device)
 
-    trainable = [p for _, m in layers for p in m.parameters(recurse=False) if p.requires_grad]
     no_ones = dict.fromkeys(G, False)
-    pass_ = _Pass(layers, kfac_approx, capture_grads=fisher_type != "forward-only")
-    num_data, z = 0, 0
+    capture_grads = fisher_type != "forward-only"
     generator = None
+    if fisher_type == "mc" and seed is not None:
+        generator = torch.Generator(device=next(iter(A.values())).device).manual_seed(seed)
+    # The optimizers' hooks (one implementation): a record per forward, A rows from the layers'
+    # inputs, G rows from the backward of each scalar seen at the layers' outputs.
+    recorder = Recorder(model, [_Tap(name, module, rule_for(module)) for name, module in layers], spec=spec,
+                        fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples,
+                        owner="curvature.kfac", factor_step_due=lambda: True, generator=lambda: generator,
+                        flush=lambda rows: None, before_use=lambda: None)
+    recorder.record_without_grad = not capture_grads
+    num_data, z = 0, 0
     try:
         for inputs, targets in iter_batches(data):
-            with torch.enable_grad() if pass_.capture_grads else torch.no_grad():
+            with torch.enable_grad() if capture_grads else torch.no_grad():
                 outputs = model(inputs)
             spec.check(outputs, targets)
-            _flush(A, pass_.take_inputs(), joint, backend)
+            record = recorder.record_of(outputs)
+            accumulate_rows(A, [(name, r, s) for (_, name), r, s in take_input_rows(record)], joint, backend)
             num_data += outputs.shape[0]
-            if not pass_.capture_grads:
+            if not capture_grads:
                 continue
             f = spec.flatten_outputs(outputs)
             z += spec.normalizer(*f.shape)
-            if fisher_type == "mc" and seed is not None and generator is None:
-                generator = torch.Generator(device=f.device).manual_seed(seed)
-            for phi in _backward_scalars(spec, fisher_type, f, spec.flatten_targets(targets, outputs),
-                                         mc_samples, generator):
-                # Gradients with respect to the parameters (not the layer outputs, which an in-place
-                # op downstream may have rebased) drive the backward; the tensor hooks receive the
-                # output gradients on the way. The graph is retained for the next scalar and freed
-                # with this batch's outputs. .grad stays untouched.
-                torch.autograd.grad(phi, trainable, retain_graph=True, allow_unused=True)
-                _flush(G, pass_.take_grads(), no_ones, backend)
+            for phi in backward_scalars(spec, fisher_type, f, spec.flatten_targets(targets, outputs), mc_samples,
+                                        generator):
+                # One scalar at a time, its rows accumulated at once; the graph is retained for the
+                # next scalar and freed with this batch's outputs.
+                rows = recorder.passes(record, [phi])
+                accumulate_rows(G, [(name, r, s) for (_, name), r, s in rows], no_ones, backend)
+            recorder.reset()
     finally:
-        pass_.remove()
+        recorder.remove()
     if num_data == 0:
         raise ValueError("data is empty: it holds no (inputs, targets) batch with a data point")
 
@@ -177,7 +184,17 @@ def kfac(
     )
 
 
-def _is_joint(slot: ParamSlot, separate_weight_and_bias: bool) -> bool:
+class _Tap:
+    """What the recorder needs of a layer: its name, module, rule and parameters."""
+
+    def __init__(self, name: str, module: nn.Module, rule: LayerRule):
+        self.name, self.module, self.rule = name, module, rule
+        self.weight = rule.weight(module)
+        bias = rule.bias(module)
+        self.bias = bias if bias is not None and bias.requires_grad else None
+
+
+def is_joint(slot: ParamSlot, separate_weight_and_bias: bool) -> bool:
     """Weight and bias share one Kronecker product: A carries a constant 1 for the bias."""
     return not separate_weight_and_bias and slot.bias is not None
 
@@ -220,58 +237,7 @@ def _is_batch(obj) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], Tensor)
 
 
-def _backward_scalars(spec: LossSpec, fisher_type: str, f: Tensor, y: Tensor, mc_samples: int,
-                      generator: Optional[torch.Generator]) -> Iterable[Tensor]:
-    """The scalars phi whose output gradients g make G = sum g g^T / (Z * M) (docs/curvature.md)."""
-    if fisher_type == "type-2":
-        S = spec.hessian_sqrt(f)
-        for c in range(f.shape[1]):
-            yield (f * S[:, :, c]).sum()
-    elif fisher_type == "mc":
-        for _ in range(mc_samples):
-            yield spec.term_losses(f, spec.sample_targets(f, generator)).sum()
-    else:
-        yield spec.term_losses(f, y).sum()
-
-
-class _Pass:
-    """Forward hooks on the K-FAC layers: each call records rows for A from the layer's input and,
-    when gradients are wanted, hooks its output tensor to record rows for G."""
-
-    def __init__(self, layers: List[Tuple[str, nn.Module]], kfac_approx: str, capture_grads: bool):
-        self.kfac_approx = kfac_approx
-        self.capture_grads = capture_grads
-        self._inputs: List[Tuple[str, Tensor, float]] = []
-        self._grads: List[Tuple[str, Tensor, float]] = []
-        self._handles = [module.register_forward_hook(self._forward_hook(name)) for name, module in layers]
-
-    def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            self._inputs.append((name, *input_rows(name, module, inputs[0], self.kfac_approx)))
-            if self.capture_grads and output.requires_grad:
-                # A tensor hook registered before any in-place op downstream still receives the
-                # gradient with respect to this (pre-in-place) output.
-                output.register_hook(
-                    lambda g: self._grads.append((name, grad_rows(module, g, self.kfac_approx), 1.0))
-                )
-
-        return hook
-
-    def take_inputs(self) -> List[Tuple[str, Tensor, float]]:
-        taken, self._inputs = self._inputs, []
-        return taken
-
-    def take_grads(self) -> List[Tuple[str, Tensor, float]]:
-        taken, self._grads = self._grads, []
-        return taken
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def _flush(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
+def accumulate_rows(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
            backend: Optional[str], decay: float = 1.0, trusted: bool = False) -> None:
     """F = decay * F + scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one
     call (decay 0 overwrites: F need not be initialised).

@@ -1,5 +1,6 @@
-"""Recording: the hooks that see the model's forwards and backwards, which of them count, and the
-rows of the factors they give.
+"""Recording: the hooks that see a model's forwards and backwards, which of them count, and the
+rows of the K-FAC factors they give. The optimizers and ``curvature.kfac`` share it: one hook
+implementation.
 
 Every forward of the model with gradients enabled opens a record, but only a record whose outputs
 reach ``opt.backward(loss, outputs)`` (or, for the empirical and forward-only Fishers, whose layer
@@ -15,18 +16,16 @@ import contextlib
 import functools
 import math
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._blocks import Layer
-from ._checks import warn_user
-from ._finite import HALF
-from .curvature._losses import LossSpec
-from .curvature.kfac import _backward_scalars
+from .._checks import warn_user
+from .._finite import HALF
+from ._losses import LossSpec
 
-__all__ = ["Recorder", "COMPILED"]
+__all__ = ["Recorder", "COMPILED", "backward_scalars", "take_input_rows"]
 
 # The Fisher types whose G comes from the curvature passes of opt.backward (not from loss.backward()).
 CURVATURE_PASS = ("mc", "type-2")
@@ -36,6 +35,21 @@ COMPILED = ("K-FAC does not support torch.compile'd models yet: its hooks do not
             "model itself and run its forward eagerly")
 
 Rows = List[Tuple[Tuple[str, str], Tensor, float]]  # (("A" or "G", layer name), rows, scale)
+
+
+def backward_scalars(spec: LossSpec, fisher_type: str, f: Tensor, y: Optional[Tensor], mc_samples: int,
+                     generator: Optional[torch.Generator]) -> Iterable[Tensor]:
+    """The scalars phi whose output gradients g make G = sum g g^T / (Z * M) (docs/curvature.md):
+    f the outputs as (terms, C), y the targets (for "empirical")."""
+    if fisher_type == "type-2":
+        S = spec.hessian_sqrt(f)
+        for c in range(f.shape[1]):
+            yield (f * S[:, :, c]).sum()
+    elif fisher_type == "mc":
+        for _ in range(mc_samples):
+            yield spec.term_losses(f, spec.sample_targets(f, generator)).sum()
+    else:
+        yield spec.term_losses(f, y).sum()
 
 
 class _InertHook:
@@ -128,20 +142,22 @@ class _Record:
         return not self.outputs or any(ref() is not None for ref in self.outputs)
 
 
-def _take_rows_A(record: _Record) -> Rows:
+def take_input_rows(record: _Record) -> Rows:
+    """A record's A rows, taken (once)."""
     rows, record.rows_A = record.rows_A, []
     return [(("A", n), r, s) for n, r, s in rows]
 
 
 class Recorder:
-    """The hooks on one model and the records of its forwards since the last step.
+    """The hooks on one model and the records of its forwards since the last step. ``layers`` are
+    objects with ``name``, ``module``, ``rule``, ``weight`` and ``bias`` (the trainable bias or None).
 
     ``factor_step_due()`` says whether this step updates the factors, ``generator()`` is the
     optimizer's generator (MC targets), ``flush(rows)`` takes rows into this step's sums, and
     ``before_use()`` runs once the arguments of ``backward`` are checked (the factors follow the
     parameters' dtype and device then)."""
 
-    def __init__(self, model: nn.Module, layers: List[Layer], *, spec: Optional[LossSpec], fisher_type: str,
+    def __init__(self, model: nn.Module, layers: list, *, spec: Optional[LossSpec], fisher_type: str,
                  kfac_approx: str, mc_samples: int, owner: str, factor_step_due: Callable[[], bool],
                  generator: Callable[[], torch.Generator], flush: Callable[[Rows], None],
                  before_use: Callable[[], None]):
@@ -161,6 +177,7 @@ class Recorder:
         # is taken on their (B*T, V) view), False for torch's (B, C, d1, ...) layout.
         self._class_last: Dict[Tuple[int, ...], bool] = {}
         self._suspended = False
+        self.record_without_grad = False  # curvature.kfac's forward-only Fisher: A from no_grad forwards
         self.keep_inputs = False  # set by KFAC(adaptive_step=True): the forward's inputs, for J v
         self.last_inputs = None
         self.reset()
@@ -181,7 +198,7 @@ class Recorder:
     # ---- hooks ----------------------------------------------------------------------------------
 
     def _recording(self) -> bool:
-        return torch.is_grad_enabled() and not self._suspended
+        return (torch.is_grad_enabled() or self.record_without_grad) and not self._suspended
 
     def _root_pre_hook(self, module, args, kwargs):
         if not self._recording():
@@ -204,7 +221,7 @@ class Recorder:
             except ValueError:
                 pass
 
-    def _layer_hook(self, layer: Layer, module, inputs, output):
+    def _layer_hook(self, layer: layer, module, inputs, output):
         record = self._open
         if record is None:
             if self._recording() and self.factor_step_due():
@@ -216,11 +233,14 @@ class Recorder:
         record.rows_A.append((layer.name, *layer.rule.input_rows(layer.name, module, x, self.kfac_approx)))
         if isinstance(output, Tensor) and output.dim():
             record.batches.append((layer.name, output.shape[0], layer.rule.positions(module, output)))
-        record.targets.append(x if isinstance(x, Tensor) and x.requires_grad else layer.weight)
+        target = x if isinstance(x, Tensor) and x.requires_grad else (
+            layer.weight if layer.weight.requires_grad else layer.bias)
+        if target is not None:
+            record.targets.append(target)
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(functools.partial(self._grad_hook, layer, record))
 
-    def _grad_hook(self, layer: Layer, record: _Record, g: Tensor) -> None:
+    def _grad_hook(self, layer, record: _Record, g: Tensor) -> None:
         mode = self._grad_mode
         if mode is None or not any(r is record for r in self._records):  # not wanted, or a finished step's
             return
@@ -352,31 +372,39 @@ class Recorder:
             self.last_inputs = record.inputs
         if record.capture:
             record.n, record.z = n, z
-            if self.fisher_type in CURVATURE_PASS:
-                # the outputs as the loss reads them: (B, T, V) logits with the classes last as (B*T, V)
-                view = outputs.reshape(-1, outputs.shape[-1]) if class_last else outputs
-                self._curvature_passes(record, view)
+            # the outputs as the loss reads them: (B, T, V) logits with the classes last as (B*T, V)
+            view = outputs.reshape(-1, outputs.shape[-1]) if class_last else outputs
+            rows_G = self._curvature_passes(record, view) if self.fisher_type in CURVATURE_PASS else []
             record.targets = []  # done with them: no layer inputs held past the backward
-            # A's and G's rows of every layer in one op call
-            rows_G, self._rows_G = self._rows_G, []
-            self.flush(_take_rows_A(record) + [(("G", n), r, s) for n, r, s in rows_G])
+            self.flush(take_input_rows(record) + rows_G)  # A's and G's rows of every layer in one op call
         loss.backward()
 
-    def _curvature_passes(self, record: _Record, outputs: Tensor) -> None:
+    def _curvature_passes(self, record: _Record, outputs: Tensor) -> Rows:
         f = self.spec.flatten_outputs(outputs)
         if f.dtype in HALF:  # sample and build S in fp32 under autocast
             f = f.float()
         if not bool(torch.isfinite(f).all()):
-            return  # a diverged model: no curvature from it (its gradients will skip the step)
+            return []  # a diverged model: no curvature from it (its gradients will skip the step)
         self._g_divisor += self.mc_samples * (record.z if self.spec.reduction == "mean" else 1)
+        return self.passes(record, backward_scalars(self.spec, self.fisher_type, f, None, self.mc_samples,
+                                                    self.generator()))
+
+    def passes(self, record: _Record, scalars: Iterable[Tensor]) -> Rows:
+        """The G rows of ``record``'s forward from the backward of each scalar, seen by the hooks on
+        its layers' outputs on the way to the layers' inputs (or weights); .grad stays untouched."""
         targets = record.targets or [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
         self._grad_mode, self._active = "curvature", record
         try:
-            for phi in _backward_scalars(self.spec, self.fisher_type, f, None, self.mc_samples, self.generator()):
-                # .grad stays untouched; the output hooks record g on the way.
+            for phi in scalars:
                 torch.autograd.grad(phi, targets, retain_graph=True, allow_unused=True)
         finally:
             self._grad_mode, self._active = self._idle_mode, None
+        rows, self._rows_G = self._rows_G, []
+        return [(("G", n), r, s) for n, r, s in rows]
+
+    def record_of(self, outputs: Tensor) -> _Record:
+        """The record of the forward that returned ``outputs`` (ValueError if none)."""
+        return self._find_record(outputs)
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -404,7 +432,7 @@ class Recorder:
                                  "that went to a plain loss.backward() are unknown (its output is not a tensor, or is "
                                  "a cross-entropy's over 3+ dimensions whose class dimension was never seen); call "
                                  "opt.backward(loss, outputs)")
-        rows = [item for r in counted for item in _take_rows_A(r)]
+        rows = [item for r in counted for item in take_input_rows(r)]
         if self.fisher_type == "empirical":
             # The accumulated gradient is the loss's mean over all counted forwards, g_phi / Z: G
             # = Z * sum of its outer products (1 for a sum), whatever the micro-batches.
