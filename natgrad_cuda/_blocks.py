@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .curvature.rules import rule_for
 from .reference import accumulation_dtype
 
-__all__ = ["Layer", "block_matrix", "split_block"]
+__all__ = ["Layer"]
 
 
 class Layer:
@@ -22,8 +22,8 @@ class Layer:
         self.weight = self.rule.weight(module)
         bias = self.rule.bias(module)
         self.bias = bias if bias is not None and bias.requires_grad else None
-        self.out_dim = self.weight.shape[0]
-        self.in_dim = self.weight[0].numel() + int(joint)
+        out_dim, in_dim = self.rule.to_matrix(module, self.weight.detach()).shape
+        self.out_dim, self.in_dim = out_dim, in_dim + int(joint)
         self.factor_dtype = accumulation_dtype(self.weight.dtype)
         self.placement = (self.weight.dtype, self.weight.device)
 
@@ -42,15 +42,17 @@ class Layer:
         return [([self.weight], False), ([self.bias], True)]
 
 
-def block_matrix(params: List[Tensor], tensors: List[Tensor]) -> Tensor:
-    """Parameter-shaped tensors (weight, bias) of one block as the (out, in[+1]) matrix."""
-    cols = [t.reshape(params[0].shape[0], -1) for t in tensors]
-    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    def matrix(self, params: List[Tensor], tensors: List[Tensor]) -> Tensor:
+        """Parameter-shaped tensors of one of its blocks (weight and bias, or one of them) as the
+        block's (out, in[+1]) matrix: the rule's matrix of the weight, the bias as a column."""
+        cols = [self.rule.to_matrix(self.module, t) if p is self.weight else t.reshape(self.out_dim, 1)
+                for p, t in zip(params, tensors)]
+        return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
-
-def split_block(params: List[Tensor], M: Tensor) -> List[Tensor]:
-    """Inverse of ``block_matrix``: the block matrix M back to parameter-shaped tensors."""
-    if len(params) == 1:
-        return [M.reshape(params[0].shape)]
-    w, b = params
-    return [M[:, :-1].reshape(w.shape), M[:, -1].reshape(b.shape)]
+    def split(self, params: List[Tensor], M: Tensor) -> List[Tensor]:
+        """Inverse of ``matrix``: a block's matrix back to parameter-shaped tensors."""
+        if len(params) == 1:
+            p = params[0]
+            return [self.rule.from_matrix(self.module, M) if p is self.weight else M.reshape(p.shape)]
+        w, b = params
+        return [self.rule.from_matrix(self.module, M[:, :-1]), M[:, -1].reshape(b.shape)]

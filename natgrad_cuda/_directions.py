@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._blocks import Layer, block_matrix, split_block
+from ._blocks import Layer
 from ._checks import warn_user
 
 __all__ = ["decompose", "directions"]
 
-# Per block, what the quadratic model needs: (params, gradient matrix M, A of the block, G).
-Block = Tuple[List[Tensor], Tensor, Tensor, Tensor]
+# Per block, what the quadratic model needs: (layer, params, gradient matrix M, A of the block, G).
+Block = Tuple[Layer, List[Tensor], Tensor, Tensor, Tensor]
 
 
 def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str]) -> None:
@@ -53,19 +53,19 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
         for params, is_bias in layer.blocks():
             if any(p.grad is None for p in params):
                 continue
-            M = block_matrix(params, [p.grad for p in params])
+            M = layer.matrix(params, [p.grad for p in params])
             if is_bias:
                 one = torch.ones(1, 1, dtype=st["QA"].dtype, device=M.device)
                 qa, da, A = one, one[0], one
             else:
                 qa, da, A = st["QA"], st["dA"], st["A"]
             Ms.append(M), QA.append(qa), dA.append(da), QG.append(st["QG"]), dG.append(st["dG"])
-            blocks.append((params, M, A, st["G"]))
+            blocks.append((layer, params, M, A, st["G"]))
     if not Ms:
         return {}, []
     Ps = ops.precondition(Ms, QA, dA, QG, dG, float(damping), inverse, impl=impl, _trusted=True)
     out = {}
-    for (params, _, _, _), P in zip(blocks, Ps):
-        for p, d in zip(params, split_block(params, P)):
+    for (layer, params, _, _, _), P in zip(blocks, Ps):
+        for p, d in zip(params, layer.split(params, P)):
             out[id(p)] = d
     return out, blocks

@@ -8,7 +8,6 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor, nn
 
-from ._blocks import block_matrix
 from .curvature._losses import LossSpec
 from .curvature.exact import load_forward_ad
 
@@ -20,8 +19,8 @@ def quadratic_change(deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks
     <g, delta> over all parameters + 1/2 sum over blocks <D, G D A> (undamped)."""
     lin = sum(float((grads[k].double() * deltas[k].double()).sum()) for k in deltas if k in grads)
     quad = 0.0
-    for params, _, A, G in blocks:
-        D = block_matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
+    for layer, params, _, A, G in blocks:
+        D = layer.matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
         quad += float((D * (G @ D @ A)).sum())
     return lin + 0.5 * quad
 

@@ -92,7 +92,8 @@ def lm_damping(damping: float, rho: float, interval: int, min_damping: float, ma
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC natural-gradient descent for ``model``'s nn.Linear, nn.Conv1d and nn.Conv2d layers.
+    """K-FAC natural-gradient descent for ``model``'s layers with a rule (``curvature.rules``:
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, and any registered with ``register_rule``).
 
     Use::
 

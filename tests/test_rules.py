@@ -105,3 +105,122 @@ def test_a_rule_can_refuse_a_module_with_a_reason():
     with pytest.warns(UserWarning, match="padding_mode='circular'"):
         ng.KFAC(nn.Sequential(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"), nn.Flatten(),
                               nn.Linear(8, 2)), loss="mse")
+
+
+# ---- nn.ConvTranspose2d -------------------------------------------------------------------------------
+
+CONV_T = [  # (in, out, kernel, stride, padding, output_padding, dilation)
+    (2, 3, 3, 1, 0, 0, 1),
+    (2, 3, 3, 2, 1, 1, 1),
+    (3, 2, (2, 3), (2, 1), (0, 1), (1, 0), 1),
+    (2, 2, 3, 3, 2, 2, 2),
+    (1, 4, 1, 2, 0, 0, 1),
+    (2, 3, 2, 2, 3, 0, 1),  # padding larger than dilation * (kernel - 1): the padded input is cropped
+]
+
+
+@pytest.mark.parametrize("cfg", CONV_T, ids=str)
+def test_conv_transpose_rows_times_its_matrix_give_its_output(cfg):
+    """The defining property of the rule: the rows of A times the (out, in) matrix of the weight are
+    the layer's output at every position, and the matrix maps back to the weight."""
+    c_in, c_out, k, s, p, op, d = cfg
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(c_in, c_out, k, stride=s, padding=p, output_padding=op, dilation=d, bias=False).to(DT)
+    x = torch.randn(2, c_in, 4, 5, dtype=DT)
+    rule = rules.rule_for(layer)
+    rows, scale = rule.input_rows("t", layer, x, "expand")
+    rows = rows.unfold() if isinstance(rows, ng.ops.ConvPatches) else rows
+    y = layer(x)
+    W = rule.to_matrix(layer, layer.weight.detach())
+    assert W.shape == (c_out, c_in * layer.kernel_size[0] * layer.kernel_size[1])
+    expect = y.detach().flatten(2).transpose(1, 2).reshape(-1, c_out)
+    torch.testing.assert_close(rows @ W.T, expect, rtol=1e-12, atol=1e-12)
+    assert scale == 1.0 / rule.positions(layer, y)
+    assert torch.equal(rule.from_matrix(layer, W), layer.weight.detach())
+
+
+def patches_model(layer):
+    """The same map as ``layer`` (a transposed conv) as an nn.Linear over precomputed patch rows:
+    (B, positions, in * kh * kw) -> (B, positions, out)."""
+    lin = nn.Linear(1, 1).to(DT)
+    lin.weight = nn.Parameter(rules.rule_for(layer).to_matrix(layer, layer.weight.detach()).clone())
+    lin.bias = nn.Parameter(layer.bias.detach().clone())
+    return lin
+
+
+@pytest.mark.parametrize("cfg", CONV_T[:4], ids=str)
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_conv_transpose_factors_are_those_of_the_linear_layer_on_its_patches(cfg, fisher_type):
+    """A transposed conv is a linear layer shared over the output positions, applied to its patch
+    rows: K-FAC must give both the same A and G (the Linear rule is checked against curvlinops), and
+    ``dense()`` must put kron(G, A) at the weight entries the matrix comes from."""
+    c_in, c_out, k, s, p, op, d = cfg
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(c_in, c_out, k, stride=s, padding=p, output_padding=op, dilation=d).to(DT)
+    x = torch.randn(3, c_in, 4, 5, dtype=DT)
+    with torch.no_grad():
+        out_shape = conv(x).shape
+    y = torch.randn(out_shape, dtype=DT).flatten(1)
+    lin = patches_model(conv)
+    rows, _ = rules.rule_for(conv).input_rows("t", conv, x, "expand")
+    rows = (rows.unfold() if isinstance(rows, ng.ops.ConvPatches) else rows).reshape(3, -1, lin.weight.shape[1])
+    # the linear model's output in the transposed conv's (B, out * positions) layout
+    as_conv = nn.Sequential(conv, nn.Flatten())
+    as_linear = _Permuted(lin)
+    kw = dict(fisher_type=fisher_type, separate_weight_and_bias=False)
+    Fc = ng.curvature.kfac(as_conv, nn.MSELoss(), (x, y), **kw)
+    Fl = ng.curvature.kfac(as_linear, nn.MSELoss(), (rows, y), **kw)
+    torch.testing.assert_close(Fc.input_covariances["0"], Fl.input_covariances["lin"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Fc.gradient_covariances["0"], Fl.gradient_covariances["lin"], rtol=1e-10, atol=1e-12)
+    # dense(): the conv's weight entries in its own (in, out, kh, kw) order
+    order = rules.rule_for(conv).to_matrix(conv, torch.arange(conv.weight.numel()).reshape(conv.weight.shape))
+    perm = torch.cat([order.reshape(-1), conv.weight.numel() + torch.arange(c_out)])
+    Dc, Dl = Fc.dense(), Fl.dense()
+    torch.testing.assert_close(Dc[perm][:, perm], Dl, rtol=1e-10, atol=1e-12)
+
+
+class _Permuted(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, rows):  # (B, S, in) -> (B, out * S), the conv's flattened (out, H, W) order
+        return self.lin(rows).transpose(1, 2).flatten(1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "emulated"])
+def test_kfac_step_on_a_conv_transpose_is_the_dense_damped_inverse(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten()).to(DT)
+    x = torch.randn(4, 2, 3, 3, dtype=DT)
+    y = torch.randn(4, 3 * 5 * 5, dtype=DT)
+    ref = nn.Sequential(*[m for m in model])  # same modules: the oracle is computed before the step
+    K = ng.curvature.kfac(ref, nn.MSELoss(), (x, y), fisher_type="type-2", separate_weight_and_bias=False).dense()
+    opt = ng.KFAC(model, lr=0.5, momentum=0.0, kl_clip=None, damping=0.1, loss="mse", fisher_type="type-2",
+                  backend=backend)
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(F.mse_loss(out, y), out)
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt.step()
+    delta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
+    expect = -0.5 * torch.linalg.solve(K + 0.1 * torch.eye(len(g), dtype=DT), g)
+    torch.testing.assert_close(delta, expect, rtol=1e-9, atol=1e-12)
+
+
+def test_conv_transpose_with_output_size_or_groups_is_refused():
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.ConvTranspose2d(2, 2, 3, stride=2)
+
+        def forward(self, x):  # output_size picks an output padding of 1 instead of the module's 0
+            return self.t(x, output_size=[10, 10])
+
+    model = Up().to(DT)
+    ng.KFAC(model, loss="mse", fisher_type="type-2")
+    with pytest.raises(ValueError, match="output_size"):
+        model(torch.randn(1, 2, 4, 4, dtype=DT))
+    with pytest.warns(UserWarning, match="groups=2"):
+        ng.KFAC(nn.Sequential(nn.ConvTranspose2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2 * 9, 2)), loss="mse")

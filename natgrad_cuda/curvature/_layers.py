@@ -80,6 +80,9 @@ class ParamSlot:
     out_features: int
     in_features: int  # d_in = weight.numel() / out_features
     bias: Optional[int]  # offset of bias, None without one
+    # Where each entry of the rule's (out, d_in) matrix (row-major) sits in weight.flatten(); None
+    # when they are in the same order.
+    order: Optional[Tensor] = None
 
 
 def parameter_slots(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Tuple[Dict[str, ParamSlot], int]:
@@ -92,11 +95,14 @@ def parameter_slots(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Tu
     for name, module in layers:
         rule = rule_for(module)
         w, b = rule.weight(module), rule.bias(module)
+        order = rule.to_matrix(module, torch.arange(w.numel(), device=w.device).reshape(w.shape))
+        identity = bool(torch.equal(order.reshape(-1), torch.arange(w.numel(), device=w.device)))
         slots[name] = ParamSlot(
             weight=offsets[id(w)],
-            out_features=w.shape[0],
-            in_features=w[0].numel(),
+            out_features=order.shape[0],
+            in_features=order.shape[1],
             bias=offsets[id(b)] if b is not None else None,
+            order=None if identity else order.reshape(-1),
         )
     return slots, total
 
@@ -109,8 +115,13 @@ def write_dense_blocks(out: Tensor, slot: ParamSlot, A: Tensor, G: Tensor, joint
     all weight entries.
     """
     d = slot.in_features
-    w = slice(slot.weight, slot.weight + slot.out_features * d)
-    out[w, w] = torch.kron(G, A[:d, :d])
+    if slot.order is None:
+        w = slice(slot.weight, slot.weight + slot.out_features * d)
+        rows, cols = w, w
+    else:  # the matrix's entries sit elsewhere in the weight
+        w = slot.weight + slot.order.to(out.device)
+        rows, cols = w[:, None], w[None, :]
+    out[rows, cols] = torch.kron(G, A[:d, :d])
     if slot.bias is None:
         return
     b = slice(slot.bias, slot.bias + slot.out_features)

@@ -91,7 +91,8 @@ def kfac(
     "expand" or "reduce" for weight-shared layers. seed: None draws MC targets from torch's global
     RNG, an int from a private generator seeded with it. backend: the ``impl`` of
     ``ops.factor_update_``. Supported layers: those with a rule (``curvature.rules``: nn.Linear,
-    nn.Conv1d, nn.Conv2d with zero padding, and any registered with ``register_rule``); other
+    nn.Conv1d, nn.Conv2d with zero padding, nn.ConvTranspose2d, and any registered with
+    ``register_rule``); other
     modules with trainable parameters get a warning and zero blocks in ``dense()``.
     """
     spec = LossSpec.from_module(loss_fn)
@@ -102,8 +103,8 @@ def kfac(
     layers, unsupported = find_layers(model)
     if not layers:
         raise ValueError(
-            "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding "
-            "and a trainable parameter)"
+            "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding, "
+            "nn.ConvTranspose2d, or a module with a registered rule, with a trainable parameter)"
         )
     if unsupported:
         warnings.warn(
@@ -120,7 +121,8 @@ def kfac(
         dtype = accumulation_dtype(w.dtype)
         d_in = slots[name].in_features + int(joint[name])
         A[name] = torch.zeros(d_in, d_in, dtype=dtype, device=w.device)
-        G[name] = torch.zeros(w.shape[0], w.shape[0], dtype=dtype, device=w.device)
+        d_out = slots[name].out_features
+        G[name] = torch.zeros(d_out, d_out, dtype=dtype, device=w.device)
 
     no_ones = dict.fromkeys(G, False)
     capture_grads = fisher_type != "forward-only"

@@ -6,9 +6,11 @@ outputs (conventions: docs/curvature.md). A rule tells, for one module type, wha
 package needs to know:
 
 - ``check(module)``: whether K-FAC can cover this module (None) or why not;
-- ``weight(module)``, ``bias(module)``: the parameters of its block; the weight's first dimension
-  is the output, the rest flatten (row-major) to the input features, so the (out, in) matrix of
-  the block is ``weight.reshape(out, -1)``, with the bias as an extra column when they are joint;
+- ``weight(module)``, ``bias(module)``: the parameters of its block;
+- ``to_matrix(module, t)``, ``from_matrix(module, M)``: a weight-shaped tensor (the weight, its
+  gradient, a direction) as the (out, in) matrix whose rows are the output units and whose columns
+  are the entries of A's rows, and back (by default the weight's first dimension is the output and
+  the rest flatten row-major); the bias is an extra column when weight and bias are joint;
 - ``input_rows(name, module, x, kfac_approx)``: the rows whose Gram matrix gives A, and the scale of
   their outer products (before the division by the number of data points);
 - ``grad_rows(module, g, kfac_approx)``: the rows whose Gram matrix gives G;
@@ -16,7 +18,8 @@ package needs to know:
 
 From these the optimizer, the preconditioner and ``curvature.kfac`` derive everything else the same
 way for every rule: the state's shapes (A: in (+1), G: out), the preconditioned form of the
-gradient, the dense block of ``curvature.kfac(...).dense()``.
+gradient, the dense block of ``curvature.kfac(...).dense()`` (kron(G, A) over the matrix's entries,
+placed at the weight entries ``to_matrix`` maps them from).
 
 Add a rule for your own module with ``register_rule(MyModule, MyRule())``; a subclass of a module
 type with a rule gets that rule unless it has its own.
@@ -24,6 +27,7 @@ type with a rule gets that rule unless it has its own.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, List, Optional, Tuple, Type, Union
 
 import torch
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 
 from .. import ops
 
-__all__ = ["LayerRule", "LinearRule", "ConvRule", "register_rule", "rule_for", "conv_patches"]
+__all__ = ["LayerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "register_rule", "rule_for", "conv_patches"]
 
 Rows = Union[Tensor, ops.ConvPatches]
 
@@ -49,6 +53,12 @@ class LayerRule:
 
     def bias(self, module: nn.Module) -> Optional[Tensor]:
         return getattr(module, "bias", None)
+
+    def to_matrix(self, module: nn.Module, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], -1)
+
+    def from_matrix(self, module: nn.Module, M: Tensor) -> Tensor:
+        return M.reshape(self.weight(module).shape)
 
     def input_rows(self, name: str, module: nn.Module, x: Tensor, kfac_approx: str) -> Tuple[Rows, float]:
         raise NotImplementedError
@@ -152,6 +162,63 @@ class ConvRule(LayerRule):
         return math.prod(output.shape[2:])
 
 
+class ConvTransposeRule(LayerRule):
+    """nn.ConvTranspose2d (groups 1, zero padding): the output at each position is W applied to the
+    patch, under the flipped kernel, of the input with stride - 1 zeros between its pixels and
+    dilation * (kernel - 1) - padding around them (output_padding more on the bottom and right).
+    The weight (in, out, kh, kw) is the (out, in * kh * kw) matrix of those patches' columns
+    (channel, kernel row, kernel column) with the kernel flipped. Calls with ``output_size`` (a
+    different output padding) are refused."""
+
+    def __init__(self):
+        self._expected = weakref.WeakKeyDictionary()  # module -> the output size its last input gives
+
+    def check(self, module):
+        if module.groups != 1:
+            return f"groups={module.groups} (only groups=1 is supported)"
+        return None
+
+    def _padded(self, module, x: Tensor) -> Tensor:
+        (sh, sw), (dh, dw), (kh, kw) = module.stride, module.dilation, module.kernel_size
+        (ph, pw), (oh, ow) = module.padding, module.output_padding
+        B, C, H, W = x.shape
+        up = x.new_zeros(B, C, (H - 1) * sh + 1, (W - 1) * sw + 1)
+        up[:, :, ::sh, ::sw] = x
+        top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        return torch.nn.functional.pad(up, [left, left + ow, top, top + oh])  # negative sizes crop
+
+    def input_rows(self, name, module, x, kfac_approx):
+        x = x.detach()
+        _batched(name, x, 4, "input (B, C_in, H, W)")
+        patches = ops.ConvPatches(self._padded(module, x), tuple(module.kernel_size), (1, 1),
+                                  tuple(module.dilation))
+        self._expected[module] = patches.output_size
+        positions = math.prod(patches.output_size)
+        if kfac_approx == "expand":
+            kh, kw = patches.kernel
+            return (patches if kh * kw > 1 else patches.unfold()), 1.0 / positions
+        rows = patches.unfold()
+        return rows.reshape(x.shape[0], positions, rows.shape[1]).mean(1), 1.0
+
+    def grad_rows(self, module, g, kfac_approx):
+        return _rows_of(g.detach().flatten(2).transpose(1, 2), kfac_approx)
+
+    def positions(self, module, output):
+        expected = self._expected.get(module)
+        if expected is not None and tuple(output.shape[2:]) != tuple(expected):
+            raise ValueError(f"nn.ConvTranspose2d called with output_size (output {tuple(output.shape[2:])}, "
+                             f"{tuple(expected)} from its output_padding): K-FAC supports the module's own "
+                             "output_padding only")
+        return math.prod(output.shape[2:])
+
+    def to_matrix(self, module, t):
+        return t.flip(2, 3).transpose(0, 1).reshape(t.shape[1], -1)
+
+    def from_matrix(self, module, M):
+        c_in, c_out, kh, kw = self.weight(module).shape
+        return M.reshape(c_out, c_in, kh, kw).transpose(0, 1).flip(2, 3)
+
+
 _RULES: Dict[Type[nn.Module], LayerRule] = {}
 
 
@@ -178,3 +245,4 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
 register_rule(nn.Linear, LinearRule())
 register_rule(nn.Conv1d, ConvRule())
 register_rule(nn.Conv2d, ConvRule())
+register_rule(nn.ConvTranspose2d, ConvTransposeRule())
