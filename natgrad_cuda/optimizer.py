@@ -169,8 +169,8 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("adaptive_step=True needs loss= (its quadratic model uses the loss's Hessian)")
         self._engine.keep_inputs = adaptive_step
         if self._engine.unsupported:
-            warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their parameters follow "
-                          "momentum SGD with their plain gradient", UserWarning, stacklevel=2)
+            warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; parameters that no covered "
+                          "layer holds follow momentum SGD with their plain gradient", UserWarning, stacklevel=2)
 
     # An optimizer bound to its model by hooks has no meaningful copy: refuse at copy time.
     __deepcopy__ = __copy__ = __reduce_ex__ = __getstate__ = refuse_copy
@@ -508,8 +508,8 @@ class KFACPreconditioner:
                               seed=seed, grad_scaler=grad_scaler, max_consecutive_skips=max_consecutive_skips,
                               owner="KFACPreconditioner")
         if self._engine.unsupported:
-            warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; their gradients are left "
-                          "as they are", UserWarning, stacklevel=2)
+            warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; the gradients of parameters "
+                          "that no covered layer holds are left as they are", UserWarning, stacklevel=2)
 
     __deepcopy__ = __copy__ = __reduce_ex__ = __getstate__ = refuse_copy
 

@@ -224,3 +224,69 @@ def test_conv_transpose_with_output_size_or_groups_is_refused():
         model(torch.randn(1, 2, 4, 4, dtype=DT))
     with pytest.warns(UserWarning, match="groups=2"):
         ng.KFAC(nn.Sequential(nn.ConvTranspose2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2 * 9, 2)), loss="mse")
+
+
+# ---- tied weights -------------------------------------------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    """An embedding whose weight is also the output layer's (GPT-style weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(torch.tanh(self.mid(self.emb(i))))
+
+
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("case", ["embedding_and_head", "two_linears"])
+def test_tied_parameters_are_preconditioned_once_by_the_first_covered_holder(case):
+    """The tied parameter's step is (K + damping I)^-1 g with K the dense K-FAC of the covered
+    layers (its block from its first covered holder: the head, or ``a``), g its whole gradient
+    (every use); an uncovered parameter (``b``'s bias) follows its plain gradient."""
+    if case == "embedding_and_head":
+        model, loss = TiedLM().to(DT), "cross_entropy"
+        x, y = torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
+        covered, warning = ["mid", "head"], r"emb \(Embedding; its parameters tied to 'head' are preconditioned"
+        loss_fn = nn.CrossEntropyLoss()
+    else:
+        model, loss = TiedLinears().to(DT), "mse"
+        x, y = torch.randn(16, 4, dtype=DT), torch.randn(16, 4, dtype=DT)
+        covered, warning = ["a"], r"b \(Linear; its parameters tied to 'a' are preconditioned"
+        loss_fn = nn.MSELoss()
+    with pytest.warns(UserWarning, match=warning):
+        K = ng.curvature.kfac(model, loss_fn, (x, y), fisher_type="type-2", separate_weight_and_bias=False).dense()
+    with pytest.warns(UserWarning, match=warning):
+        opt = ng.KFAC(model, lr=0.5, momentum=0.0, kl_clip=None, damping=0.1, loss=loss, fisher_type="type-2",
+                      backend="reference")
+    assert [layer.name for layer in opt._engine.layers] == covered
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(loss_fn(out, y), out)
+    params = list(model.parameters())  # each tied parameter once
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    opt.step()
+    delta = torch.cat([p.detach().reshape(-1) for p in params]) - before
+    kfac_entries = K.abs().sum(1) > 0  # parameters some covered layer holds
+    expect = -0.5 * g.clone()
+    idx = kfac_entries.nonzero().squeeze(1)
+    sub = K[idx][:, idx] + 0.1 * torch.eye(len(idx), dtype=DT)
+    expect[idx] = -0.5 * torch.linalg.solve(sub, g[idx])
+    torch.testing.assert_close(delta, expect, rtol=1e-9, atol=1e-12)
+    if case == "two_linears":
+        assert not kfac_entries[-4:].any()  # b's bias: the plain gradient

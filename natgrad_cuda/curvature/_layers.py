@@ -34,23 +34,51 @@ def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[str
 
     The nn.Linear inside an nn.MultiheadAttention (``out_proj``) is not covered: the attention
     applies its weight functionally, so the layer never runs as a module and no hook would see it.
+
+    Tied parameters (one Parameter held by several modules, an embedding shared with the output
+    layer, say) are preconditioned once: by the first covered layer that holds them, in model
+    order, whose factors see its own use of them; the other holders' uses only add to their
+    gradient, and a later covered layer holding one of them is not covered (both are reported).
     """
-    layers, unsupported, functional = [], [], []
+    holders: dict = {}  # id(parameter) -> the names of the modules holding it
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name or "<root>")
+    functional, claimed, verdicts = [], {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             functional.append(name + ".")
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
             continue
         inside = next((prefix for prefix in functional if name.startswith(prefix)), None)
         rule = rule_for(module)
         why = rule.check(module) if rule is not None else None
-        if inside is not None:
-            unsupported.append(f"{name} ({type(module).__name__}, applied functionally by the "
-                               f"nn.MultiheadAttention {inside[:-1] or '<root>'!r})")
-        elif rule is not None and why is None:
+        covered = inside is None and rule is not None and why is None and not any(id(p) in claimed for p in own)
+        if covered:
+            for p in own:
+                claimed[id(p)] = name
+        verdicts.append((name, module, own, inside, why, covered))
+    layers, unsupported = [], []
+    for name, module, own, inside, why, covered in verdicts:
+        if covered:
             layers.append((name, module))
+            continue
+        label = name or "<root>"
+        tied = sorted({h for p in own for h in holders[id(p)] if h != label})
+        owners = sorted({claimed[id(p)] for p in own if id(p) in claimed})
+        if inside is not None:
+            detail = f", applied functionally by the nn.MultiheadAttention {inside[:-1] or '<root>'!r}"
+        elif why:
+            detail = f": {why}"
         else:
-            unsupported.append(f"{name or '<root>'} ({type(module).__name__}{': ' + why if why else ''})")
+            detail = ""
+        if owners:
+            detail += (f"; its parameters tied to {', '.join(map(repr, owners))} are preconditioned by that layer's "
+                       "factors, this module's use only adding to their gradient")
+        elif tied:
+            detail += f"; parameters tied to {', '.join(map(repr, tied))}"
+        unsupported.append(f"{label} ({type(module).__name__}{detail})")
     return layers, unsupported
 
 

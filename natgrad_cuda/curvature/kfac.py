@@ -108,8 +108,8 @@ def kfac(
         )
     if unsupported:
         warnings.warn(
-            f"K-FAC does not support the layers {', '.join(unsupported)}; their parameters get zero "
-            "blocks in the curvature",
+            f"K-FAC does not support the layers {', '.join(unsupported)}; parameters that no covered layer holds "
+            "get zero blocks in the curvature",
             UserWarning,
             stacklevel=2,
         )
