@@ -26,10 +26,14 @@ class Layer:
         self.out_dim, self.in_dim = out_dim, in_dim + int(joint)
         self.factor_dtype = accumulation_dtype(self.weight.dtype)
         self.placement = (self.weight.dtype, self.weight.device)
+        # A diagonal (one-hot inputs, an embedding): A is the vector of its diagonal, its own eigenvalues.
+        self.diagonal = self.rule.diagonal_input
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        """The shape of every state entry of this layer."""
+        """The shape of every state entry of this layer (no QA when A is diagonal)."""
         a, g = self.in_dim, self.out_dim
+        if self.diagonal:
+            return {"A": (a,), "G": (g, g), "dA": (a,), "QG": (g, g), "dG": (g,)}
         return {"A": (a, a), "G": (g, g), "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,)}
 
     def blocks(self) -> List[Tuple[List[Tensor], bool]]:

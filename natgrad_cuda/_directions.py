@@ -2,43 +2,53 @@
 damped-inverse directions of every block (one batched op call)."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from ._blocks import Layer
 from ._checks import warn_user
 
-__all__ = ["decompose", "directions"]
+__all__ = ["decompose", "directions", "has_inverse"]
 
 # Per block, what the quadratic model needs: (layer, params, gradient matrix M, A of the block, G).
 Block = Tuple[Layer, List[Tensor], Tensor, Tensor, Tensor]
 
 
+def has_inverse(st: Dict[str, Tensor]) -> bool:
+    return "dA" in st and "QG" in st
+
+
 def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str]) -> None:
     """Eigendecompositions (eigenvalues clamped at zero) of every factor of ``states``, in place,
-    one batched call; a failed one keeps the previous, with a warning."""
-    names = [name for name, st in states.items() if "A" in st]
-    if not names:
+    one batched call; a failed one keeps the previous, with a warning. A diagonal A (a vector) is
+    its own eigenvalues in the standard basis."""
+    todo = []  # (layer name, "A" or "G") of every matrix factor
+    for name, st in states.items():
+        if "A" not in st:
+            continue
+        if st["A"].dim() == 1:
+            st["dA"] = st["A"].clamp_min(0)
+        else:
+            todo.append((name, "A"))
+        todo.append((name, "G"))
+    if not todo:
         return
-    mats = [states[n][k] for n in names for k in ("A", "G")]
-    results = ops.eigh_batched(mats, impl=impl, _trusted=True)
+    results = ops.eigh_batched([states[name][key] for name, key in todo], impl=impl, _trusted=True)
     ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
-    for i, name in enumerate(names):
+    for (name, key), good, (d, Q) in zip(todo, ok, results):
         st = states[name]
-        for j, key in enumerate(("A", "G")):
-            k = 2 * i + j
-            if ok[k]:
-                d, Q = results[k]
-                st["d" + key], st["Q" + key] = d.clamp_min(0), Q
-            elif "Q" + key in st:
-                warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
-                          "float64; keeping the previous one")
-            else:
-                warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
-                          "float64; the layer uses its plain gradient until one succeeds")
+        if good:
+            st["d" + key], st["Q" + key] = d.clamp_min(0), Q
+        elif "Q" + key in st:
+            warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                      "float64; keeping the previous one")
+        else:
+            warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                      "float64; the layer uses its plain gradient until one succeeds")
 
 
 def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], damping: float, inverse: str,
@@ -46,14 +56,21 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
     """{id(param): preconditioned gradient} for every layer with an inverse (before KL clipping),
     and the blocks for the quadratic model."""
     Ms, QA, dA, QG, dG, blocks = [], [], [], [], [], []
+    out = {}
     for layer in layers:
         st = states[layer.name]
-        if "QA" not in st or "QG" not in st:
+        if not has_inverse(st):
             continue
         for params, is_bias in layer.blocks():
             if any(p.grad is None for p in params):
                 continue
             M = layer.matrix(params, [p.grad for p in params])
+            if layer.diagonal:  # no eigenbasis on the A side: two products with Q_G, never an (in, in) matrix
+                P = _diagonal_direction(M, st, damping, inverse)
+                for p, d in zip(params, layer.split(params, P)):
+                    out[id(p)] = d
+                blocks.append((layer, params, M, st["A"], st["G"]))
+                continue
             if is_bias:
                 one = torch.ones(1, 1, dtype=st["QA"].dtype, device=M.device)
                 qa, da, A = one, one[0], one
@@ -62,10 +79,24 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
             Ms.append(M), QA.append(qa), dA.append(da), QG.append(st["QG"]), dG.append(st["dG"])
             blocks.append((layer, params, M, A, st["G"]))
     if not Ms:
-        return {}, []
+        return out, blocks
     Ps = ops.precondition(Ms, QA, dA, QG, dG, float(damping), inverse, impl=impl, _trusted=True)
-    out = {}
-    for (layer, params, _, _, _), P in zip(blocks, Ps):
+    batched = [block for block in blocks if not block[0].diagonal]
+    for (layer, params, _, _, _), P in zip(batched, Ps):
         for p, d in zip(params, layer.split(params, P)):
             out[id(p)] = d
     return out, blocks
+
+
+def _diagonal_direction(M: Tensor, st: Dict[str, Tensor], damping: float, inverse: str) -> Tensor:
+    """The damped inverse of G (x) diag(dA) applied to M (out, in), as ``reference.precondition``
+    with Q_A the identity."""
+    qg, dg, da = st["QG"], st["dG"], st["dA"]
+    V = qg.T @ M.to(qg.dtype)
+    if inverse == "eigen":
+        denom = torch.outer(dg, da) + damping
+    else:
+        pi = reference.factored_pi(da, dg)
+        root = math.sqrt(damping)
+        denom = torch.outer(dg + root / pi, da + pi * root)
+    return (qg @ (V / denom)).to(M.dtype)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._blocks import Layer
 from ._checks import warn_user
-from ._directions import decompose
+from ._directions import decompose, has_inverse
 from ._finite import all_finite
 from .curvature.kfac import accumulate_rows
 from .reference import accumulation_dtype
@@ -65,7 +65,8 @@ class Factors:
         if buf is None:
             layer = next(layer for layer in self.layers if layer.name == name)
             d = layer.in_dim if which == "A" else layer.out_dim
-            buf = self._buffers[(which, name)] = torch.empty(d, d, dtype=layer.factor_dtype, device=layer.weight.device)
+            shape = (d,) if which == "A" and layer.diagonal else (d, d)  # a diagonal A is a vector
+            buf = self._buffers[(which, name)] = torch.empty(shape, dtype=layer.factor_dtype, device=layer.weight.device)
         return buf
 
     def follow(self, layer: Layer) -> None:
@@ -85,7 +86,7 @@ class Factors:
         and, when due or missing, the inverses of the new moving averages, staged for ``accept``."""
         self._new = self._step_sums(n, g_div, forward_only) if n else None
         have = {name for name, st in self.state.items() if "A" in st} | set(self._new[0] if self._new else ())
-        missing = any("QA" not in self.state[name] for name in have)
+        missing = any(not has_inverse(self.state[name]) for name in have)
         self._staged = None
         if have and (inverses_due or missing):
             staged = {name: dict(st) for name, st in self.state.items()}
@@ -129,7 +130,7 @@ class Factors:
             return None
         # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
         # bounds the rest, so the diagonals decide.
-        if not all_finite([t.diagonal() for pair in new.values() for t in pair]):
+        if not all_finite([t.diagonal() if t.dim() == 2 else t for pair in new.values() for t in pair]):
             warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
                       "averages keep their previous values")
             return None
@@ -177,17 +178,20 @@ class Factors:
         where = f"state_dict: layer {layer.name!r}"
         if not isinstance(saved, dict):
             raise ValueError(f"{where}: its state must be a dict, got {type(saved).__name__}")
-        unknown = set(saved) - set(STATE_KEYS)
+        out, shapes = {}, layer.shapes()
+        unknown = set(saved) - set(shapes)
         if unknown:
             raise ValueError(f"{where}: unknown entries {sorted(unknown)}")
         keys = set(saved)
-        # A layer holds nothing (never updated), its factors, or its factors and their eigendecompositions.
-        for need, having in ((("A", "G"), STATE_KEYS), (("QA",), ("dA",)), (("dA",), ("QA",)), (("QG",), ("dG",)),
-                             (("dG",), ("QG",))):
+        # A layer holds nothing (never updated), its factors, or its factors and their
+        # eigendecompositions (a diagonal A has no QA).
+        pairs = [(("QG",), ("dG",)), (("dG",), ("QG",))]
+        if not layer.diagonal:
+            pairs += [(("QA",), ("dA",)), (("dA",), ("QA",))]
+        for need, having in [(("A", "G"), STATE_KEYS)] + pairs:
             if keys & set(having) and not set(need) <= keys:
                 raise ValueError(f"{where}: entries {sorted(keys)} are incomplete (missing "
                                  f"{sorted(set(need) - keys)})")
-        out, shapes = {}, layer.shapes()
         device = layer.weight.device
         for key in STATE_KEYS:
             if key not in saved:

@@ -21,7 +21,7 @@ def quadratic_change(deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks
     quad = 0.0
     for layer, params, _, A, G in blocks:
         D = layer.matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
-        quad += float((D * (G @ D @ A)).sum())
+        quad += float((D * ((G @ D) * A if A.dim() == 1 else G @ D @ A)).sum())  # a diagonal A is a vector
     return lin + 0.5 * quad
 
 

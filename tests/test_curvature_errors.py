@@ -158,7 +158,7 @@ class WithBareParameter(nn.Module):
 class WithEmbedding(nn.Module):
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(5, 3)
+        self.emb = nn.Embedding(5, 3, max_norm=1.0)  # a form K-FAC's embedding rule refuses
         self.head = nn.Linear(3, 2)
 
     def forward(self, x):
@@ -167,7 +167,7 @@ class WithEmbedding(nn.Module):
 
 @pytest.mark.parametrize("model, names", [
     (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), ["1 (BatchNorm1d)"]),
-    (WithEmbedding(), ["emb (Embedding)"]),
+    (WithEmbedding(), ["emb (Embedding: max_norm"]),
     (WithBareParameter(), ["<root> (WithBareParameter)"]),
     (nn.Sequential(nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 2, 1, padding_mode="reflect"), nn.Flatten(),
                    nn.Linear(2, 2), nn.LayerNorm(2)), ["1 (Conv1d: padding_mode='reflect'", "4 (LayerNorm)"]),

@@ -2,6 +2,8 @@
 a registered rule exactly as the built-in rule covers its built-in twin. float64."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,12 +258,13 @@ class TiedLinears(nn.Module):
 @pytest.mark.parametrize("case", ["embedding_and_head", "two_linears"])
 def test_tied_parameters_are_preconditioned_once_by_the_first_covered_holder(case):
     """The tied parameter's step is (K + damping I)^-1 g with K the dense K-FAC of the covered
-    layers (its block from its first covered holder: the head, or ``a``), g its whole gradient
+    layers (its block from its first covered holder: the embedding, or ``a``), g its whole gradient
     (every use); an uncovered parameter (``b``'s bias) follows its plain gradient."""
     if case == "embedding_and_head":
         model, loss = TiedLM().to(DT), "cross_entropy"
         x, y = torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
-        covered, warning = ["mid", "head"], r"emb \(Embedding; its parameters tied to 'head' are preconditioned"
+        # the embedding comes first: its factors (a diagonal A over the vocabulary) precondition the tied weight
+        covered, warning = ["emb", "mid"], r"head \(Linear; its parameters tied to 'emb' are preconditioned"
         loss_fn = nn.CrossEntropyLoss()
     else:
         model, loss = TiedLinears().to(DT), "mse"
@@ -282,7 +285,8 @@ def test_tied_parameters_are_preconditioned_once_by_the_first_covered_holder(cas
     before = torch.cat([p.detach().reshape(-1) for p in params])
     opt.step()
     delta = torch.cat([p.detach().reshape(-1) for p in params]) - before
-    kfac_entries = K.abs().sum(1) > 0  # parameters some covered layer holds
+    held = {id(p) for layer in opt._engine.layers for p in (layer.weight, layer.bias) if p is not None}
+    kfac_entries = torch.cat([torch.full((p.numel(),), id(p) in held) for p in params])  # some covered layer holds
     expect = -0.5 * g.clone()
     idx = kfac_entries.nonzero().squeeze(1)
     sub = K[idx][:, idx] + 0.1 * torch.eye(len(idx), dtype=DT)
@@ -290,3 +294,139 @@ def test_tied_parameters_are_preconditioned_once_by_the_first_covered_holder(cas
     torch.testing.assert_close(delta, expect, rtol=1e-9, atol=1e-12)
     if case == "two_linears":
         assert not kfac_entries[-4:].any()  # b's bias: the plain gradient
+
+
+# ---- nn.Embedding: a diagonal A --------------------------------------------------------------------------
+
+
+class Tagger(nn.Module):
+    """Token ids (B, T) -> per-token class logits (B, T, C) through an embedding."""
+
+    def __init__(self, vocab=7, dim=4, classes=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids))).transpose(1, 2)  # (B, C, T): torch's cross-entropy layout
+
+
+class OneHotTagger(nn.Module):
+    """The same map with the embedding as a bias-free nn.Linear on one-hot rows (the dense oracle)."""
+
+    def __init__(self, tagger):
+        super().__init__()
+        vocab, dim = tagger.emb.weight.shape
+        self.vocab = vocab
+        self.emb = nn.Linear(vocab, dim, bias=False).to(DT)
+        self.emb.weight = nn.Parameter(tagger.emb.weight.detach().T.clone())
+        self.head = copy.deepcopy(tagger.head)
+
+    def forward(self, ids):
+        x = F.one_hot(ids, self.vocab).to(DT)
+        return self.head(torch.tanh(self.emb(x))).transpose(1, 2)
+
+
+def tag_data(seed=3, B=5, T=4, vocab=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, 3, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "mc"])
+def test_embedding_factors_are_the_one_hot_linear_layers_with_a_diagonal_a(fisher_type):
+    tagger = Tagger().to(DT)
+    ids, y = tag_data()
+    Fe = ng.curvature.kfac(tagger, nn.CrossEntropyLoss(), (ids, y), fisher_type=fisher_type, seed=1)
+    Fl = ng.curvature.kfac(OneHotTagger(tagger), nn.CrossEntropyLoss(), (ids, y), fisher_type=fisher_type, seed=1)
+    A = Fe.input_covariances["emb"]
+    assert A.shape == (7,)  # a vector: memory linear in the vocabulary
+    torch.testing.assert_close(torch.diag(A), Fl.input_covariances["emb"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(Fe.gradient_covariances["emb"], Fl.gradient_covariances["emb"], rtol=1e-10,
+                               atol=1e-13)
+    # dense(): the embedding's (vocab, dim) weight is the transpose of the one-hot layer's
+    order = torch.arange(28).reshape(7, 4).T.reshape(-1)
+    perm = torch.cat([order, 28 + torch.arange(4 * 3 + 3)])
+    torch.testing.assert_close(Fe.dense()[perm][:, perm], Fl.dense(), rtol=1e-10, atol=1e-13)
+
+
+def test_embedding_kfac_of_one_token_is_the_exact_ggn_block():
+    tagger = Tagger().to(DT)
+    ids, y = torch.tensor([[2]]), torch.tensor([[1]])
+    K = ng.curvature.kfac(tagger, nn.CrossEntropyLoss(), (ids, y), fisher_type="type-2").dense()
+    GGN = ng.curvature.ggn(tagger, nn.CrossEntropyLoss(), (ids, y))
+    n = 7 * 4
+    torch.testing.assert_close(K[:n, :n], GGN[:n, :n], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "emulated"])
+@pytest.mark.parametrize("inverse", ["eigen", "factored"])
+def test_kfac_step_on_an_embedding_is_the_dense_damped_inverse(backend, inverse):
+    tagger = Tagger().to(DT)
+    ids, y = tag_data()
+    opt = ng.KFAC(tagger, lr=0.5, momentum=0.0, kl_clip=None, damping=0.1, loss="cross_entropy",
+                  fisher_type="type-2", inverse=inverse, backend=backend)
+    fe = ng.curvature.kfac(tagger, nn.CrossEntropyLoss(), (ids, y), fisher_type="type-2",
+                           separate_weight_and_bias=False)
+    opt.zero_grad()
+    out = tagger(ids)
+    opt.backward(F.cross_entropy(out, y), out)
+    g = torch.cat([p.grad.reshape(-1) for p in tagger.parameters()])
+    before = torch.cat([p.detach().reshape(-1) for p in tagger.parameters()])
+    opt.step()
+    delta = torch.cat([p.detach().reshape(-1) for p in tagger.parameters()]) - before
+    if inverse == "eigen":
+        expect = -0.5 * torch.linalg.solve(fe.dense() + 0.1 * torch.eye(len(g), dtype=DT), g)
+    else:  # factored damping: (A + pi sqrt(l) I)^-1 (x) (G + sqrt(l)/pi I)^-1 per layer, from the reference op
+        emb_dir = ng.reference.precondition(
+            [tagger.emb.weight.grad.T], [torch.eye(7, dtype=DT)], [fe.input_covariances["emb"]],
+            [torch.linalg.eigh(fe.gradient_covariances["emb"])[1]],
+            [torch.linalg.eigh(fe.gradient_covariances["emb"])[0]], 0.1, "factored")[0].T
+        torch.testing.assert_close(delta[:28], -0.5 * emb_dir.reshape(-1), rtol=1e-9, atol=1e-12)
+        return
+    torch.testing.assert_close(delta, expect, rtol=1e-9, atol=1e-12)
+
+
+def test_a_large_vocabulary_costs_memory_linear_in_it():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50_000, 8), nn.Linear(8, 5)
+
+        def forward(self, ids):
+            return self.fc(torch.tanh(self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    opt = ng.KFAC(model, loss="cross_entropy", factor_update_freq=1, inv_update_freq=1)
+    ids, y = torch.randint(0, 50_000, (16, 12)), torch.randint(0, 5, (16,))
+    for _ in range(2):  # a (50000, 50000) factor would take 10 GB: these steps would not run
+        opt.zero_grad()
+        out = model(ids)
+        opt.backward(F.cross_entropy(out, y), out)
+        assert opt.step()
+    state = opt.state_dict()["kfac"]["layers"]["emb"]
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"A": (50_000,), "dA": (50_000,), "G": (8, 8),
+                                                              "QG": (8, 8), "dG": (8,)}
+    other = ng.KFAC(Bag(), loss="cross_entropy")
+    other.load_state_dict(opt.state_dict())  # and it validates and loads
+    bad = copy.deepcopy(opt.state_dict())
+    bad["kfac"]["layers"]["emb"]["QA"] = torch.eye(3)
+    with pytest.raises(ValueError, match="unknown entries"):
+        other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("kwargs,reason", [(dict(max_norm=1.0), "max_norm"),
+                                           (dict(scale_grad_by_freq=True), "scale_grad_by_freq"),
+                                           (dict(sparse=True), "sparse")])
+def test_embedding_forms_the_rule_cannot_cover_are_reported(kwargs, reason):
+    model = nn.Sequential(nn.Embedding(5, 3, **kwargs), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match=f"0 \\(Embedding: {reason}"):
+        ng.KFAC(model, loss="mse")
+
+
+def test_embedding_with_reduce_is_refused():
+    tagger = Tagger().to(DT)
+    opt = ng.KFAC(tagger, loss="cross_entropy", kfac_approx="reduce")
+    with pytest.raises(ValueError, match="kfac_approx='expand' only"):
+        tagger(tag_data()[0])
+    del opt

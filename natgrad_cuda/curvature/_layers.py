@@ -143,6 +143,8 @@ def write_dense_blocks(out: Tensor, slot: ParamSlot, A: Tensor, G: Tensor, joint
     all weight entries.
     """
     d = slot.in_features
+    if A.dim() == 1:  # a diagonal A, kept as a vector
+        A = torch.diag(A)
     if slot.order is None:
         w = slice(slot.weight, slot.weight + slot.out_features * d)
         rows, cols = w, w

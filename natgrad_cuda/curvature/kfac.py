@@ -17,7 +17,7 @@ from .. import ops
 from ..reference import accumulation_dtype
 from ._layers import ParamSlot, find_layers, parameter_slots, write_dense_blocks
 from .recording import Recorder, backward_scalars, take_input_rows
-from .rules import LayerRule, rule_for
+from .rules import DiagonalRows, LayerRule, rule_for
 from ._losses import LossSpec
 
 __all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches", "accumulate_rows", "is_joint"]
@@ -31,7 +31,8 @@ class KFACCurvature:
     """K-FAC factors, keyed by the module's name in ``model.named_modules()``.
 
     ``input_covariances[name]`` is A (with the bias's constant 1 as its last entry when weight and
-    bias are joint), ``gradient_covariances[name]`` is G; ``dense()`` assembles the (P, P) matrix.
+    bias are joint; the vector of its diagonal for a layer whose A is diagonal, an embedding),
+    ``gradient_covariances[name]`` is G; ``dense()`` assembles the (P, P) matrix.
     """
 
     input_covariances: Dict[str, Tensor]
@@ -91,8 +92,8 @@ def kfac(
     "expand" or "reduce" for weight-shared layers. seed: None draws MC targets from torch's global
     RNG, an int from a private generator seeded with it. backend: the ``impl`` of
     ``ops.factor_update_``. Supported layers: those with a rule (``curvature.rules``: nn.Linear,
-    nn.Conv1d, nn.Conv2d with zero padding, nn.ConvTranspose2d, and any registered with
-    ``register_rule``); other
+    nn.Conv1d, nn.Conv2d with zero padding, nn.ConvTranspose2d, nn.Embedding, and any registered
+    with ``register_rule``); other
     modules with trainable parameters get a warning and zero blocks in ``dense()``.
     """
     spec = LossSpec.from_module(loss_fn)
@@ -104,7 +105,7 @@ def kfac(
     if not layers:
         raise ValueError(
             "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding, "
-            "nn.ConvTranspose2d, or a module with a registered rule, with a trainable parameter)"
+            "nn.ConvTranspose2d, nn.Embedding, or a module with a registered rule, with a trainable parameter)"
         )
     if unsupported:
         warnings.warn(
@@ -120,7 +121,9 @@ def kfac(
         w = rule_for(module).weight(module)
         dtype = accumulation_dtype(w.dtype)
         d_in = slots[name].in_features + int(joint[name])
-        A[name] = torch.zeros(d_in, d_in, dtype=dtype, device=w.device)
+        # a diagonal A (one-hot inputs: an embedding) is kept as a vector
+        A[name] = torch.zeros((d_in,) if rule_for(module).diagonal_input else (d_in, d_in), dtype=dtype,
+                              device=w.device)
         d_out = slots[name].out_features
         G[name] = torch.zeros(d_out, d_out, dtype=dtype, device=w.device)
 
@@ -136,14 +139,16 @@ def kfac(
                         owner="curvature.kfac", factor_step_due=lambda: True, generator=lambda: generator,
                         flush=lambda rows: None, before_use=lambda: None)
     recorder.record_without_grad = not capture_grads
-    num_data, z = 0, 0
+    num_data, z, ran = 0, 0, set()
     try:
         for inputs, targets in iter_batches(data):
             with torch.enable_grad() if capture_grads else torch.no_grad():
                 outputs = model(inputs)
             spec.check(outputs, targets)
             record = recorder.record_of(outputs)
-            accumulate_rows(A, [(name, r, s) for (_, name), r, s in take_input_rows(record)], joint, backend)
+            rows = [(name, r, s) for (_, name), r, s in take_input_rows(record)]
+            ran.update(name for name, _, _ in rows)
+            accumulate_rows(A, rows, joint, backend)
             num_data += outputs.shape[0]
             if not capture_grads:
                 continue
@@ -160,6 +165,10 @@ def kfac(
         recorder.remove()
     if num_data == 0:
         raise ValueError("data is empty: it holds no (inputs, targets) batch with a data point")
+    idle = [name for name in A if name not in ran]
+    if idle:
+        warnings.warn(f"K-FAC layers {', '.join(map(repr, idle))} did not run as modules in the forwards (is their "
+                      "weight used functionally?); their factors are zero", UserWarning, stacklevel=2)
 
     for name in A:
         if not (bool(torch.isfinite(A[name]).all()) and bool(torch.isfinite(G[name]).all())):
@@ -240,13 +249,26 @@ def _is_batch(obj) -> bool:
 
 
 def accumulate_rows(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
-           backend: Optional[str], decay: float = 1.0, trusted: bool = False) -> None:
+                    backend: Optional[str], decay: float = 1.0, trusted: bool = False) -> None:
     """F = decay * F + scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one
     call (decay 0 overwrites: F need not be initialised).
 
     A module called twice in one pass (a shared layer) has two items; they go to separate calls so
-    that no call updates a factor twice; the later calls add (decay 1).
+    that no call updates a factor twice; the later calls add (decay 1). ``DiagonalRows`` (one-hot
+    inputs) update a diagonal factor, kept as a vector, by their counts.
     """
+    diagonal = [item for item in items if isinstance(item[1], DiagonalRows)]
+    if diagonal:
+        items = [item for item in items if not isinstance(item[1], DiagonalRows)]
+        fresh = set()
+        for name, rows, scale in diagonal:
+            F = factors[name]
+            if decay == 0.0 and name not in fresh:
+                F.zero_()  # as BLAS's beta = 0: the old values are not read
+            elif name not in fresh:
+                F.mul_(decay)
+            fresh.add(name)
+            F.add_(rows.counts.to(F.dtype), alpha=scale)
     while items:
         seen, now, later = set(), [], []
         for item in items:

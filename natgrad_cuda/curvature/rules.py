@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Type, Union
 
 import torch
@@ -35,14 +36,27 @@ from torch import Tensor, nn
 
 from .. import ops
 
-__all__ = ["LayerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "register_rule", "rule_for", "conv_patches"]
+__all__ = ["LayerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "EmbeddingRule", "DiagonalRows", "register_rule",
+           "rule_for", "conv_patches"]
 
 Rows = Union[Tensor, ops.ConvPatches]
 
 
+@dataclass(frozen=True)
+class DiagonalRows:
+    """The rows of A of a layer whose inputs are one-hot (an embedding's token ids), given by the
+    only thing their Gram matrix holds, its diagonal: how often each input occurred. A rule that
+    returns these keeps A as a vector, never an (in, in) matrix."""
+
+    counts: Tensor  # (in,)
+
+
 class LayerRule:
     """The rule of a layer y = W x (+ b). Subclasses implement ``input_rows``, ``grad_rows`` and
-    ``positions``; the defaults of the others suit modules with ``weight`` and ``bias`` attributes."""
+    ``positions``; the defaults of the others suit modules with ``weight`` and ``bias`` attributes.
+    ``diagonal_input``: the rule's A is diagonal (its ``input_rows`` return ``DiagonalRows``)."""
+
+    diagonal_input = False
 
     def check(self, module: nn.Module) -> Optional[str]:
         """None when K-FAC covers ``module``; otherwise the reason, which the optimizer reports."""
@@ -219,6 +233,48 @@ class ConvTransposeRule(LayerRule):
         return M.reshape(c_out, c_in, kh, kw).transpose(0, 1).flip(2, 3)
 
 
+class EmbeddingRule(LayerRule):
+    """nn.Embedding: a linear layer on one-hot inputs, y = W^T e_token, with the weight (num, dim)
+    as the (dim, num) matrix. The Gram matrix of one-hot rows is diagonal, the token counts, so A
+    is kept as a vector: memory linear in the vocabulary. "expand" only (the mean of one-hot rows
+    over a sequence is not one-hot)."""
+
+    diagonal_input = True
+
+    def check(self, module):
+        if module.max_norm is not None:
+            return "max_norm (the forward rescales the weight rows it reads)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq (the gradient is not the loss's)"
+        if module.sparse:
+            return "sparse=True (K-FAC needs dense gradients)"
+        return None
+
+    def bias(self, module):
+        return None
+
+    def to_matrix(self, module, t):
+        return t.T
+
+    def from_matrix(self, module, M):
+        return M.T
+
+    def input_rows(self, name, module, x, kfac_approx):
+        if kfac_approx != "expand":
+            raise ValueError(f"layer {name!r}: nn.Embedding supports kfac_approx='expand' only")
+        _batched(name, x, 1, "input (B, ...) of token ids")
+        positions = x[0].numel() if x.dim() > 1 else 1
+        counts = torch.bincount(x.detach().reshape(-1), minlength=module.num_embeddings)
+        return DiagonalRows(counts), 1.0 / positions
+
+    def grad_rows(self, module, g, kfac_approx):
+        g = g.detach()
+        return g.reshape(-1, g.shape[-1])
+
+    def positions(self, module, output):
+        return math.prod(output.shape[1:-1])
+
+
 _RULES: Dict[Type[nn.Module], LayerRule] = {}
 
 
@@ -246,3 +302,4 @@ register_rule(nn.Linear, LinearRule())
 register_rule(nn.Conv1d, ConvRule())
 register_rule(nn.Conv2d, ConvRule())
 register_rule(nn.ConvTranspose2d, ConvTransposeRule())
+register_rule(nn.Embedding, EmbeddingRule())
