@@ -35,6 +35,18 @@ class MyLinearRule(rules.LinearRule):
         return module.c
 
 
+def step_and_delta(model, opt, x, y, loss_fn):
+    """One opt.backward and step: (the gradient, the parameter change), flat over model.parameters()."""
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(loss_fn(out, y), out)
+    params = list(model.parameters())
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    opt.step()
+    return g, torch.cat([p.detach().reshape(-1) for p in params]) - before
+
+
 def twins():
     torch.manual_seed(0)
     mine = nn.Sequential(MyLinear(5, 7), nn.Tanh(), MyLinear(7, 3))
@@ -200,13 +212,7 @@ def test_kfac_step_on_a_conv_transpose_is_the_dense_damped_inverse(backend):
     K = ng.curvature.kfac(ref, nn.MSELoss(), (x, y), fisher_type="type-2", separate_weight_and_bias=False).dense()
     opt = ng.KFAC(model, lr=0.5, momentum=0.0, kl_clip=None, damping=0.1, loss="mse", fisher_type="type-2",
                   backend=backend)
-    opt.zero_grad()
-    out = model(x)
-    opt.backward(F.mse_loss(out, y), out)
-    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    opt.step()
-    delta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
+    g, delta = step_and_delta(model, opt, x, y, F.mse_loss)
     expect = -0.5 * torch.linalg.solve(K + 0.1 * torch.eye(len(g), dtype=DT), g)
     torch.testing.assert_close(delta, expect, rtol=1e-9, atol=1e-12)
 
@@ -277,14 +283,8 @@ def test_tied_parameters_are_preconditioned_once_by_the_first_covered_holder(cas
         opt = ng.KFAC(model, lr=0.5, momentum=0.0, kl_clip=None, damping=0.1, loss=loss, fisher_type="type-2",
                       backend="reference")
     assert [layer.name for layer in opt._engine.layers] == covered
-    opt.zero_grad()
-    out = model(x)
-    opt.backward(loss_fn(out, y), out)
+    g, delta = step_and_delta(model, opt, x, y, loss_fn)
     params = list(model.parameters())  # each tied parameter once
-    g = torch.cat([p.grad.reshape(-1) for p in params])
-    before = torch.cat([p.detach().reshape(-1) for p in params])
-    opt.step()
-    delta = torch.cat([p.detach().reshape(-1) for p in params]) - before
     held = {id(p) for layer in opt._engine.layers for p in (layer.weight, layer.bias) if p is not None}
     kfac_entries = torch.cat([torch.full((p.numel(),), id(p) in held) for p in params])  # some covered layer holds
     expect = -0.5 * g.clone()
@@ -367,13 +367,7 @@ def test_kfac_step_on_an_embedding_is_the_dense_damped_inverse(backend, inverse)
                   fisher_type="type-2", inverse=inverse, backend=backend)
     fe = ng.curvature.kfac(tagger, nn.CrossEntropyLoss(), (ids, y), fisher_type="type-2",
                            separate_weight_and_bias=False)
-    opt.zero_grad()
-    out = tagger(ids)
-    opt.backward(F.cross_entropy(out, y), out)
-    g = torch.cat([p.grad.reshape(-1) for p in tagger.parameters()])
-    before = torch.cat([p.detach().reshape(-1) for p in tagger.parameters()])
-    opt.step()
-    delta = torch.cat([p.detach().reshape(-1) for p in tagger.parameters()]) - before
+    g, delta = step_and_delta(tagger, opt, ids, y, F.cross_entropy)
     if inverse == "eigen":
         expect = -0.5 * torch.linalg.solve(fe.dense() + 0.1 * torch.eye(len(g), dtype=DT), g)
     else:  # factored damping: (A + pi sqrt(l) I)^-1 (x) (G + sqrt(l)/pi I)^-1 per layer, from the reference op
