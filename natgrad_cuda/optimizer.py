@@ -257,8 +257,9 @@ class KFAC(torch.optim.Optimizer):
         clipped = [id(p) in directions for p in params]
         kl_clip = float(group["kl_clip"] or 0.0)
         adaptive = group["adaptive_step"]
-        bufs = [] if adaptive else self._momentum_buffers(params, momentum)
-        problem = self._step_problem(params, grads, dirs, bufs, clipped, 0.0 if adaptive else lr, momentum, wd,
+        # the buffers as they are (None: not yet made): a skipped step must not make or cast them
+        held = [None if adaptive or momentum == 0 else self.state.get(p, {}).get("momentum_buffer") for p in params]
+        problem = self._step_problem(params, grads, dirs, held, clipped, 0.0 if adaptive else lr, momentum, wd,
                                      kl_clip)
         if problem is not None:
             engine.skip(f"KFAC: {problem}; the step is skipped (parameters, factors and momentum unchanged)")
@@ -279,6 +280,7 @@ class KFAC(torch.optim.Optimizer):
             return True
 
         # Trust region, weight decay, momentum and the update for every parameter in one op call.
+        bufs = self._momentum_buffers(params, momentum)
         old_loss = self._closure_loss(closure) if adapt else None
         before = [p.detach().clone() for p in params] if adapt else []
         # The op updates in place, so a parameter stored with gaps or out of order (a transposed
@@ -312,17 +314,21 @@ class KFAC(torch.optim.Optimizer):
             bufs.append(buf)
         return bufs
 
-    def _step_problem(self, params, grads, dirs, bufs, clipped, lr, momentum, wd, kl_clip) -> Optional[str]:
+    def _step_problem(self, params, grads, dirs, held, clipped, lr, momentum, wd, kl_clip) -> Optional[str]:
         """What would make this step write a non-finite value (None: nothing), from one pass of
-        2-norms over the gradients, directions, parameters and momentum buffers and one host sync
-        in the usual case. The norms bound the entries: with momentum * |buf| + |d| + wd |p| and
-        |p| + lr (...) within half the dtype's range nothing can overflow (nu <= 1; lr 0 checks the
-        gradients and directions alone). Past that bound the update is tried on copies, exactly."""
+        2-norms over the gradients, directions, parameters and momentum buffers (``held``, None
+        where there is none yet: zero) and one host sync in the usual case. The norms bound the
+        entries: with momentum * |buf| + |d| + wd |p| and |p| + lr (...) within half the dtype's
+        range nothing can overflow (nu <= 1; lr 0 checks the gradients and directions alone). Past
+        that bound the update is tried on copies, exactly."""
         n = len(params)
+        present = [i for i, buf in enumerate(held) if buf is not None]
         # the one host sync; the arithmetic on a few numbers per parameter is NumPy's
-        norms = norms_of(list(grads) + list(dirs) + list(params) + list(bufs)).cpu().numpy().astype(np.float64)
+        norms = norms_of(list(grads) + list(dirs) + list(params) + [held[i] for i in present])
+        norms = norms.cpu().numpy().astype(np.float64)
         g, d, p = norms[:n], norms[n:2 * n], norms[2 * n:3 * n]
-        b = norms[3 * n:] if bufs else 0.0
+        b = np.zeros(n)
+        b[present] = norms[3 * n:]
         key = tuple(q.dtype for q in params)
         if getattr(self, "_limits_key", None) != key:
             self._limits = np.array([torch.finfo(dt).max / 2 for dt in key])
@@ -338,7 +344,9 @@ class KFAC(torch.optim.Optimizer):
                     "damping?)")
         if lr == 0:
             return None
-        trial, trial_bufs = [q.detach().clone() for q in params], [q.clone() for q in bufs]
+        trial = [q.detach().clone(memory_format=torch.contiguous_format) for q in params]
+        trial_bufs = [] if momentum == 0 else [torch.zeros_like(q) if buf is None else buf.to(q.dtype, copy=True)
+                                               for q, buf in zip(trial, held)]
         ops.kfac_update_(trial, dirs, grads, trial_bufs, clipped, lr, momentum, wd, kl_clip, impl=self._engine.impl,
                          _trusted=True)
         if all_finite(trial + trial_bufs):
@@ -371,7 +379,7 @@ class KFAC(torch.optim.Optimizer):
         if wd:
             torch._foreach_copy_(rows[3], params)
             W[0].add_(W[3], alpha=-wd)
-        prev = [self.state[p].get("prev_update") for p in params]
+        prev = [self.state.get(p, {}).get("prev_update") for p in params]
         k = 2 if all(v is not None for v in prev) else 1
         if k == 2:
             torch._foreach_copy_(rows[1], prev)

@@ -904,3 +904,16 @@ def test_a_compiled_model_is_refused_clearly_instead_of_getting_no_curvature(ord
             compiled = torch.compile(model)
             out = compiled(x)
             opt.backward(F.cross_entropy(out, y), out)
+
+
+def test_a_skipped_first_step_leaves_the_optimizer_state_as_it_was():
+    model = half_model()
+    opt = kfac(model, damping=1e-9, kl_clip=None, lr=1e-3, momentum=0.9)
+    before = snapshot(model, opt)
+    fp16_backward(model, opt, 1e-2, 100)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert opt.step() is False
+    params, _, sd = snapshot(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    state = opt.state_dict()
+    assert state["state"] == {} and all(not st for st in state["kfac"]["layers"].values())  # no momentum buffers made
