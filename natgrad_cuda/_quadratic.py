@@ -53,6 +53,4 @@ def ggn_gram(model: nn.Module, spec: LossSpec, flatten: Callable[[Tensor], Tenso
                 outs.append(flatten(jv).double())
     fo = flatten(out).double()
     gram = spec.hessian_products(fo, torch.stack(outs))
-    if spec.reduction == "mean":
-        gram = gram / spec.normalizer(*fo.shape)
-    return gram
+    return gram / spec.divisor(*fo.shape, out.shape[0])

@@ -917,3 +917,34 @@ def test_a_skipped_first_step_leaves_the_optimizer_state_as_it_was():
     assert all(torch.equal(a, b) for a, b in zip(before[0], params))
     state = opt.state_dict()
     assert state["state"] == {} and all(not st for st in state["kfac"]["layers"].values())  # no momentum buffers made
+
+
+# ---- the reduction the loss really uses ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_a_sum_over_features_with_a_mean_over_the_batch_is_expressible(fisher_type):
+    """((out - y) ** 2).sum(1).mean(), neither torch's "mean" nor "sum": reduction="batchmean" gives
+    the K-FAC of the summed loss divided by the batch size, and the exact GGN likewise."""
+    model = mlp()
+    g_ = torch.Generator().manual_seed(4)
+    x, y = torch.randn(12, 5, dtype=DT, generator=g_), torch.randn(12, 3, dtype=DT, generator=g_)
+    K = ng.curvature.kfac(model, nn.MSELoss(reduction="sum"), (x, y), fisher_type=fisher_type,
+                          separate_weight_and_bias=False).dense()
+    Gx = ng.curvature.ggn(model, nn.MSELoss(reduction="sum"), (x, y)) / 12
+    K = K / 12  # Z = N: the curvature of the summed loss over the batch size (GGN and empirical Fisher alike)
+    opt = kfac(model, loss="mse", reduction="batchmean", fisher_type=fisher_type, lr=0.5, momentum=0.0,
+               kl_clip=None, damping=0.1, backend="reference")
+    opt._engine.keep_inputs = True  # for the GGN products below, as the adaptive step keeps them
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(((out - y) ** 2).sum(1).mean(), out)
+    g = flat(p.grad for p in model.parameters())
+    before = flat(model.parameters())
+    v = [torch.randn_like(p) for p in model.parameters()]
+    gram = opt._engine.ggn_gram(list(model.parameters()), [v])
+    opt.step()
+    expect = -0.5 * torch.linalg.solve(K + 0.1 * torch.eye(len(g), dtype=DT), g)
+    torch.testing.assert_close(flat(model.parameters()) - before, expect, rtol=1e-9, atol=1e-12)
+    vf = flat(v)
+    torch.testing.assert_close(gram[0, 0], vf @ Gx @ vf, rtol=1e-10, atol=1e-12)

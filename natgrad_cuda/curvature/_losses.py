@@ -18,7 +18,7 @@ from torch import Tensor, nn
 __all__ = ["LossSpec", "LOSS_NAMES", "REDUCTIONS"]
 
 LOSS_NAMES = ("cross_entropy", "mse", "bce")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "batchmean")  # batchmean: summed over all but the batch dimension, mean over it
 
 _MODULE_NAMES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce"}
 
@@ -49,8 +49,8 @@ class LossSpec:
                 "loss_fn must be nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss, "
                 f"got {type(loss_fn).__name__}"
             )
-        if loss_fn.reduction not in REDUCTIONS:
-            raise ValueError(f"loss_fn.reduction must be one of {REDUCTIONS}, got {loss_fn.reduction!r}")
+        if loss_fn.reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_fn.reduction must be 'mean' or 'sum', got {loss_fn.reduction!r}")
         if name == "cross_entropy":
             if loss_fn.weight is not None:
                 raise ValueError("loss_fn: nn.CrossEntropyLoss with class weights is not supported")
@@ -113,8 +113,16 @@ class LossSpec:
         return math.prod(shape[:-1]), shape[-1]
 
     def normalizer(self, terms: int, classes: int) -> int:
-        """This batch's share of Z, the divisor of the reduction (ignored for "sum", where Z = 1)."""
+        """This batch's share of Z for reduction "mean": the elements the mean is over."""
         return terms if self.name == "cross_entropy" else terms * classes
+
+    def divisor(self, terms: int, classes: int, points: int) -> int:
+        """This batch's share of Z, what the reduction divides the sum of the terms by, for a batch
+        of ``points`` data points flattened to (terms, classes): all elements' count ("mean"), the
+        data points ("batchmean": ``((out - y) ** 2).sum(1).mean()``, say), or 1 ("sum")."""
+        if self.reduction == "mean":
+            return self.normalizer(terms, classes)
+        return points if self.reduction == "batchmean" else 1
 
     # ---- per-term losses ----------------------------------------------------------------------
 

@@ -264,6 +264,8 @@ class Recorder:
                                                   if len(shape) == 1 else ""))
         if self.spec is None:
             return shape[0], None
+        if self.spec.reduction != "mean":  # the data points, or 1: no layout to know
+            return shape[0], self.spec.divisor(0, 0, shape[0])
         flat = self.spec.flat_shape(shape)
         if self.spec.name == "cross_entropy" and len(shape) >= 3:
             last = self._class_last.get(tuple(shape[1:])) if class_last is None else class_last
@@ -385,7 +387,7 @@ class Recorder:
             f = f.float()
         if not bool(torch.isfinite(f).all()):
             return []  # a diverged model: no curvature from it (its gradients will skip the step)
-        self._g_divisor += self.mc_samples * (record.z if self.spec.reduction == "mean" else 1)
+        self._g_divisor += self.mc_samples * record.z
         return self.passes(record, backward_scalars(self.spec, self.fisher_type, f, None, self.mc_samples,
                                                     self.generator()))
 
@@ -436,7 +438,7 @@ class Recorder:
         if self.fisher_type == "empirical":
             # The accumulated gradient is the loss's mean over all counted forwards, g_phi / Z: G
             # = Z * sum of its outer products (1 for a sum), whatever the micro-batches.
-            z_total = sum(r.z for r in counted) if self.spec.reduction == "mean" else 1.0
+            z_total = sum(r.z for r in counted) if self.spec.reduction != "sum" else 1.0
             scale = float(z_total) * empirical_scale()
             rows += [(("G", name), g, scale) for r in counted for name, g in r.rows_G]
             for r in counted:
@@ -445,7 +447,7 @@ class Recorder:
         elif self.fisher_type == "forward-only":
             g_div = 1.0
         else:
-            g_div = self._g_divisor if self.spec.reduction == "mean" else float(self.mc_samples)
+            g_div = self._g_divisor if self.spec.reduction != "sum" else float(self.mc_samples)
         return rows, sum(r.n for r in counted), g_div
 
     @contextlib.contextmanager
