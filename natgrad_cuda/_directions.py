@@ -14,8 +14,9 @@ from ._checks import warn_user
 
 __all__ = ["decompose", "directions", "has_inverse"]
 
-# Per block, what the quadratic model needs: (layer, params, gradient matrix M, A of the block, G).
-Block = Tuple[Layer, List[Tensor], Tensor, Tensor, Tensor]
+# Per block: (layer, params, gradient matrix M, A of the block, G, direction matrix P); M, A and G
+# for the quadratic model, P for the finiteness check (one contiguous tensor per block).
+Block = Tuple[Layer, List[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 def has_inverse(st: Dict[str, Tensor]) -> bool:
@@ -69,7 +70,7 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
                 P = _diagonal_direction(M, st, damping, inverse)
                 for p, d in zip(params, layer.split(params, P)):
                     out[id(p)] = d
-                blocks.append((layer, params, M, st["A"], st["G"]))
+                blocks.append((layer, params, M, st["A"], st["G"], P))
                 continue
             if is_bias:
                 one = torch.ones(1, 1, dtype=st["QA"].dtype, device=M.device)
@@ -77,14 +78,16 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
             else:
                 qa, da, A = st["QA"], st["dA"], st["A"]
             Ms.append(M), QA.append(qa), dA.append(da), QG.append(st["QG"]), dG.append(st["dG"])
-            blocks.append((layer, params, M, A, st["G"]))
+            blocks.append((layer, params, M, A, st["G"], None))
     if not Ms:
         return out, blocks
-    Ps = ops.precondition(Ms, QA, dA, QG, dG, float(damping), inverse, impl=impl, _trusted=True)
-    batched = [block for block in blocks if not block[0].diagonal]
-    for (layer, params, _, _, _), P in zip(batched, Ps):
-        for p, d in zip(params, layer.split(params, P)):
-            out[id(p)] = d
+    Ps = iter(ops.precondition(Ms, QA, dA, QG, dG, float(damping), inverse, impl=impl, _trusted=True))
+    for i, (layer, params, M, A, G, P) in enumerate(blocks):
+        if P is None:
+            P = next(Ps)
+            blocks[i] = (layer, params, M, A, G, P)
+            for p, d in zip(params, layer.split(params, P)):
+                out[id(p)] = d
     return out, blocks
 
 

@@ -19,7 +19,7 @@ def quadratic_change(deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks
     <g, delta> over all parameters + 1/2 sum over blocks <D, G D A> (undamped)."""
     lin = sum(float((grads[k].double() * deltas[k].double()).sum()) for k in deltas if k in grads)
     quad = 0.0
-    for layer, params, _, A, G in blocks:
+    for layer, params, _, A, G, _ in blocks:
         D = layer.matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
         quad += float((D * ((G @ D) * A if A.dim() == 1 else G @ D @ A)).sum())  # a diagonal A is a vector
     return lin + 0.5 * quad

@@ -260,7 +260,7 @@ class KFAC(torch.optim.Optimizer):
         # the buffers as they are (None: not yet made): a skipped step must not make or cast them
         held = [None if adaptive or momentum == 0 else self.state.get(p, {}).get("momentum_buffer") for p in params]
         problem = self._step_problem(params, grads, dirs, held, clipped, 0.0 if adaptive else lr, momentum, wd,
-                                     kl_clip)
+                                     kl_clip, blocks)
         if problem is not None:
             engine.skip(f"KFAC: {problem}; the step is skipped (parameters, factors and momentum unchanged)")
             return False
@@ -314,21 +314,33 @@ class KFAC(torch.optim.Optimizer):
             bufs.append(buf)
         return bufs
 
-    def _step_problem(self, params, grads, dirs, held, clipped, lr, momentum, wd, kl_clip) -> Optional[str]:
+    def _step_problem(self, params, grads, dirs, held, clipped, lr, momentum, wd, kl_clip, blocks) -> Optional[str]:
         """What would make this step write a non-finite value (None: nothing), from one pass of
         2-norms over the gradients, directions, parameters and momentum buffers (``held``, None
         where there is none yet: zero) and one host sync in the usual case. The norms bound the
         entries: with momentum * |buf| + |d| + wd |p| and |p| + lr (...) within half the dtype's
         range nothing can overflow (nu <= 1; lr 0 checks the gradients and directions alone). Past
-        that bound the update is tried on copies, exactly."""
+        that bound the update is tried on copies, exactly. A block's direction matrix stands for
+        its parameters' directions (its norm bounds theirs; one contiguous tensor, not two views)."""
         n = len(params)
+        sources, source_of = [], {}
+        for block in blocks:
+            for q in block[1]:
+                source_of[id(q)] = len(sources)
+            sources.append(block[5])
+        for i, q in enumerate(params):
+            if id(q) not in source_of:  # its direction is its gradient
+                source_of[id(q)] = len(sources)
+                sources.append(dirs[i])
         present = [i for i, buf in enumerate(held) if buf is not None]
         # the one host sync; the arithmetic on a few numbers per parameter is NumPy's
-        norms = norms_of(list(grads) + list(dirs) + list(params) + [held[i] for i in present])
+        norms = norms_of(list(grads) + sources + list(params) + [held[i] for i in present])
         norms = norms.cpu().numpy().astype(np.float64)
-        g, d, p = norms[:n], norms[n:2 * n], norms[2 * n:3 * n]
+        k = len(sources)
+        g, p = norms[:n], norms[n + k:2 * n + k]
+        d = norms[n:n + k][[source_of[id(q)] for q in params]]
         b = np.zeros(n)
-        b[present] = norms[3 * n:]
+        b[present] = norms[2 * n + k:]
         key = tuple(q.dtype for q in params)
         if getattr(self, "_limits_key", None) != key:
             self._limits = np.array([torch.finfo(dt).max / 2 for dt in key])
