@@ -568,11 +568,12 @@ class KFACPreconditioner:
                       "first); nothing was done and the step does not count")
             return False
         engine.prepare(None)
-        directions, _ = engine.preconditioned()
+        directions, blocks = engine.preconditioned()
         clipped = [p for p in params if id(p) in directions]
         dirs = [directions[id(p)] for p in clipped]
         grads = [p.grad for p in params]
-        if not all_finite(grads + dirs):  # one pass, one sync
+        # one pass, one sync; each block's direction matrix stands for its parameters' (contiguous, once)
+        if not all_finite(grads + [block[5] for block in blocks]):
             problem = ("a gradient holds NaN or Inf" if not all_finite(grads) else
                        "a preconditioned direction is not finite (an overflow: a low-precision model with a small "
                        "damping?)")
