@@ -7,21 +7,18 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .curvature.rules import rule_for
+from .curvature.recording import Tap
 from .reference import accumulation_dtype
 
 __all__ = ["Layer"]
 
 
-class Layer:
+class Layer(Tap):
     """One K-FAC layer: its parameters and how its gradient becomes the (out, in[+1]) matrix M."""
 
     def __init__(self, name: str, module: nn.Module, joint: bool):
-        self.name, self.module, self.joint = name, module, joint
-        self.rule = rule_for(module)
-        self.weight = self.rule.weight(module)
-        bias = self.rule.bias(module)
-        self.bias = bias if bias is not None and bias.requires_grad else None
+        super().__init__(name, module)
+        self.joint = joint
         out_dim, in_dim = self.rule.to_matrix(module, self.weight.detach()).shape
         self.out_dim, self.in_dim = out_dim, in_dim + int(joint)
         self.factor_dtype = accumulation_dtype(self.weight.dtype)

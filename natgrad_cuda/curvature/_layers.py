@@ -19,8 +19,6 @@ from .rules import rule_for
 __all__ = [
     "find_layers",
     "input_rows",
-    "grad_rows",
-    "positions",
     "ParamSlot",
     "parameter_slots",
     "write_dense_blocks",
@@ -85,16 +83,6 @@ def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[str
 def input_rows(name: str, module: nn.Module, x: Tensor, kfac_approx: str):
     """Rows for A from the layer input x, and the scale of their outer products (before 1/N)."""
     return rule_for(module).input_rows(name, module, x, kfac_approx)
-
-
-def grad_rows(module: nn.Module, g: Tensor, kfac_approx: str) -> Tensor:
-    """Rows for G from the gradient g with respect to the layer output."""
-    return rule_for(module).grad_rows(module, g, kfac_approx)
-
-
-def positions(module: nn.Module, output: Tensor) -> int:
-    """S, the weight-sharing positions of one call of the layer, from its output."""
-    return rule_for(module).positions(module, output)
 
 
 # ---- dense layout ---------------------------------------------------------------------------------

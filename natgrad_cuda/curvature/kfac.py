@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..reference import accumulation_dtype
 from ._layers import ParamSlot, find_layers, parameter_slots, write_dense_blocks
-from .recording import Recorder, backward_scalars, take_input_rows
-from .rules import DiagonalRows, LayerRule, rule_for
+from .recording import Recorder, Tap, backward_scalars, take_input_rows
+from .rules import DiagonalRows, rule_for
 from ._losses import LossSpec
 
 __all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches", "accumulate_rows", "is_joint"]
@@ -134,7 +134,7 @@ def kfac(
         generator = torch.Generator(device=next(iter(A.values())).device).manual_seed(seed)
     # The optimizers' hooks (one implementation): a record per forward, A rows from the layers'
     # inputs, G rows from the backward of each scalar seen at the layers' outputs.
-    recorder = Recorder(model, [_Tap(name, module, rule_for(module)) for name, module in layers], spec=spec,
+    recorder = Recorder(model, [Tap(name, module) for name, module in layers], spec=spec,
                         fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples,
                         owner="curvature.kfac", factor_step_due=lambda: True, generator=lambda: generator,
                         flush=lambda rows: None, before_use=lambda: None)
@@ -193,16 +193,6 @@ def kfac(
         num_params=num_params,
         _slots=slots,
     )
-
-
-class _Tap:
-    """What the recorder needs of a layer: its name, module, rule and parameters."""
-
-    def __init__(self, name: str, module: nn.Module, rule: LayerRule):
-        self.name, self.module, self.rule = name, module, rule
-        self.weight = rule.weight(module)
-        bias = rule.bias(module)
-        self.bias = bias if bias is not None and bias.requires_grad else None
 
 
 def is_joint(slot: ParamSlot, separate_weight_and_bias: bool) -> bool:

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from .._checks import warn_user
 from .._finite import HALF
 from ._losses import LossSpec
+from .rules import rule_for
 
-__all__ = ["Recorder", "COMPILED", "backward_scalars", "take_input_rows"]
+__all__ = ["Recorder", "Tap", "COMPILED", "backward_scalars", "take_input_rows"]
 
 # The Fisher types whose G comes from the curvature passes of opt.backward (not from loss.backward()).
 CURVATURE_PASS = ("mc", "type-2")
@@ -50,6 +51,17 @@ def backward_scalars(spec: LossSpec, fisher_type: str, f: Tensor, y: Optional[Te
             yield spec.term_losses(f, spec.sample_targets(f, generator)).sum()
     else:
         yield spec.term_losses(f, y).sum()
+
+
+class Tap:
+    """What the recorder needs of a covered layer: its name, module, rule and parameters (the bias
+    only when it is trained)."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module, self.rule = name, module, rule_for(module)
+        self.weight = self.rule.weight(module)
+        bias = self.rule.bias(module)
+        self.bias = bias if bias is not None and bias.requires_grad else None
 
 
 class _InertHook:
@@ -149,8 +161,8 @@ def take_input_rows(record: _Record) -> Rows:
 
 
 class Recorder:
-    """The hooks on one model and the records of its forwards since the last step. ``layers`` are
-    objects with ``name``, ``module``, ``rule``, ``weight`` and ``bias`` (the trainable bias or None).
+    """The hooks on one model and the records of its forwards since the last step, for ``layers``
+    (``Tap``s).
 
     ``factor_step_due()`` says whether this step updates the factors, ``generator()`` is the
     optimizer's generator (MC targets), ``flush(rows)`` takes rows into this step's sums, and
@@ -266,20 +278,25 @@ class Recorder:
             return shape[0], None
         if self.spec.reduction != "mean":  # the data points, or 1: no layout to know
             return shape[0], self.spec.divisor(0, 0, shape[0])
-        flat = self.spec.flat_shape(shape)
-        if self.spec.name == "cross_entropy" and len(shape) >= 3:
-            last = self._class_last.get(tuple(shape[1:])) if class_last is None else class_last
-            if last is None:
-                raise ValueError(f"cross-entropy outputs of shape {tuple(shape)}: which dimension holds the classes "
-                                 "is not known; call opt.backward(loss, outputs), which tells it from the loss")
-            if last:
-                flat = (math.prod(shape[:-1]), shape[-1])
+        last = self._classes_last(shape, class_last)
+        if last is None:
+            raise ValueError(f"cross-entropy outputs of shape {tuple(shape)}: which dimension holds the classes "
+                             "is not known; call opt.backward(loss, outputs), which tells it from the loss")
+        flat = (math.prod(shape[:-1]), shape[-1]) if last else self.spec.flat_shape(shape)
         return shape[0], self.spec.normalizer(*flat)
 
-    def flat_outputs(self, outputs: Tensor) -> Tensor:
-        """The outputs as the loss reads them, (terms, C): (B, T, V) logits whose classes were found
-        to be last as (B*T, V), otherwise the loss's own flattening."""
-        if outputs.dim() >= 3 and self._class_last.get(tuple(outputs.shape[1:])):
+    def _classes_last(self, shape, class_last: Optional[bool] = None) -> Optional[bool]:
+        """Whether the loss reads these outputs' classes from their last dimension: cross-entropy over
+        3+ dimensions as given (``class_last``) or learned for this shape (None: not known yet);
+        False for every other layout, which the loss's own flattening reads."""
+        if self.spec.name != "cross_entropy" or len(shape) < 3:
+            return False
+        return self._class_last.get(tuple(shape[1:])) if class_last is None else class_last
+
+    def flat_outputs(self, outputs: Tensor, class_last: Optional[bool] = None) -> Tensor:
+        """The outputs as the loss reads them, (terms, C): (B, T, V) logits whose classes are last
+        as (B*T, V), otherwise the loss's own flattening."""
+        if self._classes_last(outputs.shape, class_last):
             return outputs.reshape(-1, outputs.shape[-1])
         return self.spec.flatten_outputs(outputs)
 
@@ -374,15 +391,14 @@ class Recorder:
             self.last_inputs = record.inputs
         if record.capture:
             record.n, record.z = n, z
-            # the outputs as the loss reads them: (B, T, V) logits with the classes last as (B*T, V)
-            view = outputs.reshape(-1, outputs.shape[-1]) if class_last else outputs
-            rows_G = self._curvature_passes(record, view) if self.fisher_type in CURVATURE_PASS else []
+            rows_G = (self._curvature_passes(record, self.flat_outputs(outputs, class_last))
+                      if self.fisher_type in CURVATURE_PASS else [])
             record.targets = []  # done with them: no layer inputs held past the backward
             self.flush(take_input_rows(record) + rows_G)  # A's and G's rows of every layer in one op call
         loss.backward()
 
-    def _curvature_passes(self, record: _Record, outputs: Tensor) -> Rows:
-        f = self.spec.flatten_outputs(outputs)
+    def _curvature_passes(self, record: _Record, f: Tensor) -> Rows:
+        """The G rows of ``record``'s forward from its outputs as the loss reads them, f (terms, C)."""
         if f.dtype in HALF:  # sample and build S in fp32 under autocast
             f = f.float()
         if not bool(torch.isfinite(f).all()):

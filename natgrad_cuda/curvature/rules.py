@@ -161,13 +161,16 @@ class ConvRule(LayerRule):
         ``ops.factor_update_`` accumulates without materialising them on the native paths."""
         x = x.detach()
         _batched(name, x, module.weight.dim(), "input (B, C_in, *spatial)")
-        patches = conv_patches(module, x)
+        patches = self._patches(module, x)
         positions = math.prod(patches.output_size)
         if kfac_approx == "expand":
             (kh, kw), (sh, sw) = patches.kernel, patches.stride
             return (patches if kh * kw > sh * sw else patches.unfold()), 1.0 / positions
         rows = patches.unfold()
         return rows.reshape(x.shape[0], positions, rows.shape[1]).mean(1), 1.0
+
+    def _patches(self, module, x: Tensor) -> ops.ConvPatches:
+        return conv_patches(module, x)
 
     def grad_rows(self, module, g, kfac_approx):
         return _rows_of(g.detach().flatten(2).transpose(1, 2), kfac_approx)  # (B, C_out, *spatial) -> (B, S, d_out)
@@ -176,13 +179,13 @@ class ConvRule(LayerRule):
         return math.prod(output.shape[2:])
 
 
-class ConvTransposeRule(LayerRule):
+class ConvTransposeRule(ConvRule):
     """nn.ConvTranspose2d (groups 1, zero padding): the output at each position is W applied to the
     patch, under the flipped kernel, of the input with stride - 1 zeros between its pixels and
-    dilation * (kernel - 1) - padding around them (output_padding more on the bottom and right).
-    The weight (in, out, kh, kw) is the (out, in * kh * kw) matrix of those patches' columns
-    (channel, kernel row, kernel column) with the kernel flipped. Calls with ``output_size`` (a
-    different output padding) are refused."""
+    dilation * (kernel - 1) - padding around them (output_padding more on the bottom and right):
+    a convolution's rows over that input. The weight (in, out, kh, kw) is the (out, in * kh * kw)
+    matrix of those patches' columns (channel, kernel row, kernel column) with the kernel flipped.
+    Calls with ``output_size`` (a different output padding) are refused."""
 
     def __init__(self):
         self._expected = weakref.WeakKeyDictionary()  # module -> the output size its last input gives
@@ -190,32 +193,19 @@ class ConvTransposeRule(LayerRule):
     def check(self, module):
         if module.groups != 1:
             return f"groups={module.groups} (only groups=1 is supported)"
-        return None
+        return super().check(module)
 
-    def _padded(self, module, x: Tensor) -> Tensor:
+    def _patches(self, module, x):
         (sh, sw), (dh, dw), (kh, kw) = module.stride, module.dilation, module.kernel_size
         (ph, pw), (oh, ow) = module.padding, module.output_padding
         B, C, H, W = x.shape
         up = x.new_zeros(B, C, (H - 1) * sh + 1, (W - 1) * sw + 1)
         up[:, :, ::sh, ::sw] = x
         top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-        return torch.nn.functional.pad(up, [left, left + ow, top, top + oh])  # negative sizes crop
-
-    def input_rows(self, name, module, x, kfac_approx):
-        x = x.detach()
-        _batched(name, x, 4, "input (B, C_in, H, W)")
-        patches = ops.ConvPatches(self._padded(module, x), tuple(module.kernel_size), (1, 1),
-                                  tuple(module.dilation))
+        padded = torch.nn.functional.pad(up, [left, left + ow, top, top + oh])  # negative sizes crop
+        patches = ops.ConvPatches(padded, (kh, kw), (1, 1), (dh, dw))
         self._expected[module] = patches.output_size
-        positions = math.prod(patches.output_size)
-        if kfac_approx == "expand":
-            kh, kw = patches.kernel
-            return (patches if kh * kw > 1 else patches.unfold()), 1.0 / positions
-        rows = patches.unfold()
-        return rows.reshape(x.shape[0], positions, rows.shape[1]).mean(1), 1.0
-
-    def grad_rows(self, module, g, kfac_approx):
-        return _rows_of(g.detach().flatten(2).transpose(1, 2), kfac_approx)
+        return patches
 
     def positions(self, module, output):
         expected = self._expected.get(module)
@@ -223,7 +213,7 @@ class ConvTransposeRule(LayerRule):
             raise ValueError(f"nn.ConvTranspose2d called with output_size (output {tuple(output.shape[2:])}, "
                              f"{tuple(expected)} from its output_padding): K-FAC supports the module's own "
                              "output_padding only")
-        return math.prod(output.shape[2:])
+        return super().positions(module, output)
 
     def to_matrix(self, module, t):
         return t.flip(2, 3).transpose(0, 1).reshape(t.shape[1], -1)
