@@ -15,20 +15,26 @@ from ._checks import warn_user
 __all__ = ["decompose", "directions", "has_inverse"]
 
 # Per block: (layer, params, gradient matrix M, A of the block, G, direction matrix P); M, A and G
-# for the quadratic model, P for the finiteness check (one contiguous tensor per block).
+# for the quadratic model (a scale-and-shift layer: its blocks F as A, G None), P for the
+# finiteness check (one contiguous tensor per block).
 Block = Tuple[Layer, List[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 def has_inverse(st: Dict[str, Tensor]) -> bool:
-    return "dA" in st and "QG" in st
+    return ("dA" in st and "QG" in st) or "QF" in st
 
 
 def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str]) -> None:
     """Eigendecompositions (eigenvalues clamped at zero) of every factor of ``states``, in place,
     one batched call; a failed one keeps the previous, with a warning. A diagonal A (a vector) is
-    its own eigenvalues in the standard basis."""
+    its own eigenvalues in the standard basis. A scale-and-shift layer's per-entry blocks are
+    decomposed by torch (2 x 2 at most: nothing for a kernel to gain)."""
     todo = []  # (layer name, "A" or "G") of every matrix factor
     for name, st in states.items():
+        if "F" in st:  # a scale-and-shift layer's (P, k, k) blocks, k <= 2: torch's batched solver suffices
+            d, Q = torch.linalg.eigh(st["F"])
+            st["dF"], st["QF"] = d.clamp_min(0), Q
+            continue
         if "A" not in st:
             continue
         if st["A"].dim() == 1:
@@ -61,15 +67,23 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
     for layer in layers:
         st = states[layer.name]
         if not has_inverse(st):
+            if layer.rule.partial:  # its part of a shared parameter moves by its plain gradient, not by zero
+                for params, _ in layer.blocks():
+                    if all(p.grad is not None for p in params):
+                        _add(out, params, layer.split(params, layer.matrix(params, [p.grad for p in params])))
             continue
         for params, is_bias in layer.blocks():
             if any(p.grad is None for p in params):
                 continue
             M = layer.matrix(params, [p.grad for p in params])
+            if layer.scale_shift:  # exact per-entry blocks: (F_e + lambda I)^-1 per weight entry
+                P = _entry_direction(M, st, damping)
+                _add(out, params, layer.split(params, P))
+                blocks.append((layer, params, M, st["F"], None, P))
+                continue
             if layer.diagonal:  # no eigenbasis on the A side: two products with Q_G, never an (in, in) matrix
                 P = _diagonal_direction(M, st, damping, inverse)
-                for p, d in zip(params, layer.split(params, P)):
-                    out[id(p)] = d
+                _add(out, params, layer.split(params, P))
                 blocks.append((layer, params, M, st["A"], st["G"], P))
                 continue
             if is_bias:
@@ -86,8 +100,7 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
         if P is None:
             P = next(Ps)
             blocks[i] = (layer, params, M, A, G, P)
-            for p, d in zip(params, layer.split(params, P)):
-                out[id(p)] = d
+            _add(out, params, layer.split(params, P))
     return out, blocks
 
 
@@ -103,3 +116,18 @@ def _diagonal_direction(M: Tensor, st: Dict[str, Tensor], damping: float, invers
         root = math.sqrt(damping)
         denom = torch.outer(dg + root / pi, da + pi * root)
     return (qg @ (V / denom)).to(M.dtype)
+
+
+def _add(out: Dict[int, Tensor], params: List[Tensor], parts: List[Tensor]) -> None:
+    """Directions into ``out``; layers that are parts of one parameter (an attention's q, k and v
+    rows of in_proj_weight) add theirs, each zero outside its part."""
+    for p, d in zip(params, parts):
+        out[id(p)] = out[id(p)] + d if id(p) in out else d
+
+
+def _entry_direction(M: Tensor, st: Dict[str, Tensor], damping: float) -> Tensor:
+    """(F_e + lambda I)^-1 applied to each row of M (P, k) with F_e = Q_e diag(d_e) Q_e^T: the exact
+    damped inverse, for either ``inverse`` (there is no Kronecker product to factor the damping over)."""
+    Q, d = st["QF"], st["dF"]
+    V = torch.einsum("pji,pj->pi", Q, M.to(Q.dtype)) / (d + damping)
+    return torch.einsum("pij,pj->pi", Q, V).to(M.dtype)

@@ -86,7 +86,7 @@ class Engine:
         if not found:
             raise ValueError(
                 "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding, "
-                "nn.ConvTranspose2d, nn.Embedding, or a module with a registered rule, with a trainable weight)"
+                "nn.ConvTranspose2d, nn.Embedding, the norm layers, or a module with a registered rule, with a trainable weight)"
             )
         for name, module in found:
             if not rule_for(module).weight(module).requires_grad:

@@ -17,12 +17,10 @@ from ._blocks import Layer
 from ._checks import warn_user
 from ._directions import decompose, has_inverse
 from ._finite import all_finite
-from .curvature.kfac import accumulate_rows
+from .curvature.kfac import accumulate_rows, drop_cross_terms
 from .reference import accumulation_dtype
 
-__all__ = ["Factors", "STATE_KEYS"]
-
-STATE_KEYS = ("A", "G", "QA", "dA", "QG", "dG")
+__all__ = ["Factors"]
 
 
 class Factors:
@@ -31,16 +29,17 @@ class Factors:
     def __init__(self, layers: List[Layer], hyper: Callable[[], dict], impl: Optional[str], owner: str):
         self.layers, self.hyper, self.impl, self.owner = layers, hyper, impl, owner
         self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in layers}
-        self._buffers: Dict[Tuple[str, str], Tensor] = {}  # this step's sums of A and G, reused across steps
-        # [X, 1] rows for A of a joint weight-and-bias block; G's rows as they are.
-        self._append_ones = {(k, layer.name): k == "A" and layer.joint for layer in layers for k in ("A", "G")}
+        self._buffers: Dict[Tuple[str, str], Tensor] = {}  # this step's sums of A and G (or F), reused across steps
+        self._by_name = {layer.name: layer for layer in layers}
+        # [X, 1] rows for A of a joint weight-and-bias block; G's and F's rows as they are.
+        self._append_ones = {(k, layer.name): k == "A" and layer.joint for layer in layers for k in ("A", "G", "F")}
         self._staged: Optional[Dict[str, Dict[str, Tensor]]] = None  # stage()'s new state, until accept()
         self._new = None  # stage()'s sums of this step, until accept()
         self._unrecorded: set = set()  # layers warned about for having no factors
         self.reset()
 
     def reset(self) -> None:
-        self._sums: Dict[Tuple[str, str], Tensor] = {}  # ("A" or "G", layer name): this step's sum
+        self._sums: Dict[Tuple[str, str], Tensor] = {}  # ("A", "G" or "F", layer name): this step's sum
 
     # ---- this step's sums -----------------------------------------------------------------------
 
@@ -63,9 +62,8 @@ class Factors:
     def _buffer(self, which: str, name: str) -> Tensor:
         buf = self._buffers.get((which, name))
         if buf is None:
-            layer = next(layer for layer in self.layers if layer.name == name)
-            d = layer.in_dim if which == "A" else layer.out_dim
-            shape = (d,) if which == "A" and layer.diagonal else (d, d)  # a diagonal A is a vector
+            layer = self._by_name[name]
+            shape = layer.shapes()[which]  # a diagonal A is a vector
             buf = self._buffers[(which, name)] = torch.empty(shape, dtype=layer.factor_dtype, device=layer.weight.device)
         return buf
 
@@ -74,7 +72,7 @@ class Factors:
         layer.factor_dtype = accumulation_dtype(layer.weight.dtype)
         to = dict(dtype=layer.factor_dtype, device=layer.weight.device)
         self.state[layer.name] = {k: t.to(**to) for k, t in self.state[layer.name].items()}
-        for which in ("A", "G"):
+        for which in layer.factor_keys:
             self._buffers.pop((which, layer.name), None)
             if (which, layer.name) in self._sums:
                 self._sums[(which, layer.name)] = self._sums[(which, layer.name)].to(**to)
@@ -85,7 +83,8 @@ class Factors:
         """This step's factors from its sums (N data points, G's divisor; ``n`` 0: none this step)
         and, when due or missing, the inverses of the new moving averages, staged for ``accept``."""
         self._new = self._step_sums(n, g_div, forward_only) if n else None
-        have = {name for name, st in self.state.items() if "A" in st} | set(self._new[0] if self._new else ())
+        have = {layer.name for layer in self.layers if layer.has_factors(self.state[layer.name])}
+        have |= set(self._new[0] if self._new else ())
         missing = any(not has_inverse(self.state[name]) for name in have)
         self._staged = None
         if have and (inverses_due or missing):
@@ -112,59 +111,67 @@ class Factors:
         self.reset()
 
     def _step_sums(self, n: int, g_div: float, forward_only: bool):
-        """(sum of A, sum of G) per layer updated this step with their scales; None when there are
-        none, or when they are not finite (with a warning)."""
+        """(this step's sums per layer and kind, the scale of each kind) for the layers updated this
+        step; None when there are none, or when they are not finite (with a warning). A scale-and-
+        shift layer's F takes G's scale (A's for the forward-only Fisher, whose rows are its inputs')."""
         if not forward_only and g_div == 0:
             return None  # no curvature pass ran (non-finite outputs)
-        new: Dict[str, Tuple[Tensor, Tensor]] = {}
+        new: Dict[str, Dict[str, Tensor]] = {}
         for layer in self.layers:
-            A = self._sums.get(("A", layer.name))
-            if A is None:
-                continue  # the layer did not run in this step's forward
-            G = (torch.eye(layer.out_dim, dtype=A.dtype, device=A.device) if forward_only
+            first = self._sums.get((layer.factor_keys[0], layer.name))
+            if first is None:
+                continue  # the layer did not run in this step's forward (or no backward reached it)
+            if layer.scale_shift:
+                if not layer.joint:
+                    drop_cross_terms(first)
+                new[layer.name] = {"F": first}
+                continue
+            G = (torch.eye(layer.out_dim, dtype=first.dtype, device=first.device) if forward_only
                  else self._sums.get(("G", layer.name)))
             if G is not None:  # None: no backward reached it
-                new[layer.name] = (A, G)
+                new[layer.name] = {"A": first, "G": G}
         self._note_unrecorded(new)
         if not new:
             return None
         # Gram sums: a NaN or Inf in any row shows on the diagonal, and |F_ij| <= sqrt(F_ii F_jj)
         # bounds the rest, so the diagonals decide.
-        if not all_finite([t.diagonal() if t.dim() == 2 else t for pair in new.values() for t in pair]):
+        if not all_finite([t if t.dim() == 1 else t.diagonal(dim1=-2, dim2=-1) for sums in new.values()
+                           for t in sums.values()]):
             warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
                       "averages keep their previous values")
             return None
-        return new, 1.0 / n, 1.0 / g_div
+        scales = {"A": 1.0 / n, "G": 1.0 / g_div, "F": 1.0 / (n if forward_only else g_div)}
+        return new, scales
 
     def _note_unrecorded(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> None:
         """Warn, once per layer, about a K-FAC layer with a gradient that no counted forward ran as a
         module (its weight used functionally, say): it has no factors and follows its plain gradient."""
         for layer in self.layers:
-            if (layer.name not in new and layer.name not in self._unrecorded and "A" not in self.state[layer.name]
+            if (layer.name not in new and layer.name not in self._unrecorded and not layer.has_factors(self.state[layer.name])
                     and layer.weight.grad is not None):
                 self._unrecorded.add(layer.name)
                 warn_user(f"{self.owner}: layer {layer.name!r} has a gradient but did not run as a module in this "
                           "step's forward (is its weight used functionally?); it gets no factors and follows its "
                           "plain gradient until it does")
 
-    def _average(self, states, new: Dict[str, Tuple[Tensor, Tensor]], a_scale: float, g_scale: float, *,
-                 in_place: bool) -> None:
+    def _average(self, states, new: Dict[str, Dict[str, Tensor]], scales: Dict[str, float], *, in_place: bool) -> None:
         """The moving averages of ``states`` take in this step's sums; the first estimate starts one.
         Every layer's sums share one scale per factor kind, so each kind is one fused op."""
         decay = self.hyper()["factor_decay"]
-        running = [name for name in new if "A" in states[name]]
-        for name, (A, G) in new.items():
-            if "A" not in states[name]:  # the first estimate starts the average (no bias towards zero)
-                states[name]["A"], states[name]["G"] = A * a_scale, G * g_scale
-        for j, (key, scale) in enumerate((("A", a_scale), ("G", g_scale))):
-            averages = [states[name][key] for name in running]
-            if not averages:
+        for key, scale in scales.items():
+            have = [name for name, sums in new.items() if key in sums]
+            running = [name for name in have if key in states[name]]
+            for name in have:
+                if key not in states[name]:  # the first estimate starts the average (no bias towards zero)
+                    states[name][key] = new[name][key] * scale
+            if not running:
                 continue
+            averages = [states[name][key] for name in running]
             if in_place:
                 torch._foreach_mul_(averages, decay)
             else:
                 averages = torch._foreach_mul(averages, decay)
-            torch._foreach_add_(averages, [new[name][j] for name in running], alpha=(1.0 - decay) * scale)
+            torch._foreach_add_(averages, [new[name][key] for name in running], alpha=(1.0 - decay) * scale)
             for name, avg in zip(running, averages):
                 states[name][key] = avg
 
@@ -185,15 +192,18 @@ class Factors:
         keys = set(saved)
         # A layer holds nothing (never updated), its factors, or its factors and their
         # eigendecompositions (a diagonal A has no QA).
-        pairs = [(("QG",), ("dG",)), (("dG",), ("QG",))]
-        if not layer.diagonal:
-            pairs += [(("QA",), ("dA",)), (("dA",), ("QA",))]
-        for need, having in [(("A", "G"), STATE_KEYS)] + pairs:
+        if layer.scale_shift:
+            pairs = [(("F",), tuple(shapes)), (("QF",), ("dF",)), (("dF",), ("QF",))]
+        else:
+            pairs = [(("A", "G"), tuple(shapes)), (("QG",), ("dG",)), (("dG",), ("QG",))]
+            if not layer.diagonal:
+                pairs += [(("QA",), ("dA",)), (("dA",), ("QA",))]
+        for need, having in pairs:
             if keys & set(having) and not set(need) <= keys:
                 raise ValueError(f"{where}: entries {sorted(keys)} are incomplete (missing "
                                  f"{sorted(set(need) - keys)})")
         device = layer.weight.device
-        for key in STATE_KEYS:
+        for key in shapes:
             if key not in saved:
                 continue
             t = saved[key]
@@ -207,10 +217,10 @@ class Factors:
                 raise ValueError(f"{where} entry {key!r} is not finite")
             if key.startswith("d") and bool((t < 0).any()):
                 raise ValueError(f"{where} entry {key!r}: eigenvalues must be >= 0")
-            if key.startswith("Q"):
-                eye = torch.eye(t.shape[0], dtype=t.dtype, device=device)
+            if key.startswith("Q"):  # (n, n), or (P, k, k) per entry
+                eye = torch.eye(t.shape[-1], dtype=t.dtype, device=device)
                 tol = 1e-3 if t.dtype == torch.float32 else 1e-8
-                if t.numel() and float((t.T @ t - eye).abs().max()) > tol * max(1, t.shape[0]) ** 0.5:
+                if t.numel() and float((t.mT @ t - eye).abs().max()) > tol * max(1, t.shape[-1]) ** 0.5:
                     raise ValueError(f"{where} entry {key!r}: eigenvectors must be orthonormal")
             out[key] = t
         return out

@@ -16,12 +16,16 @@ __all__ = ["quadratic_change", "ggn_gram"]
 
 def quadratic_change(deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks) -> float:
     """The K-FAC quadratic model's predicted change of the loss for the parameter change delta:
-    <g, delta> over all parameters + 1/2 sum over blocks <D, G D A> (undamped)."""
+    <g, delta> over all parameters + 1/2 sum over blocks <D, G D A> (undamped; a scale-and-shift
+    layer's blocks, given as A with G None: sum over entries <D_e, F_e D_e>)."""
     lin = sum(float((grads[k].double() * deltas[k].double()).sum()) for k in deltas if k in grads)
     quad = 0.0
     for layer, params, _, A, G, _ in blocks:
         D = layer.matrix(params, [deltas[id(p)] for p in params]).to(A.dtype)
-        quad += float((D * ((G @ D) * A if A.dim() == 1 else G @ D @ A)).sum())  # a diagonal A is a vector
+        if G is None:
+            quad += float(torch.einsum("pi,pij,pj->", D, A, D))
+        else:
+            quad += float((D * ((G @ D) * A if A.dim() == 1 else G @ D @ A)).sum())  # a diagonal A is a vector
     return lin + 0.5 * quad
 
 

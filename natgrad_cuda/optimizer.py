@@ -93,8 +93,8 @@ def lm_damping(damping: float, rho: float, interval: int, min_damping: float, ma
 
 class KFAC(torch.optim.Optimizer):
     """K-FAC natural-gradient descent for ``model``'s layers with a rule (``curvature.rules``:
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, and any registered with
-    ``register_rule``).
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm,
+    nn.GroupNorm, nn.BatchNorm1d/2d/3d, and any registered with ``register_rule``).
 
     Use::
 

@@ -123,7 +123,7 @@ def test_unbatched_outputs(fn):
 
 @pytest.mark.parametrize("model", [
     nn.Sequential(nn.Tanh()),
-    nn.Sequential(nn.BatchNorm1d(3)),
+    nn.Sequential(nn.PReLU(3)),
     nn.Sequential(nn.Linear(3, 2).requires_grad_(False)),
     nn.Sequential(nn.Conv1d(3, 2, 1, padding_mode="circular"), nn.Flatten()),
 ])
@@ -166,11 +166,11 @@ class WithEmbedding(nn.Module):
 
 
 @pytest.mark.parametrize("model, names", [
-    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), ["1 (BatchNorm1d)"]),
+    (nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)), ["1 (PReLU)"]),
     (WithEmbedding(), ["emb (Embedding: max_norm"]),
     (WithBareParameter(), ["<root> (WithBareParameter)"]),
     (nn.Sequential(nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 2, 1, padding_mode="reflect"), nn.Flatten(),
-                   nn.Linear(2, 2), nn.LayerNorm(2)), ["1 (Conv1d: padding_mode='reflect'", "4 (LayerNorm)"]),
+                   nn.Linear(2, 2), nn.PReLU(2)), ["1 (Conv1d: padding_mode='reflect'", "4 (PReLU)"]),
 ])
 def test_unsupported_layers_warn_once_naming_them(model, names):
     model = model.to(DT)

@@ -858,7 +858,7 @@ def test_cross_entropy_layout_that_cannot_be_told_is_refused():
 # ---- layers K-FAC lists but never sees ---------------------------------------------------------------------
 
 
-def test_multihead_attention_out_proj_is_reported_not_silently_uncovered():
+def test_multihead_attention_out_proj_gets_factors_not_silently_none():
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -868,13 +868,18 @@ def test_multihead_attention_out_proj_is_reported_not_silently_uncovered():
             return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
     model = Attn().to(DT)
-    with pytest.warns(UserWarning, match=r"attn\.out_proj .*applied functionally by the nn\.MultiheadAttention"):
-        opt = kfac(model)
-    assert [layer.name for layer in opt._engine.layers] == ["head"]
     x, y = torch.randn(4, 5, 8, dtype=DT), torch.randint(0, 3, (4,))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no further warning: every layer it lists does run as a module
+        warnings.simplefilter("error")  # no warning: the attention's projections are covered and recorded
+        opt = kfac(model)
         train(model, opt, [(x, y)])
+    assert [layer.name for layer in opt._engine.layers] == ["attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                            "attn.out_proj", "head"]
+    assert all("QG" in opt._engine.state[layer.name] for layer in opt._engine.layers)
+    # an attention K-FAC cannot cover is named, with its out_proj, at construction
+    model.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True).to(DT)
+    with pytest.warns(UserWarning, match=r"attn\.out_proj .*applied functionally by the nn\.MultiheadAttention"):
+        kfac(model)
 
 
 def test_a_layer_whose_weight_is_used_functionally_warns_that_it_gets_no_factors():

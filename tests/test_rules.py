@@ -3,6 +3,7 @@ a registered rule exactly as the built-in rule covers its built-in twin. float64
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -424,3 +425,154 @@ def test_embedding_with_reduce_is_refused():
     with pytest.raises(ValueError, match="kfac_approx='expand' only"):
         tagger(tag_data()[0])
     del opt
+
+
+# ---- scale-and-shift layers (the norms): exact per-entry blocks --------------------------------------
+
+
+def norm_case(kind, seed=0):
+    """(model, x, y) with the norm as module "1" between two covered layers, one loss term per data
+    point (the condition under which type-2's per-example blocks are the exact GGN's)."""
+    torch.manual_seed(seed)
+    B = 5
+    if kind in ("layernorm", "layernorm_nobias", "rmsnorm", "batchnorm1d", "batchnorm1d_eval"):
+        norm = {"layernorm": nn.LayerNorm(4), "layernorm_nobias": nn.LayerNorm(4, bias=False),
+                "rmsnorm": nn.RMSNorm(4), "batchnorm1d": nn.BatchNorm1d(4),
+                "batchnorm1d_eval": nn.BatchNorm1d(4)}[kind]
+        model = nn.Sequential(nn.Linear(3, 4), norm, nn.Tanh(), nn.Linear(4, 3))
+        x = torch.randn(B, 3)
+    elif kind == "layernorm_sequence":  # (B, T, C): T positions share the weight; normalized_shape (T, C) too
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.LayerNorm((2, 4)), nn.Flatten(),
+                              nn.Linear(8, 3))
+        x = torch.randn(B, 2, 3)
+    else:  # GroupNorm / BatchNorm2d over a conv's channels and positions
+        norm = nn.GroupNorm(2, 4) if kind == "groupnorm" else nn.BatchNorm2d(4)
+        model = nn.Sequential(nn.Conv2d(2, 4, 2), norm, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+        x = torch.randn(B, 2, 3, 3)
+    model, x = model.to(DT), x.to(DT)
+    with torch.no_grad():  # away from the initial 1 and 0, so that every term shows
+        for m in model:
+            if rules.rule_for(m) is not None and rules.rule_for(m).scale_shift:
+                for p in m.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+    if kind == "batchnorm1d_eval":
+        model(x)  # some running statistics
+        model.eval()
+    return model, x, torch.randint(0, 3, (B,))
+
+
+def entry_mask(model, curv):
+    """The (P, P) pattern of the per-entry blocks of every scale-and-shift layer of ``curv``."""
+    P = curv.num_params
+    mask = torch.zeros(P, P, dtype=DT)
+    offsets, total = {}, 0
+    for p in model.parameters():
+        offsets[id(p)] = total
+        total += p.numel()
+    for name, F_ in curv.scale_shift_blocks.items():
+        module = model.get_submodule(name)
+        idx = [offsets[id(p)] + torch.arange(p.numel()) for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+        for i in idx:
+            for j in idx:
+                mask[i, j] = 1.0
+    return mask
+
+
+NORMS = ["layernorm", "layernorm_nobias", "layernorm_sequence", "rmsnorm", "groupnorm", "batchnorm1d",
+         "batchnorm1d_eval", "batchnorm2d"]
+
+
+@pytest.mark.parametrize("kind", NORMS)
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_norm_blocks_are_the_exact_blocks_of_the_ggn_or_empirical_fisher(kind, fisher_type):
+    model, x, y = norm_case(kind)
+    loss_fn = nn.CrossEntropyLoss()
+    curv = ng.curvature.kfac(model, loss_fn, (x, y), fisher_type=fisher_type, separate_weight_and_bias=False)
+    assert set(curv.scale_shift_blocks) == {n for n, m in model.named_children()
+                                            if rules.rule_for(m) is not None and rules.rule_for(m).scale_shift}
+    exact = (ng.curvature.ggn if fisher_type == "type-2" else ng.curvature.empirical_fisher)(model, loss_fn, (x, y))
+    mask = entry_mask(model, curv)
+    assert mask.sum() > 0
+    torch.testing.assert_close(curv.dense() * mask, exact * mask, rtol=1e-10, atol=1e-13)
+    # separate weight and bias: the blocks' diagonals only
+    sep = ng.curvature.kfac(model, loss_fn, (x, y), fisher_type=fisher_type, separate_weight_and_bias=True)
+    diag = mask * torch.eye(len(mask), dtype=DT)
+    torch.testing.assert_close(sep.dense() * mask, exact * diag, rtol=1e-10, atol=1e-13)
+
+
+def test_norm_forward_only_blocks_are_the_second_moments_of_the_normalised_inputs():
+    model, x, y = norm_case("layernorm_sequence")
+    curv = ng.curvature.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="forward-only",
+                             separate_weight_and_bias=False)
+    h = model[2](model[1](model[0](x)))  # the input of the (2, 4) LayerNorm
+    xhat = F.layer_norm(h, (2, 4)).reshape(5, 8)
+    rows = torch.stack([xhat, torch.ones_like(xhat)], -1)  # (N, P, 2)
+    torch.testing.assert_close(curv.scale_shift_blocks["3"], torch.einsum("npi,npj->pij", rows, rows) / 5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "emulated"])
+@pytest.mark.parametrize("inverse", ["eigen", "factored"])
+def test_kfac_step_on_a_norm_is_the_exact_damped_inverse_of_its_blocks(backend, inverse):
+    model, x, y = norm_case("layernorm", seed=1)
+    model_ref = copy.deepcopy(model)
+    opt = ng.KFAC(model, lr=0.5, momentum=0.0, kl_clip=None, damping=0.1, loss="cross_entropy",
+                  fisher_type="type-2", inverse=inverse, backend=backend)
+    curv = ng.curvature.kfac(model_ref, nn.CrossEntropyLoss(), (x, y), fisher_type="type-2",
+                             separate_weight_and_bias=False)
+    g, delta = step_and_delta(model, opt, x, y, F.cross_entropy)
+    torch.testing.assert_close(opt._engine.state["1"]["F"], curv.scale_shift_blocks["1"], rtol=1e-12, atol=1e-14)
+    mask = entry_mask(model_ref, curv)
+    idx = mask.diagonal() > 0
+    K = curv.dense()[idx][:, idx]  # the norm's blocks: the same for either inverse (no Kronecker product)
+    expect = -0.5 * torch.linalg.solve(K + 0.1 * torch.eye(len(K), dtype=DT), g[idx])
+    torch.testing.assert_close(delta[idx], expect, rtol=1e-9, atol=1e-12)
+    if inverse == "eigen":  # and the whole step: the damped inverse of the block-diagonal matrix
+        full = -0.5 * torch.linalg.solve(curv.dense() + 0.1 * torch.eye(len(g), dtype=DT), g)
+        torch.testing.assert_close(delta, full, rtol=1e-9, atol=1e-12)
+
+
+def test_a_resnet_with_norms_and_a_depthwise_conv_is_covered_without_warning():
+    torch.manual_seed(0)
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+        def forward(self, x):
+            return x + self.dw(torch.relu(self.bn(self.conv(x))))
+
+    resnet = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), Residual(), nn.Flatten(),
+                           nn.LayerNorm(4 * 4 * 4), nn.Linear(4 * 4 * 4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = ng.KFAC(resnet, loss="cross_entropy", factor_update_freq=1)
+        covered = {id(p) for layer in opt._engine.layers for p in (layer.weight, layer.bias) if p is not None}
+        assert covered == {id(p) for p in resnet.parameters()}
+        x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
+        for _ in range(3):
+            opt.zero_grad()
+            out = resnet(x)
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+    assert opt.steps == 3
+
+
+def test_a_norm_layers_state_round_trips_and_a_bad_one_is_refused():
+    model, x, y = norm_case("groupnorm")
+    opt = ng.KFAC(model, loss="cross_entropy", factor_update_freq=1, seed=0)
+    step_and_delta(model, opt, x, y, F.cross_entropy)
+    sd = copy.deepcopy(opt.state_dict())
+    assert set(sd["kfac"]["layers"]["1"]) == {"F", "QF", "dF"}
+    twin = copy.deepcopy(model)
+    opt2 = ng.KFAC(twin, loss="cross_entropy", factor_update_freq=1, seed=0)
+    opt2.load_state_dict(sd)
+    _, d1 = step_and_delta(model, opt, x, y, F.cross_entropy)
+    _, d2 = step_and_delta(twin, opt2, x, y, F.cross_entropy)
+    assert torch.equal(d1, d2)
+    bad = copy.deepcopy(sd)
+    bad["kfac"]["layers"]["1"]["QF"] = bad["kfac"]["layers"]["1"]["QF"] * 2
+    with pytest.raises(ValueError, match="'QF': eigenvectors must be orthonormal"):
+        opt2.load_state_dict(bad)

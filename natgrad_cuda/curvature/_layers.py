@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .attention import attention_layers, unsupported_reason
 from .rules import rule_for
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "ParamSlot",
     "parameter_slots",
     "write_dense_blocks",
+    "write_scale_shift_blocks",
 ]
 
 
@@ -30,8 +32,9 @@ def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[str
     modules with trainable parameters of their own, which K-FAC does not cover. Frozen modules are
     neither.
 
-    The nn.Linear inside an nn.MultiheadAttention (``out_proj``) is not covered: the attention
-    applies its weight functionally, so the layer never runs as a module and no hook would see it.
+    An nn.MultiheadAttention is four layers: its q, k and v projections (``attention.py``, named
+    ``<attention>.q_proj`` and so on) and its ``out_proj`` nn.Linear, whose rows its forward gives;
+    one that K-FAC cannot cover (``add_bias_kv``) is reported with its out_proj.
 
     Tied parameters (one Parameter held by several modules, an embedding shared with the output
     layer, say) are preconditioned once: by the first covered layer that holds them, in model
@@ -44,14 +47,21 @@ def find_layers(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[str
             holders.setdefault(id(p), []).append(name or "<root>")
     functional, claimed, verdicts = [], {}, []
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            functional.append(name + ".")
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        inside = next((prefix for prefix in functional if name.startswith(prefix)), None)
+        attention_why = None
+        if isinstance(module, nn.MultiheadAttention) and inside is None:
+            attention_why = unsupported_reason(module)
+            if attention_why is None and not any(id(p) in claimed for p in own):
+                for p in own:  # its q, k and v projections share them
+                    claimed[id(p)] = name
+                verdicts += [(part, layer, own, None, None, True) for part, layer in attention_layers(name, module)]
+                continue
+            functional.append(name + ".")  # out_proj too: the attention applies it functionally
         if not own:
             continue
-        inside = next((prefix for prefix in functional if name.startswith(prefix)), None)
         rule = rule_for(module)
-        why = rule.check(module) if rule is not None else None
+        why = attention_why or (rule.check(module) if rule is not None else None)
         covered = inside is None and rule is not None and why is None and not any(id(p) in claimed for p in own)
         if covered:
             for p in own:
@@ -117,7 +127,9 @@ def parameter_slots(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> Tu
             weight=offsets[id(w)],
             out_features=order.shape[0],
             in_features=order.shape[1],
-            bias=offsets[id(b)] if b is not None else None,
+            # the block's bias entries: a contiguous run of the bias (all of it but for an attention's q, k, v)
+            bias=offsets[id(b)] + int(rule.bias_vector(module, torch.arange(b.numel()).reshape(b.shape))[0])
+            if b is not None else None,
             order=None if identity else order.reshape(-1),
         )
     return slots, total
@@ -150,3 +162,15 @@ def write_dense_blocks(out: Tensor, slot: ParamSlot, A: Tensor, G: Tensor, joint
         out[b, w] = cross.T
     else:
         out[b, b] = G
+
+
+def write_scale_shift_blocks(out: Tensor, slot: ParamSlot, F: Tensor) -> None:
+    """Write a scale-and-shift layer's per-entry blocks F (P, k, k) into ``out``: entry e's block
+    couples weight.flatten()[e] and, with k = 2, bias.flatten()[e]."""
+    P, k = F.shape[0], F.shape[-1]
+    idx = [torch.arange(P, device=out.device) + slot.weight]
+    if k == 2:
+        idx.append(torch.arange(P, device=out.device) + slot.bias)
+    for i in range(k):
+        for j in range(k):
+            out[idx[i], idx[j]] = F[:, i, j]

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..reference import accumulation_dtype
-from ._layers import ParamSlot, find_layers, parameter_slots, write_dense_blocks
+from ._layers import ParamSlot, find_layers, parameter_slots, write_dense_blocks, write_scale_shift_blocks
 from .recording import Recorder, Tap, backward_scalars, take_input_rows
-from .rules import DiagonalRows, rule_for
+from .rules import DiagonalRows, EntryRows, rule_for
 from ._losses import LossSpec
 
-__all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches", "accumulate_rows", "is_joint"]
+__all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "iter_batches", "accumulate_rows", "is_joint",
+           "drop_cross_terms"]
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROXES = ("expand", "reduce")
@@ -32,11 +33,15 @@ class KFACCurvature:
 
     ``input_covariances[name]`` is A (with the bias's constant 1 as its last entry when weight and
     bias are joint; the vector of its diagonal for a layer whose A is diagonal, an embedding),
-    ``gradient_covariances[name]`` is G; ``dense()`` assembles the (P, P) matrix.
+    ``gradient_covariances[name]`` is G. A scale-and-shift layer (a norm) has no Kronecker factors:
+    ``scale_shift_blocks[name]`` (P, k, k) is the exact block of each weight entry with its bias
+    entry (k = 2; 1 without a trained bias), diagonal when weight and bias are separate.
+    ``dense()`` assembles the (P, P) matrix.
     """
 
     input_covariances: Dict[str, Tensor]
     gradient_covariances: Dict[str, Tensor]
+    scale_shift_blocks: Dict[str, Tensor]
     fisher_type: str
     kfac_approx: str
     separate_weight_and_bias: bool
@@ -47,15 +52,18 @@ class KFACCurvature:
 
     @property
     def modules(self) -> List[str]:
-        return list(self.input_covariances)
+        return [name for name in self._slots]
+
+    def _any(self) -> Tensor:
+        return next(iter({**self.input_covariances, **self.scale_shift_blocks}.values()))
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.input_covariances.values())).dtype
+        return self._any().dtype
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.input_covariances.values())).device
+        return self._any().device
 
     def is_joint(self, name: str) -> bool:
         """Whether module ``name``'s weight and bias share one Kronecker product."""
@@ -66,6 +74,9 @@ class KFACCurvature:
         parameters of layers K-FAC does not cover."""
         out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
         for name, slot in self._slots.items():
+            if name in self.scale_shift_blocks:
+                write_scale_shift_blocks(out, slot, self.scale_shift_blocks[name])
+                continue
             write_dense_blocks(
                 out, slot, self.input_covariances[name], self.gradient_covariances[name], self.is_joint(name)
             )
@@ -92,9 +103,10 @@ def kfac(
     "expand" or "reduce" for weight-shared layers. seed: None draws MC targets from torch's global
     RNG, an int from a private generator seeded with it. backend: the ``impl`` of
     ``ops.factor_update_``. Supported layers: those with a rule (``curvature.rules``: nn.Linear,
-    nn.Conv1d, nn.Conv2d with zero padding, nn.ConvTranspose2d, nn.Embedding, and any registered
-    with ``register_rule``); other
-    modules with trainable parameters get a warning and zero blocks in ``dense()``.
+    nn.Conv1d, nn.Conv2d with zero padding, nn.ConvTranspose2d, nn.Embedding, the norm layers
+    (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d/2d/3d: exact per-entry blocks, in
+    ``scale_shift_blocks``), and any registered with ``register_rule``); other modules with
+    trainable parameters get a warning and zero blocks in ``dense()``.
     """
     spec = LossSpec.from_module(loss_fn)
     _check_options(fisher_type, mc_samples, kfac_approx, separate_weight_and_bias, seed, backend)
@@ -105,7 +117,7 @@ def kfac(
     if not layers:
         raise ValueError(
             "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding, "
-            "nn.ConvTranspose2d, nn.Embedding, or a module with a registered rule, with a trainable parameter)"
+            "nn.ConvTranspose2d, nn.Embedding, the norm layers, or a module with a registered rule, with a trainable parameter)"
         )
     if unsupported:
         warnings.warn(
@@ -115,11 +127,16 @@ def kfac(
             stacklevel=2,
         )
     slots, num_params = parameter_slots(model, layers)
+    taps = [Tap(name, module) for name, module in layers]
     joint = {name: is_joint(slots[name], separate_weight_and_bias) for name, _ in layers}
-    A, G = {}, {}
-    for name, module in layers:
-        w = rule_for(module).weight(module)
+    A, G, F = {}, {}, {}
+    for tap in taps:
+        name, module, w = tap.name, tap.module, tap.weight
         dtype = accumulation_dtype(w.dtype)
+        if tap.rule.scale_shift:
+            k = 1 + int(tap.bias is not None)
+            F[name] = torch.zeros(w.numel(), k, k, dtype=dtype, device=w.device)
+            continue
         d_in = slots[name].in_features + int(joint[name])
         # a diagonal A (one-hot inputs: an embedding) is kept as a vector
         A[name] = torch.zeros((d_in,) if rule_for(module).diagonal_input else (d_in, d_in), dtype=dtype,
@@ -127,14 +144,15 @@ def kfac(
         d_out = slots[name].out_features
         G[name] = torch.zeros(d_out, d_out, dtype=dtype, device=w.device)
 
-    no_ones = dict.fromkeys(G, False)
+    factors = {"A": A, "G": G, "F": F}
     capture_grads = fisher_type != "forward-only"
     generator = None
     if fisher_type == "mc" and seed is not None:
-        generator = torch.Generator(device=next(iter(A.values())).device).manual_seed(seed)
+        generator = torch.Generator(device=taps[0].weight.device).manual_seed(seed)
     # The optimizers' hooks (one implementation): a record per forward, A rows from the layers'
-    # inputs, G rows from the backward of each scalar seen at the layers' outputs.
-    recorder = Recorder(model, [Tap(name, module) for name, module in layers], spec=spec,
+    # inputs, G rows from the backward of each scalar seen at the layers' outputs (and a
+    # scale-and-shift layer's F rows from either).
+    recorder = Recorder(model, taps, spec=spec,
                         fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples,
                         owner="curvature.kfac", factor_step_due=lambda: True, generator=lambda: generator,
                         flush=lambda rows: None, before_use=lambda: None)
@@ -146,9 +164,9 @@ def kfac(
                 outputs = model(inputs)
             spec.check(outputs, targets)
             record = recorder.record_of(outputs)
-            rows = [(name, r, s) for (_, name), r, s in take_input_rows(record)]
-            ran.update(name for name, _, _ in rows)
-            accumulate_rows(A, rows, joint, backend)
+            rows = take_input_rows(record)
+            ran.update(name for (_, name), _, _ in rows)
+            _accumulate(factors, rows, joint, backend)
             num_data += outputs.shape[0]
             if not capture_grads:
                 continue
@@ -159,19 +177,21 @@ def kfac(
                 # One scalar at a time, its rows accumulated at once; the graph is retained for the
                 # next scalar and freed with this batch's outputs.
                 rows = recorder.passes(record, [phi])
-                accumulate_rows(G, [(name, r, s) for (_, name), r, s in rows], no_ones, backend)
+                ran.update(name for (_, name), _, _ in rows)
+                _accumulate(factors, rows, joint, backend)
             recorder.reset()
     finally:
         recorder.remove()
     if num_data == 0:
         raise ValueError("data is empty: it holds no (inputs, targets) batch with a data point")
-    idle = [name for name in A if name not in ran]
+    idle = [tap.name for tap in taps if tap.name not in ran]
     if idle:
         warnings.warn(f"K-FAC layers {', '.join(map(repr, idle))} did not run as modules in the forwards (is their "
                       "weight used functionally?); their factors are zero", UserWarning, stacklevel=2)
 
-    for name in A:
-        if not (bool(torch.isfinite(A[name]).all()) and bool(torch.isfinite(G[name]).all())):
+    for tap in taps:
+        name = tap.name
+        if not all(bool(torch.isfinite(kind[name]).all()) for kind in (A, G, F) if name in kind):
             raise ValueError(f"the K-FAC factors of layer {name!r} are not finite: the data, the model's parameters "
                              "or its outputs hold NaN or Inf")
     for a in A.values():
@@ -182,9 +202,14 @@ def kfac(
         divisor = mc_samples * (z if spec.reduction == "mean" else 1)
         for g in G.values():
             g.div_(divisor)
+    for name, f in F.items():  # the G side's normaliser, or A's for the forward-only Fisher
+        f.div_(num_data if fisher_type == "forward-only" else divisor)
+        if not joint[name]:
+            drop_cross_terms(f)
     return KFACCurvature(
         input_covariances=A,
         gradient_covariances=G,
+        scale_shift_blocks=F,
         fisher_type=fisher_type,
         kfac_approx=kfac_approx,
         separate_weight_and_bias=separate_weight_and_bias,
@@ -238,6 +263,23 @@ def _is_batch(obj) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], Tensor)
 
 
+def drop_cross_terms(F: Tensor) -> Tensor:
+    """Scale-and-shift blocks (P, 2, 2) with weight and bias separate: their off-diagonals zeroed, in place."""
+    if F.shape[-1] == 2:
+        F[:, 0, 1] = 0
+        F[:, 1, 0] = 0
+    return F
+
+
+def _accumulate(factors: Dict[str, Dict[str, Tensor]], rows, joint: Dict[str, bool], backend: Optional[str]) -> None:
+    """Rows keyed (kind, layer name) into the factors of their kind ("A", "G" or "F"); A's rows get
+    the bias's 1 of a joint layer."""
+    for kind, F in factors.items():
+        mine = [(name, r, s) for (k, name), r, s in rows if k == kind]
+        if mine:
+            accumulate_rows(F, mine, joint if kind == "A" else dict.fromkeys(F, False), backend)
+
+
 def accumulate_rows(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, float]], append_ones: Dict[str, bool],
                     backend: Optional[str], decay: float = 1.0, trusted: bool = False) -> None:
     """F = decay * F + scale * rows~^T rows~ for every recorded (name, rows, scale), all layers in one
@@ -245,7 +287,8 @@ def accumulate_rows(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, f
 
     A module called twice in one pass (a shared layer) has two items; they go to separate calls so
     that no call updates a factor twice; the later calls add (decay 1). ``DiagonalRows`` (one-hot
-    inputs) update a diagonal factor, kept as a vector, by their counts.
+    inputs) update a diagonal factor, kept as a vector, by their counts; ``EntryRows`` (a
+    scale-and-shift layer) its (P, k, k) blocks, by torch (k is 1 or 2: nothing for a kernel to gain).
     """
     diagonal = [item for item in items if isinstance(item[1], DiagonalRows)]
     if diagonal:
@@ -259,6 +302,20 @@ def accumulate_rows(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, f
                 F.mul_(decay)
             fresh.add(name)
             F.add_(rows.counts.to(F.dtype), alpha=scale)
+    entry = [item for item in items if isinstance(item[1], EntryRows)]
+    if entry:
+        items = [item for item in items if not isinstance(item[1], EntryRows)]
+        fresh = set()
+        for name, rows, scale in entry:
+            F, V = factors[name], rows.values.to(factors[name].dtype)
+            outer = torch.einsum("npi,npj->pij", V, V)
+            if decay == 0.0 and name not in fresh:
+                F.copy_(outer).mul_(scale)
+            else:
+                if name not in fresh:
+                    F.mul_(decay)
+                F.add_(outer, alpha=scale)
+            fresh.add(name)
     while items:
         seen, now, later = set(), [], []
         for item in items:

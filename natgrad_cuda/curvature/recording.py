@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._checks import warn_user
 from .._finite import HALF
 from ._losses import LossSpec
+from .attention import AttentionProjection, Watch
 from .rules import rule_for
 
 __all__ = ["Recorder", "Tap", "COMPILED", "backward_scalars", "take_input_rows"]
@@ -35,7 +36,8 @@ COMPILED = ("K-FAC does not support torch.compile'd models yet: its hooks do not
             "compiled graph, so the model would get no curvature (plain momentum SGD). Build the optimizer on the "
             "model itself and run its forward eagerly")
 
-Rows = List[Tuple[Tuple[str, str], Tensor, float]]  # (("A" or "G", layer name), rows, scale)
+# (("A", "G" or "F", layer name), rows, scale): F is a scale-and-shift layer's per-entry blocks.
+Rows = List[Tuple[Tuple[str, str], Tensor, float]]
 
 
 def backward_scalars(spec: LossSpec, fisher_type: str, f: Tensor, y: Optional[Tensor], mc_samples: int,
@@ -136,8 +138,9 @@ class _Record:
         self.outputs: List[weakref.ref] = []  # the tensors the forward returned, weakly
         self.n: Optional[int] = None  # data points, from the outputs
         self.z: Optional[int] = None  # the loss normaliser's share, from the outputs
-        self.rows_A: List[Tuple[str, Tensor, float]] = []
-        self.rows_G: List[Tuple[str, Tensor]] = []  # the loss's own output gradients (empirical Fisher)
+        self.rows_A: Rows = []  # the rows of A (of F, for a scale-and-shift layer's forward-only Fisher)
+        # The loss's own output gradients (empirical Fisher): ((kind, layer), rows) of G or F.
+        self.rows_G: List[Tuple[Tuple[str, str], Tensor]] = []
         # Per layer call, its input (or, where that needs no gradient, its weight): the curvature
         # pass differentiates with respect to these, which reaches every layer's output (and so its
         # hook) without the weight-gradient products of the other layers.
@@ -155,9 +158,9 @@ class _Record:
 
 
 def take_input_rows(record: _Record) -> Rows:
-    """A record's A rows, taken (once)."""
+    """A record's rows from its forward (A's; F's for the forward-only Fisher), taken (once)."""
     rows, record.rows_A = record.rows_A, []
-    return [(("A", n), r, s) for n, r, s in rows]
+    return rows
 
 
 class Recorder:
@@ -196,14 +199,29 @@ class Recorder:
         # Layer hooks before the root's forward hook: a model that is itself one layer needs its
         # layer hook to run while the forward's record is still open.
         self._handles = [model.register_forward_pre_hook(_HookRef(self, "_root_pre_hook"), with_kwargs=True)]
+        # An attention's projections get their rows from its forward (``attention.Watch``).
+        attentions: Dict[int, Tuple[nn.Module, Dict[str, object]]] = {}
+        for layer in layers:
+            if isinstance(layer.module, AttentionProjection):
+                a = layer.module.attention
+                attentions.setdefault(id(a), (a, {}))[1]["qkv"[layer.module.index]] = layer
+        for a, parts in attentions.values():
+            out = next((layer for layer in layers if layer.module is a.out_proj), None)
+            if out is not None:
+                parts["out"] = out
+        watched = {id(layer.module) for _, parts in attentions.values() for layer in parts.values()}
+        self._watches: List[Optional[Watch]] = []
         self._handles += [layer.module.register_forward_hook(_HookRef(self, "_layer_hook", layer))
-                          for layer in layers]
+                          for layer in layers if id(layer.module) not in watched]
+        for a, parts in attentions.values():
+            self._handles.append(a.register_forward_pre_hook(_HookRef(self, "_attention_pre_hook", a, parts)))
+            self._handles.append(a.register_forward_hook(_HookRef(self, "_attention_hook"), always_call=True))
         self._handles.append(model.register_forward_hook(_HookRef(self, "_root_hook")))
 
     def reset(self) -> None:
         """Forget the step's records (after a step, taken or skipped)."""
         self._records: List[_Record] = []
-        self._rows_G: List[Tuple[str, Tensor, float]] = []  # the curvature passes' rows, until flushed
+        self._rows_G: Rows = []  # the curvature passes' rows (of G, or F), until flushed
         self._g_divisor = 0.0
         self._stray = False  # a K-FAC layer ran outside a forward of the model
 
@@ -233,7 +251,14 @@ class Recorder:
             except ValueError:
                 pass
 
-    def _layer_hook(self, layer: layer, module, inputs, output):
+    def _layer_hook(self, layer, module, inputs, output):
+        self.saw(layer, inputs[0], output)
+
+    def saw(self, layer, x, output, source=None) -> None:
+        """``layer`` computed ``output`` from ``x`` in the forward that is running. A layer computed
+        inside another module's forward (an attention's projections) passes batch-first views as
+        ``x`` and ``output``, and ``source`` = (the real input, the real output, the view that turns
+        the real output's gradient into ``output``'s layout)."""
         record = self._open
         if record is None:
             if self._recording() and self.factor_step_due():
@@ -241,28 +266,59 @@ class Recorder:
             return
         if not record.capture:
             return
-        x = inputs[0]
-        record.rows_A.append((layer.name, *layer.rule.input_rows(layer.name, module, x, self.kfac_approx)))
+        real_x, hooked, view = source if source is not None else (x, output, None)
+        module, rule, xhat = layer.module, layer.rule, None
+        if not rule.scale_shift:
+            record.rows_A.append((("A", layer.name), *rule.input_rows(layer.name, module, x, self.kfac_approx)))
+        elif self.fisher_type == "forward-only":
+            record.rows_A.append((("F", layer.name), *rule.input_rows(layer.name, module, x, self.kfac_approx)))
+        else:  # its per-example gradients need xhat at the backward
+            xhat = rule.normalized(module, x)
         if isinstance(output, Tensor) and output.dim():
-            record.batches.append((layer.name, output.shape[0], layer.rule.positions(module, output)))
-        target = x if isinstance(x, Tensor) and x.requires_grad else (
+            record.batches.append((layer.name, output.shape[0], rule.positions(module, output)))
+        target = real_x if isinstance(real_x, Tensor) and real_x.requires_grad else (
             layer.weight if layer.weight.requires_grad else layer.bias)
         if target is not None:
             record.targets.append(target)
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(functools.partial(self._grad_hook, layer, record))
+        if isinstance(hooked, Tensor) and hooked.requires_grad:
+            hooked.register_hook(functools.partial(self._grad_hook, layer, record, xhat, view))
 
-    def _grad_hook(self, layer, record: _Record, g: Tensor) -> None:
+    def _attention_pre_hook(self, attention, layers, module, args):
+        record = self._open
+        watch = None
+        if record is not None and record.capture:
+            watch = Watch(attention, layers, self.saw)
+            watch.__enter__()
+        self._watches.append(watch)
+
+    def _attention_hook(self, module, args, output):
+        watch = self._watches.pop() if self._watches else None
+        if watch is None:
+            return
+        watch.__exit__(None, None, None)
+        if output is not None:  # None: the forward raised, and that error is the one to see
+            watch.check()
+
+    def _grad_hook(self, layer, record: _Record, xhat: Optional[Tensor], view, g: Tensor) -> None:
         mode = self._grad_mode
         if mode is None or not any(r is record for r in self._records):  # not wanted, or a finished step's
             return
-        if mode == "curvature":
-            if record is self._active:
-                self._rows_G.append((layer.name, layer.rule.grad_rows(layer.module, g, self.kfac_approx), 1.0))
+        if view is not None:
+            g = view(g)
+        if mode == "curvature" and record is not self._active:
             return
-        record.reached = True
-        if mode == "empirical":
-            record.rows_G.append((layer.name, layer.rule.grad_rows(layer.module, g, self.kfac_approx)))
+        if mode != "curvature":
+            record.reached = True
+            if mode != "empirical":
+                return
+        if xhat is not None:
+            item = (("F", layer.name), layer.rule.example_rows(layer.module, g, xhat))
+        else:
+            item = (("G", layer.name), layer.rule.grad_rows(layer.module, g, self.kfac_approx))
+        if mode == "curvature":
+            self._rows_G.append((*item, 1.0))
+        else:
+            record.rows_G.append(item)
 
     # ---- the outputs and the loss ---------------------------------------------------------------
 
@@ -418,7 +474,7 @@ class Recorder:
         finally:
             self._grad_mode, self._active = self._idle_mode, None
         rows, self._rows_G = self._rows_G, []
-        return [(("G", n), r, s) for n, r, s in rows]
+        return rows
 
     def record_of(self, outputs: Tensor) -> _Record:
         """The record of the forward that returned ``outputs`` (ValueError if none)."""
@@ -456,7 +512,7 @@ class Recorder:
             # = Z * sum of its outer products (1 for a sum), whatever the micro-batches.
             z_total = sum(r.z for r in counted) if self.spec.reduction != "sum" else 1.0
             scale = float(z_total) * empirical_scale()
-            rows += [(("G", name), g, scale) for r in counted for name, g in r.rows_G]
+            rows += [(key, g, scale) for r in counted for key, g in r.rows_G]
             for r in counted:
                 r.rows_G = []
             g_div = 1.0

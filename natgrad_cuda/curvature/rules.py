@@ -10,7 +10,9 @@ package needs to know:
 - ``to_matrix(module, t)``, ``from_matrix(module, M)``: a weight-shaped tensor (the weight, its
   gradient, a direction) as the (out, in) matrix whose rows are the output units and whose columns
   are the entries of A's rows, and back (by default the weight's first dimension is the output and
-  the rest flatten row-major); the bias is an extra column when weight and bias are joint;
+  the rest flatten row-major); the bias is an extra column when weight and bias are joint
+  (``bias_vector``, ``bias_from_vector``: a layer that is part of a bigger parameter, the
+  projections of an attention, maps its entries to and from zeros elsewhere);
 - ``input_rows(name, module, x, kfac_approx)``: the rows whose Gram matrix gives A, and the scale of
   their outer products (before the division by the number of data points);
 - ``grad_rows(module, g, kfac_approx)``: the rows whose Gram matrix gives G;
@@ -36,8 +38,9 @@ from torch import Tensor, nn
 
 from .. import ops
 
-__all__ = ["LayerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "EmbeddingRule", "DiagonalRows", "register_rule",
-           "rule_for", "conv_patches"]
+__all__ = ["LayerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "EmbeddingRule", "ScaleShiftRule",
+           "LayerNormRule", "RMSNormRule", "GroupNormRule", "BatchNormRule", "DiagonalRows", "EntryRows",
+           "register_rule", "rule_for", "conv_patches"]
 
 Rows = Union[Tensor, ops.ConvPatches]
 
@@ -51,12 +54,24 @@ class DiagonalRows:
     counts: Tensor  # (in,)
 
 
+@dataclass(frozen=True)
+class EntryRows:
+    """The rows of a layer whose curvature is kept exactly for every weight entry with its bias
+    entry (a normalisation layer's scale and shift): vectors (n, P, k), P weight entries and k = 2
+    (weight, bias) or 1 (weight only); their outer products summed over n give the (P, k, k) blocks."""
+
+    values: Tensor  # (n, P, k)
+
+
 class LayerRule:
     """The rule of a layer y = W x (+ b). Subclasses implement ``input_rows``, ``grad_rows`` and
     ``positions``; the defaults of the others suit modules with ``weight`` and ``bias`` attributes.
-    ``diagonal_input``: the rule's A is diagonal (its ``input_rows`` return ``DiagonalRows``)."""
+    ``diagonal_input``: the rule's A is diagonal (its ``input_rows`` return ``DiagonalRows``).
+    ``scale_shift``: a ``ScaleShiftRule`` (curvature kept per weight entry, not as a Kronecker product)."""
 
     diagonal_input = False
+    scale_shift = False
+    partial = False  # the layer's weight is part of a parameter that other layers share (an attention's q, k, v)
 
     def check(self, module: nn.Module) -> Optional[str]:
         """None when K-FAC covers ``module``; otherwise the reason, which the optimizer reports."""
@@ -73,6 +88,13 @@ class LayerRule:
 
     def from_matrix(self, module: nn.Module, M: Tensor) -> Tensor:
         return M.reshape(self.weight(module).shape)
+
+    def bias_vector(self, module: nn.Module, t: Tensor) -> Tensor:
+        """A bias-shaped tensor as the (out,) vector of the block's bias entries."""
+        return t.reshape(-1)
+
+    def bias_from_vector(self, module: nn.Module, v: Tensor) -> Tensor:
+        return v.reshape(self.bias(module).shape)
 
     def input_rows(self, name: str, module: nn.Module, x: Tensor, kfac_approx: str) -> Tuple[Rows, float]:
         raise NotImplementedError
@@ -265,6 +287,113 @@ class EmbeddingRule(LayerRule):
         return math.prod(output.shape[1:-1])
 
 
+class ScaleShiftRule(LayerRule):
+    """A layer y = xhat * weight (+ bias), elementwise, with xhat computed from the input x without
+    parameters (the normalisation layers). Its weight has few entries (the channels), so its
+    curvature is kept exactly rather than as a Kronecker product: for every weight entry e, the
+    (k, k) block of the Fisher / GGN of (weight[e], bias[e]), the sum over data points n of v v^T
+    with v the per-example gradient (sum over positions of g * xhat, and of g), which the curvature
+    pass gives at the layer's output. No approximation beyond the block-diagonal one (the
+    Kronecker rules' kfac_approx does not apply). Subclasses give ``normalized`` and ``entries``."""
+
+    scale_shift = True
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        """xhat of input x, shaped as the output (computed without the affine parameters)."""
+        raise NotImplementedError
+
+    def entries(self, module: nn.Module, t: Tensor) -> Tensor:
+        """An output-shaped tensor as (B, S, P): per data point, position and weight entry."""
+        raise NotImplementedError
+
+    def to_matrix(self, module, t):
+        return t.reshape(-1, 1)
+
+    def from_matrix(self, module, M):
+        return M.reshape(self.weight(module).shape)
+
+    def _with_bias(self, module) -> bool:
+        b = self.bias(module)
+        return b is not None and b.requires_grad
+
+    def input_rows(self, name, module, x, kfac_approx):
+        """The rows of the forward-only Fisher (G = I): [xhat, 1] per data point and position, scale 1/S."""
+        xs = self.entries(module, self.normalized(module, x))
+        cols = [xs] + ([torch.ones_like(xs)] if self._with_bias(module) else [])
+        rows = torch.stack(cols, -1)
+        return EntryRows(rows.reshape(-1, *rows.shape[2:])), 1.0 / xs.shape[1]
+
+    def example_rows(self, module: nn.Module, g: Tensor, xhat: Tensor) -> EntryRows:
+        """Per-example gradients (B, P, k) from the output gradient g and ``normalized``'s xhat."""
+        gs = self.entries(module, g.detach().to(xhat.dtype))
+        cols = [(gs * self.entries(module, xhat)).sum(1)] + ([gs.sum(1)] if self._with_bias(module) else [])
+        return EntryRows(torch.stack(cols, -1))
+
+    def grad_rows(self, module, g, kfac_approx):
+        raise TypeError("a ScaleShiftRule's curvature comes from example_rows (its G is not Kronecker-factored)")
+
+    def positions(self, module, output):
+        return self.entries(module, output).shape[1]
+
+
+def _float(x: Tensor) -> Tensor:
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class LayerNormRule(ScaleShiftRule):
+    """nn.LayerNorm: the weight's entries are the normalized_shape; every leading dimension after
+    the batch is a position."""
+
+    def normalized(self, module, x):
+        _batched(type(module).__name__, x, len(module.normalized_shape) + 1, "input")
+        return torch.nn.functional.layer_norm(_float(x), module.normalized_shape, None, None, module.eps)
+
+    def entries(self, module, t):
+        P = math.prod(module.normalized_shape)
+        return t.reshape(t.shape[0], -1, P)
+
+
+class RMSNormRule(LayerNormRule):
+    """nn.RMSNorm (no bias): as nn.LayerNorm, xhat = x / rms(x)."""
+
+    def normalized(self, module, x):
+        _batched(type(module).__name__, x, len(module.normalized_shape) + 1, "input")
+        return torch.nn.functional.rms_norm(_float(x), module.normalized_shape, None, module.eps)
+
+    def bias(self, module):
+        return None
+
+
+class _ChannelRule(ScaleShiftRule):
+    """Norms with one weight entry per channel (dim 1) of (B, C, *spatial): positions are spatial."""
+
+    def entries(self, module, t):
+        return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
+
+
+class GroupNormRule(_ChannelRule):
+    """nn.GroupNorm: xhat normalised over each group's channels and positions of one data point."""
+
+    def normalized(self, module, x):
+        _batched(type(module).__name__, x, 2, "input (B, C, *)")
+        return torch.nn.functional.group_norm(_float(x), module.num_groups, None, None, module.eps)
+
+
+class BatchNormRule(_ChannelRule):
+    """nn.BatchNorm1d/2d/3d: xhat with the batch's statistics in training mode (or without running
+    statistics), the running ones in eval mode. In training mode the batch statistics couple the
+    data points; the per-example gradients are taken at the layer's output as for every other
+    layer, which is exact when no later layer couples them again (docs/curvature.md)."""
+
+    def normalized(self, module, x):
+        _batched(type(module).__name__, x, 2, "input (B, C, *)")
+        x = _float(x)
+        batch_stats = module.training or module.running_mean is None
+        mean, var = (None, None) if batch_stats else (module.running_mean.to(x.dtype), module.running_var.to(x.dtype))
+        return torch.nn.functional.batch_norm(x, mean, var, None, None, batch_stats, 0.0, module.eps)
+
+
 _RULES: Dict[Type[nn.Module], LayerRule] = {}
 
 
@@ -293,3 +422,8 @@ register_rule(nn.Conv1d, ConvRule())
 register_rule(nn.Conv2d, ConvRule())
 register_rule(nn.ConvTranspose2d, ConvTransposeRule())
 register_rule(nn.Embedding, EmbeddingRule())
+register_rule(nn.LayerNorm, LayerNormRule())
+register_rule(nn.RMSNorm, RMSNormRule())
+register_rule(nn.GroupNorm, GroupNormRule())
+for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_rule(_bn, BatchNormRule())
