@@ -1,13 +1,16 @@
-"""End-to-end training benchmark: K-FAC against momentum SGD and Adam on the digits CNN and on the deep
-autoencoder (64-256-128-32-128-256-64, tanh, MSE; Martens and Grosse's benchmark scaled down).
+"""End-to-end training benchmark: K-FAC against momentum SGD and Adam on the digits CNN, on the deep
+autoencoder (64-256-128-32-128-256-64, tanh, MSE; Martens and Grosse's benchmark scaled down) and on
+a small ResNet for digits (residual blocks with BatchNorm2d, one depthwise; examples/problems.py).
 
 For each problem and optimizer: every learning rate of the grid in examples/problems.py from the same
 initialisation and minibatches, the best by steps to the fine target training loss (then to the
 target); loss against steps and against seconds. Then time per step against SGD, measured side by
 side: blocks of 10 steps (so that K-FAC's factor and inverse updates are amortised as in training),
-optimizers round-robin, 7 repetitions, the median of per-repetition ratios. Prints tables; saves bench/results/training.{json,png}.
+optimizers round-robin, 7 repetitions, the median of per-repetition ratios. Prints tables; saves
+bench/results/<name>.{json,png}.
 
     python bench/bench_training.py [--problems cnn,autoencoder] [--reps 7]
+    python bench/bench_training.py --problems resnet --name resnet
 """
 from __future__ import annotations
 
@@ -57,11 +60,22 @@ def step_times(problem: P.Problem, data: P.Data, lrs: dict, reps: int) -> dict:
     return out
 
 
+def coverage(problem: P.Problem):
+    """(parameters in layers K-FAC covers, all parameters) of the problem's model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = problem.make_model()
+        opt = P.make_optimizer("kfac", model, 0.1, problem)
+    covered = {id(p): p for layer in opt._engine.layers for p in (layer.weight, layer.bias) if p is not None}
+    return sum(p.numel() for p in covered.values()), sum(p.numel() for p in model.parameters())
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="cnn,autoencoder")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--name", default="training", help="results file stem (bench/results/<name>.{json,png})")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*K-FAC does not cover.*")
     data = P.load_digits()
@@ -76,6 +90,7 @@ def main(argv=None) -> dict:
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.5 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         problem = P.PROBLEMS[name]
+        covered, total = coverage(problem)
         t0 = time.perf_counter()
         best, runs = {}, {}
         for kind in KINDS:
@@ -88,6 +103,7 @@ def main(argv=None) -> dict:
         print(f"\n{name}: batch {problem.batch_size}, {problem.steps} steps, target loss {problem.target_loss:g}, "
               f"fine target {problem.fine_target:g} "
               f"({time.perf_counter() - t0:.0f} s)")
+        print(f"K-FAC covers {covered} of the model's {total} parameters")
         print(P.format_table(problem, summary))
         print("step time (side by side, median of " + str(args.reps) + " x " + str(BLOCK) + "-step blocks): " +
               ", ".join(f"{k} {timing[k]['ms_per_step']:.2f} ms ({timing[k]['ratio_to_sgd']:.2f}x SGD)"
@@ -95,13 +111,14 @@ def main(argv=None) -> dict:
         payload["problems"][name] = {"target_loss": problem.target_loss, "fine_target": problem.fine_target,
                                      "steps": problem.steps,
                                      "batch_size": problem.batch_size, "lr_grid": P.LR_GRIDS[name],
+                                     "kfac_covered_parameters": covered, "parameters": total,
                                      "summary": summary,
                                      "runs": {k: [r.to_json() for r in v] for k, v in runs.items()}}
         P.plot_runs(axes[row][0], axes[row][1], problem, [best[k] for k in KINDS])
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)
-    fig.savefig(os.path.join(args.out, "training.png"), dpi=100)
-    common.save_json(os.path.join(args.out, "training.json"), payload)
+    fig.savefig(os.path.join(args.out, f"{args.name}.png"), dpi=100)
+    common.save_json(os.path.join(args.out, f"{args.name}.json"), payload)
     return payload
 
 

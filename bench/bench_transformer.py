@@ -115,9 +115,10 @@ class Runner:
             self.opt, self.pre = torch.optim.AdamW(self.model.parameters(), **hp), None
         elif kind == "kfac":
             self.opt, self.pre = ng.KFAC(self.model, loss="cross_entropy", seed=0, **hp), None
-        else:
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=hp["lr"], weight_decay=0.01)
-            self.pre = ng.KFACPreconditioner(self.model, loss="cross_entropy", damping=hp["damping"], seed=0)
+        else:  # K-FAC directions into AdamW; the preconditioner's lr (its KL clip's) is AdamW's
+            rest = {k: v for k, v in hp.items() if k not in ("weight_decay",)}
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.01))
+            self.pre = ng.KFACPreconditioner(self.model, loss="cross_entropy", seed=0, **rest)
         self.kfac = self.pre if self.pre is not None else (self.opt if kind == "kfac" else None)
         self.parts = {"forward": 0.0, "backward": 0.0, "step": 0.0, "n": 0}
 
@@ -207,8 +208,9 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every parameter covered: no construction warning
         kfac = ng.KFAC(CharLM(), loss="cross_entropy")
-    covered = sum(p.numel() for layer in kfac._engine.layers for p in (layer.weight, layer.bias) if p is not None)
-    total = sum(p.numel() for p in CharLM().parameters())
+    covered_params = {id(p): p for layer in kfac._engine.layers for p in (layer.weight, layer.bias) if p is not None}
+    covered = sum(p.numel() for p in covered_params.values())  # the q, k, v projections share in_proj_weight
+    total = sum(p.numel() for p in kfac._engine.model.parameters())
     print(f"text: {len(train_ids)} train / {len(held_ids)} held-out characters from {len(STDLIB)} stdlib modules; "
           f"model: {total} parameters, {covered} covered by K-FAC in {len(kfac._engine.layers)} layers")
 

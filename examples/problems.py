@@ -54,6 +54,32 @@ def make_cnn() -> nn.Module:
     )
 
 
+class Residual(nn.Module):
+    """x + f(x), then ReLU; f = conv-BN-ReLU-conv-BN, or with ``depthwise`` a depthwise 3x3 conv and a
+    pointwise 1x1 conv (a MobileNet-style block)."""
+
+    def __init__(self, c: int, depthwise: bool = False):
+        super().__init__()
+        first = nn.Conv2d(c, c, 3, padding=1, groups=c if depthwise else 1, bias=False)
+        second = nn.Conv2d(c, c, 1 if depthwise else 3, padding=0 if depthwise else 1, bias=False)
+        self.f = nn.Sequential(first, nn.BatchNorm2d(c), nn.ReLU(), second, nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+def make_resnet() -> nn.Module:
+    """A small ResNet for 8x8 digits: stem, two residual blocks (one depthwise), a strided stage,
+    global average pooling, a linear head. Every parameter is in a layer K-FAC covers."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Residual(16), Residual(16, depthwise=True),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),  # 8x8 -> 4x4
+        Residual(32),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
 def make_autoencoder() -> nn.Module:
     sizes = [64, 256, 128, 32, 128, 256, 64]
     layers: List[nn.Module] = [nn.Flatten()]
@@ -85,6 +111,7 @@ class Problem:
 
 PROBLEMS: Dict[str, Problem] = {
     "cnn": Problem("cnn", make_cnn, "cross_entropy", target_loss=0.05, fine_target=0.005, steps=300),
+    "resnet": Problem("resnet", make_resnet, "cross_entropy", target_loss=0.05, fine_target=0.005, steps=300),
     # 1600 steps: tuned Adam needs about 1500 to reach the fine target
     "autoencoder": Problem("autoencoder", make_autoencoder, "mse", target_loss=0.01, fine_target=0.002, steps=1600,
                            reconstruct=True),
@@ -99,6 +126,8 @@ LR_GRIDS = {
             "kfac-adaptive": [1e-3, 1e-2, 1e-1]},
     "autoencoder": {"sgd": [0.3, 1.0, 3.0, 10.0], "adam": [1e-3, 3e-3, 1e-2], "kfac": [0.03, 0.1, 0.3, 1.0],
                     "kfac-adaptive": [3e-4, 1e-3, 1e-2]},
+    "resnet": {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2], "kfac": [0.03, 0.1, 0.3],
+               "kfac-adaptive": [1e-3, 1e-2, 1e-1]},
 }
 GRID_PARAM = {"sgd": "lr", "adam": "lr", "kfac": "lr", "kfac-adaptive": "damping"}
 OPTIMIZERS = ("sgd", "adam", "kfac", "kfac-adaptive")

@@ -63,8 +63,12 @@ def build_model(arch: str, rng: random.Random, loss: str) -> Tuple[nn.Module, Tu
             layers.append(Transpose())
         model, in_shape = nn.Sequential(*layers), (*shared, d)
     elif arch in ("cnn", "conv1d"):
-        groups = rng.choice([1, 1, 2])
-        c_in, c_out = 2 * groups, 2 * groups + (groups if rng.random() < 0.5 else 0)
+        groups = rng.choice([1, 1, 2, "depthwise"])
+        if groups == "depthwise":  # one group per input channel, 1 or 2 filters each
+            groups = rng.randint(2, 3)
+            c_in, c_out = groups, groups * rng.randint(1, 2)
+        else:
+            c_in, c_out = 2 * groups, 2 * groups + (groups if rng.random() < 0.5 else 0)
         size = rng.randint(5, 7)
         dims = 2 if arch == "cnn" else 1
         kernel = tuple(rng.randint(1, 3) for _ in range(dims))
@@ -262,6 +266,24 @@ def test_shared_layer_and_inplace_activation(fisher_type, separate):
     options = dict(fisher_type=fisher_type, separate_weight_and_bias=separate, seed=7)
     ours = curvature.kfac(model, loss_fn, data, **options)
     A, G, dense = curvlinops_kfac(model, loss_fn, data, **options)
+    for name in ours.modules:
+        assert rel_err(ours.input_covariances[name], A[name]) < TOL
+        assert rel_err(ours.gradient_covariances[name], G[name]) < TOL
+    assert rel_err(ours.dense(), dense) < TOL
+
+
+@pytest.mark.parametrize("kfac_approx", curvature.KFAC_APPROXES)
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_depthwise_conv_matches_curvlinops(fisher_type, kfac_approx):
+    """One group per input channel (a MobileNet block's depthwise conv), two filters each."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.Tanh(), nn.Conv2d(6, 2, 1), nn.Flatten(),
+                          nn.Linear(2 * 5 * 5, 3)).to(DT)
+    data = make_data(model, (3, 5, 5), "ce", (4,))
+    options = dict(fisher_type=fisher_type, kfac_approx=kfac_approx, separate_weight_and_bias=False, seed=0)
+    ours = curvature.kfac(model, nn.CrossEntropyLoss(), data, **options)
+    A, G, dense = curvlinops_kfac(model, nn.CrossEntropyLoss(), data, **options)
+    assert ours.input_covariances["0"].shape == (3 * 3 + 1, 3 * 3 + 1)  # A over one group's patch, plus the bias
     for name in ours.modules:
         assert rel_err(ours.input_covariances[name], A[name]) < TOL
         assert rel_err(ours.gradient_covariances[name], G[name]) < TOL

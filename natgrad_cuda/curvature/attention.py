@@ -6,7 +6,8 @@ TorchFunctionMode) runs that call as ``attention_forward``: an equivalent forwar
 same weights with the same torch ops, equal to torch's bit for bit (tested), which hands each
 projection's input and output to the recorder as if the projection were an nn.Linear module. The
 inputs there are (L, N, E) (sequence first, whatever ``batch_first`` says), the output
-projection's (L * N, E); the recorder gets batch-first views. A forward that did not show every
+projection's (L * N, E); the recorder gets views in the attention's own layout, (N, L, E) with
+``batch_first``, as the model's other layers see their inputs. A forward that did not show every
 projection raises: a projection is never silently left without curvature. Forwards that are not
 recorded (between factor updates, under no_grad) run torch's own code untouched.
 
@@ -134,10 +135,14 @@ class Watch(TorchFunctionMode):
         if layer is None:
             return
 
-        def view(t: Tensor) -> Tensor:  # -> batch first, (N, L, E)
-            return t[..., part].reshape(*shape, -1).transpose(0, 1)
+        first = self.attention.batch_first
 
-        self._saw(layer, x.reshape(*shape, -1).transpose(0, 1), view(out.detach()), source=(x, out, view))
+        def view(t: Tensor) -> Tensor:  # -> the attention's own layout: (N, L, E) when batch_first
+            t = t[..., part].reshape(*shape, -1)
+            return t.transpose(0, 1) if first else t
+
+        rows = x.reshape(*shape, -1)
+        self._saw(layer, rows.transpose(0, 1) if first else rows, view(out.detach()), source=(x, out, view))
 
     def check(self) -> None:
         """After the forward: every covered projection was seen once."""
