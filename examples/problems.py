@@ -126,7 +126,7 @@ LR_GRIDS = {
             "kfac-adaptive": [1e-3, 1e-2, 1e-1]},
     "autoencoder": {"sgd": [0.3, 1.0, 3.0, 10.0], "adam": [1e-3, 3e-3, 1e-2], "kfac": [0.03, 0.1, 0.3, 1.0],
                     "kfac-adaptive": [3e-4, 1e-3, 1e-2]},
-    "resnet": {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2], "kfac": [0.03, 0.1, 0.3],
+    "resnet": {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2, 3e-2], "kfac": [0.01, 0.03, 0.1, 0.3],
                "kfac-adaptive": [1e-3, 1e-2, 1e-1]},
 }
 GRID_PARAM = {"sgd": "lr", "adam": "lr", "kfac": "lr", "kfac-adaptive": "damping"}

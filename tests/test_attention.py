@@ -268,3 +268,30 @@ def test_an_attention_kfac_cannot_cover_is_reported_with_its_output_projection()
     holder = nn.ModuleDict({"attn": nn.MultiheadAttention(E, H, add_bias_kv=True), "lin": nn.Linear(E, 2)})
     with pytest.warns(UserWarning, match=r"attn \(MultiheadAttention: add_bias_kv=True.*attn.out_proj"):
         ng.KFAC(holder, loss="mse")
+
+
+def test_an_attention_whose_forward_hides_its_projections_raises_instead_of_going_without_curvature():
+    class OwnForward(nn.MultiheadAttention):  # computes attention itself, never through torch's function
+        def forward(self, q, k, v, **kwargs):
+            W, b = self.in_proj_weight, self.in_proj_bias
+            B, L, _ = q.shape
+            heads = [F.linear(t, w, c).reshape(B, L, H, E // H).transpose(1, 2)
+                     for t, w, c in zip((q, k, v), W.chunk(3), b.chunk(3))]
+            o = F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(B, L, E)
+            return self.out_proj(o), None
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = OwnForward(E, H, batch_first=True), nn.Linear(E, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    model = Model()
+    opt = ng.KFAC(model, loss="cross_entropy")
+    with pytest.raises(RuntimeError, match="did not go through F.multi_head_attention_forward"):
+        model(torch.randn(2, 3, E))
+    with torch.no_grad():  # forwards that are not recorded run as they are
+        model(torch.randn(2, 3, E))
+    del opt

@@ -113,7 +113,7 @@ _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 class Watch(TorchFunctionMode):
     """Active during one recorded forward of ``attention``: its call of F.multi_head_attention_forward
     runs ``attention_forward``, which computes the same thing with the same torch ops in the same
-    order (so the same numbers) and shows each projection to ``saw`` with batch-first views.
+    order (so the same numbers) and shows each projection to ``saw`` in the attention's own layout.
     ``layers``: {"q", "k", "v", "out"} -> the recorder's layer of each projection it covers."""
 
     def __init__(self, attention: nn.MultiheadAttention, layers: Dict[str, object], saw: Saw):
