@@ -295,3 +295,26 @@ def test_an_attention_whose_forward_hides_its_projections_raises_instead_of_goin
     with torch.no_grad():  # forwards that are not recorded run as they are
         model(torch.randn(2, 3, E))
     del opt
+
+
+def test_the_preconditioner_in_front_of_sgd_moves_a_transformer_as_kfac_does():
+    torch.manual_seed(0)
+    a = TinyLM().to(DT)
+    b = copy.deepcopy(a)
+    ids, targets = lm_batch()
+    kw = dict(damping=0.1, kl_clip=None, loss="cross_entropy", fisher_type="type-2")
+    opt = ng.KFAC(a, lr=0.5, momentum=0.0, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre = ng.KFACPreconditioner(b, lr=0.5, **kw)
+    sgd = torch.optim.SGD(b.parameters(), lr=0.5)
+    for _ in range(2):
+        for model, k in ((a, opt), (b, pre)):
+            model.zero_grad()
+            out = model(ids)
+            k.backward(F.cross_entropy(out.reshape(-1, 7), targets.reshape(-1)), out)
+        opt.step()
+        pre.step()
+        sgd.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
