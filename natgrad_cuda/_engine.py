@@ -193,12 +193,16 @@ class Engine:
 
     def skip(self, message: Optional[str]) -> None:
         """Drop this step (its recordings and anything staged), count it, say so (``message``
-        None: a GradScaler's routine skip, silent), and raise once too many were skipped in a row."""
+        None: a GradScaler's routine skip, silent) at the 1st, 2nd, 4th, 8th ... skip in a row (a
+        diverged run does not print a warning per step; ``skipped_steps`` counts them all), and raise
+        once too many were skipped in a row."""
         self.discard()
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        if message is not None:
-            warn_user(f"{message} ({self.consecutive_skips} in a row, {self.skipped_steps} skipped in all)")
+        n = self.consecutive_skips
+        if message is not None and n & (n - 1) == 0:
+            warn_user(f"{message} ({n} in a row, {self.skipped_steps} skipped in all; the next note at {2 * n} "
+                      "in a row)")
         limit = self.max_consecutive_skips
         if limit is not None and self.consecutive_skips >= limit:
             raise RuntimeError(

@@ -16,8 +16,8 @@ One K-FAC step (Martens and Grosse 2015; docs/curvature.md for the conventions):
 
 A step whose gradients, preconditioned directions or update would hold a NaN or Inf is skipped:
 parameters, factors, inverses, momentum and the step counter stay as they were, a warning says so
-with the count of skipped steps (under a GradScaler the scaler's own skips are silent), and too many
-skips in a row raise RuntimeError.
+with the count of skipped steps at the 1st, 2nd, 4th, 8th ... skip in a row (under a GradScaler the
+scaler's own skips are silent), and too many skips in a row raise RuntimeError.
 """
 from __future__ import annotations
 

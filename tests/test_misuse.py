@@ -385,32 +385,33 @@ def test_loading_a_bad_preconditioner_state_changes_nothing():
 # ---- 5. runs that skip every step -------------------------------------------------------------------
 
 
-def test_a_run_that_skips_every_step_counts_warns_each_time_and_escalates():
+def test_a_run_that_skips_every_step_counts_warns_at_powers_of_two_and_escalates():
     model = mlp()
-    opt = kfac(model, max_consecutive_skips=4)
+    opt = kfac(model, max_consecutive_skips=9)
     x, y = batch()
     messages = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # the default filter: identical messages would show once
-        for i in range(3):
+        for i in range(8):
             opt.zero_grad()
             out = model(x)
             opt.backward(F.cross_entropy(out, y) * float("inf"), out)
             assert opt.step() is False
         messages = [str(w.message) for w in caught if "NaN or Inf" in str(w.message)]
-    assert len(messages) == 3 and len(set(messages)) == 3
-    assert "3 in a row, 3 skipped in all" in messages[-1]
-    assert opt.skipped_steps == 3 and opt.steps == 0
+    # skips 1, 2, 4 and 8 say so: a diverged run does not print a warning per step
+    assert len(messages) == 4 and len(set(messages)) == 4
+    assert "8 in a row, 8 skipped in all; the next note at 16 in a row" in messages[-1]
+    assert opt.skipped_steps == 8 and opt.steps == 0
     opt.zero_grad()
     out = model(x)
     opt.backward(F.cross_entropy(out, y) * float("inf"), out)
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="last 4 steps were all skipped"):
+    with pytest.raises(RuntimeError, match="last 9 steps were all skipped"):
         opt.step()
     # a good step resets the run of skips
     opt.zero_grad()
     out = model(x)
     opt.backward(F.cross_entropy(out, y), out)
-    assert opt.step() and opt.steps == 1 and opt.skipped_steps == 4
+    assert opt.step() and opt.steps == 1 and opt.skipped_steps == 9
 
 
 def test_skip_counters_survive_a_checkpoint():
