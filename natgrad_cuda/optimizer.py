@@ -321,16 +321,18 @@ class KFAC(torch.optim.Optimizer):
         entries: with momentum * |buf| + |d| + wd |p| and |p| + lr (...) within half the dtype's
         range nothing can overflow (nu <= 1; lr 0 checks the gradients and directions alone). Past
         that bound the update is tried on copies, exactly. A block's direction matrix stands for
-        its parameters' directions (its norm bounds theirs; one contiguous tensor, not two views)."""
+        its parameters' directions (its norm bounds theirs; one contiguous tensor, not two views); a
+        parameter that several blocks share (an attention's q, k and v rows) gets the root of the sum
+        of their squared norms."""
         n = len(params)
         sources, source_of = [], {}
         for block in blocks:
             for q in block[1]:
-                source_of[id(q)] = len(sources)
+                source_of.setdefault(id(q), []).append(len(sources))
             sources.append(block[5])
         for i, q in enumerate(params):
             if id(q) not in source_of:  # its direction is its gradient
-                source_of[id(q)] = len(sources)
+                source_of[id(q)] = [len(sources)]
                 sources.append(dirs[i])
         present = [i for i, buf in enumerate(held) if buf is not None]
         # the one host sync; the arithmetic on a few numbers per parameter is NumPy's
@@ -338,7 +340,8 @@ class KFAC(torch.optim.Optimizer):
         norms = norms.cpu().numpy().astype(np.float64)
         k = len(sources)
         g, p = norms[:n], norms[n + k:2 * n + k]
-        d = norms[n:n + k][[source_of[id(q)] for q in params]]
+        dn = norms[n:n + k]
+        d = np.array([np.sqrt((dn[source_of[id(q)]] ** 2).sum()) for q in params])
         b = np.zeros(n)
         b[present] = norms[2 * n + k:]
         key = tuple(q.dtype for q in params)

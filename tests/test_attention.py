@@ -318,3 +318,23 @@ def test_the_preconditioner_in_front_of_sgd_moves_a_transformer_as_kfac_does():
         sgd.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_the_overflow_check_bounds_a_parameter_shared_by_several_blocks_by_all_of_them():
+    """in_proj_weight's direction is the q, k and v blocks together: a q row that would overflow the
+    parameter must not hide behind the v block's small norm."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(E, H, batch_first=True).half()
+    model = nn.ModuleDict({"attn": attn})
+    opt = ng.KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, loss="mse")
+    W = attn.in_proj_weight
+    with torch.no_grad():
+        W.zero_()
+        W[0, 0] = -3.0e4  # float16: half its range is 32752, all of it 65504
+    direction = torch.zeros_like(W)
+    direction[0, 0] = 4.0e4  # in the q rows: p - lr * d = -7e4 overflows
+    blocks = [(None, [W], None, None, None, direction[i * E:(i + 1) * E].clone()) for i in range(3)]
+    with torch.no_grad():  # as in step()
+        problem = opt._step_problem([W], [torch.zeros_like(W)], [direction], [None], [True], 1.0, 0.0, 0.0, 0.0,
+                                    blocks)
+    assert problem is not None and "overflow" in problem
