@@ -20,7 +20,7 @@ the factors, inverses and counters as they were.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn

@@ -290,32 +290,23 @@ def accumulate_rows(factors: Dict[str, Tensor], items: List[Tuple[str, Tensor, f
     inputs) update a diagonal factor, kept as a vector, by their counts; ``EntryRows`` (a
     scale-and-shift layer) its (P, k, k) blocks, by torch (k is 1 or 2: nothing for a kernel to gain).
     """
-    diagonal = [item for item in items if isinstance(item[1], DiagonalRows)]
-    if diagonal:
-        items = [item for item in items if not isinstance(item[1], DiagonalRows)]
+    small = [item for item in items if isinstance(item[1], (DiagonalRows, EntryRows))]
+    if small:  # their Gram matrices by torch: a vector of counts, or (P, k, k) with k <= 2
+        items = [item for item in items if not isinstance(item[1], (DiagonalRows, EntryRows))]
         fresh = set()
-        for name, rows, scale in diagonal:
+        for name, rows, scale in small:
             F = factors[name]
-            if decay == 0.0 and name not in fresh:
-                F.zero_()  # as BLAS's beta = 0: the old values are not read
+            if isinstance(rows, DiagonalRows):
+                gram = rows.counts.to(F.dtype)
+            else:
+                V = rows.values.to(F.dtype)
+                gram = torch.einsum("npi,npj->pij", V, V)
+            if name not in fresh and decay == 0.0:
+                F.zero_()  # as BLAS's beta = 0: the old values (maybe an uninitialised buffer's) are not read
             elif name not in fresh:
                 F.mul_(decay)
             fresh.add(name)
-            F.add_(rows.counts.to(F.dtype), alpha=scale)
-    entry = [item for item in items if isinstance(item[1], EntryRows)]
-    if entry:
-        items = [item for item in items if not isinstance(item[1], EntryRows)]
-        fresh = set()
-        for name, rows, scale in entry:
-            F, V = factors[name], rows.values.to(factors[name].dtype)
-            outer = torch.einsum("npi,npj->pij", V, V)
-            if decay == 0.0 and name not in fresh:
-                F.copy_(outer).mul_(scale)
-            else:
-                if name not in fresh:
-                    F.mul_(decay)
-                F.add_(outer, alpha=scale)
-            fresh.add(name)
+            F.add_(gram, alpha=scale)
     while items:
         seen, now, later = set(), [], []
         for item in items:
