@@ -6,6 +6,8 @@ __version__ = "0.1.0"
 from . import _ext, emulation, ops, reference  # noqa: E402
 from . import curvature  # noqa: E402
 from .optimizer import KFAC, KFACPreconditioner  # noqa: E402
+from .ngd import NGD  # noqa: E402
+from .metric import metric_from_update, min_condition_number  # noqa: E402
 
 
 def build_info() -> dict:
@@ -27,4 +29,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["KFAC", "KFACPreconditioner", "build_info", "ops", "reference", "curvature", "emulation", "__version__"]
+__all__ = ["KFAC", "KFACPreconditioner", "NGD", "metric_from_update", "min_condition_number", "build_info", "ops", "reference", "curvature", "emulation", "__version__"]

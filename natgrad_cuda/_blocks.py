@@ -2,7 +2,7 @@
 its gradients are preconditioned as."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,39 +16,47 @@ __all__ = ["Layer"]
 class Layer(Tap):
     """One K-FAC layer: its parameters and how its gradient becomes the (out, in[+1]) matrix M."""
 
-    def __init__(self, name: str, module: nn.Module, joint: bool):
+    def __init__(self, name: str, module: nn.Module, joint: bool, unit_wise: bool = False):
         super().__init__(name, module)
         self.joint = joint
         out_dim, in_dim = self.rule.to_matrix(module, self.weight.detach()).shape
-        # A scale-and-shift layer (a norm) keeps one exact (k, k) block per weight entry, k = 2 with
-        # its bias: its matrix is (P, k) and ``joint`` says whether the blocks keep the weight-bias terms.
-        self.scale_shift = self.rule.scale_shift
-        extra = int(self.bias is not None) if self.scale_shift else int(joint)
+        # Exact per-unit blocks instead of a Kronecker product: a scale-and-shift layer (a norm)
+        # always, one (k, k) block per weight entry (k = 2 with its bias), every layer under
+        # structure="unit-wise", one block per output unit (its row of the matrix, with its bias
+        # entry). The matrix is (units, k); ``joint`` says whether the blocks keep the weight-bias terms.
+        self.per_unit = self.rule.scale_shift or unit_wise
+        extra = int(self.bias is not None) if self.per_unit else int(joint)
         self.out_dim, self.in_dim = out_dim, in_dim + extra
         self.factor_dtype = accumulation_dtype(self.weight.dtype)
         self.placement = (self.weight.dtype, self.weight.device)
         # A diagonal (one-hot inputs, an embedding): A is the vector of its diagonal, its own eigenvalues.
         self.diagonal = self.rule.diagonal_input
-        self.factor_keys = ("F",) if self.scale_shift else ("A", "G")
+        self.factor_keys = ("F",) if self.per_unit else ("A", "G")
+        # structure="block-tridiagonal": (in, out) of the next layer of the chain, whose cross
+        # factors with this one (AC, GC) this layer keeps; None for the chain's last layer
+        self.next_dims: Optional[Tuple[int, int]] = None
 
     def has_factors(self, st: Dict[str, Tensor]) -> bool:
         return self.factor_keys[0] in st
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """The shape of every state entry of this layer (no QA when A is diagonal; F and its
-        per-entry eigendecompositions for a scale-and-shift layer)."""
+        per-unit eigendecompositions for a layer kept per unit)."""
         a, g = self.in_dim, self.out_dim
-        if self.scale_shift:
+        if self.per_unit:
             return {"F": (g, a, a), "QF": (g, a, a), "dF": (g, a)}
         if self.diagonal:
             return {"A": (a,), "G": (g, g), "dA": (a,), "QG": (g, g), "dG": (g,)}
-        return {"A": (a, a), "G": (g, g), "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,)}
+        shapes = {"A": (a, a), "G": (g, g), "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,)}
+        if self.next_dims is not None:
+            shapes.update(AC=(a, self.next_dims[0]), GC=(g, self.next_dims[1]))
+        return shapes
 
     def blocks(self) -> List[Tuple[List[Tensor], bool]]:
         """(parameters, is the separate bias) per preconditioned block: [W | b] jointly, or W and b
-        apart (b with A = 1, the bias block of docs/curvature.md being G alone). A scale-and-shift
-        layer is one block (its per-entry blocks hold the bias)."""
-        if self.joint or (self.scale_shift and self.bias is not None):
+        apart (b with A = 1, the bias block of docs/curvature.md being G alone). A layer kept per
+        unit is one block (its per-unit blocks hold the bias)."""
+        if self.joint or (self.per_unit and self.bias is not None):
             return [([self.weight, self.bias], False)]
         if self.bias is None:
             return [([self.weight], False)]

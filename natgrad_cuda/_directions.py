@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import ops, reference
 from ._blocks import Layer
+from ._chain import chain_directions
 from ._checks import warn_user
 
 __all__ = ["decompose", "directions", "has_inverse"]
@@ -27,11 +28,11 @@ def has_inverse(st: Dict[str, Tensor]) -> bool:
 def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str]) -> None:
     """Eigendecompositions (eigenvalues clamped at zero) of every factor of ``states``, in place,
     one batched call; a failed one keeps the previous, with a warning. A diagonal A (a vector) is
-    its own eigenvalues in the standard basis. A scale-and-shift layer's per-entry blocks are
-    decomposed by torch (2 x 2 at most: nothing for a kernel to gain)."""
+    its own eigenvalues in the standard basis. The per-unit blocks of a layer kept per unit are
+    decomposed by torch's batched solver (a norm's are 2 x 2 at most: nothing for a kernel to gain)."""
     todo = []  # (layer name, "A" or "G") of every matrix factor
     for name, st in states.items():
-        if "F" in st:  # a scale-and-shift layer's (P, k, k) blocks, k <= 2: torch's batched solver suffices
+        if "F" in st:  # per-unit (P, k, k) blocks
             d, Q = torch.linalg.eigh(st["F"])
             st["dF"], st["QF"] = d.clamp_min(0), Q
             continue
@@ -59,9 +60,11 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str]) -> None
 
 
 def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], damping: float, inverse: str,
-               impl: Optional[str]) -> Tuple[Dict[int, Tensor], List[Block]]:
+               impl: Optional[str], chain: bool = False) -> Tuple[Dict[int, Tensor], List[Block]]:
     """{id(param): preconditioned gradient} for every layer with an inverse (before KL clipping),
-    and the blocks for the quadratic model."""
+    and the blocks for the quadratic model (their diagonal blocks, for a chain)."""
+    if chain:
+        return _chain_directions(layers, states, damping, impl)
     Ms, QA, dA, QG, dG, blocks = [], [], [], [], [], []
     out = {}
     for layer in layers:
@@ -76,7 +79,7 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
             if any(p.grad is None for p in params):
                 continue
             M = layer.matrix(params, [p.grad for p in params])
-            if layer.scale_shift:  # exact per-entry blocks: (F_e + lambda I)^-1 per weight entry
+            if layer.per_unit:  # exact per-unit blocks: (F_e + lambda I)^-1 per unit
                 P = _entry_direction(M, st, damping)
                 _add(out, params, layer.split(params, P))
                 blocks.append((layer, params, M, st["F"], None, P))
@@ -101,6 +104,26 @@ def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], dampin
             P = next(Ps)
             blocks[i] = (layer, params, M, A, G, P)
             _add(out, params, layer.split(params, P))
+    return out, blocks
+
+
+def _chain_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], damping: float,
+                      impl: Optional[str]) -> Tuple[Dict[int, Tensor], List[Block]]:
+    """structure="block-tridiagonal": every chain layer is one block (weight and bias joint)."""
+    Ms, held = {}, []
+    for layer in layers:
+        st = states[layer.name]
+        ((params, _),) = layer.blocks()
+        if has_inverse(st) and all(p.grad is not None for p in params):
+            Ms[layer.name] = layer.matrix(params, [p.grad for p in params])
+            held.append((layer, params))
+    Ps = chain_directions(layers, states, Ms, damping, impl)
+    out, blocks = {}, []
+    for layer, params in held:
+        P = Ps[layer.name]
+        _add(out, params, layer.split(params, P))
+        st = states[layer.name]
+        blocks.append((layer, params, Ms[layer.name], st["A"], st["G"], P))
     return out, blocks
 
 

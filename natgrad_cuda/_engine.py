@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._blocks import Layer
+from ._chain import chain_check
 from ._checks import check_bool, check_number, refuse_copy, warn_user
 from ._directions import directions
 from ._factors import Factors
@@ -33,7 +34,7 @@ from ._quadratic import ggn_gram, quadratic_change
 from .curvature.recording import COMPILED, Recorder
 from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
-from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, is_joint
+from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, STRUCTURES, is_joint
 from .curvature.rules import rule_for
 from .reference import INVERSES
 
@@ -52,7 +53,7 @@ class Engine:
     def __init__(self, model: nn.Module, hyper: Callable[[], dict], *, loss: Optional[str], reduction: str,
                  fisher_type: str, mc_samples: int, kfac_approx: str, separate_weight_and_bias: bool,
                  inverse: str, backend: str, seed: Optional[int], grad_scaler,
-                 max_consecutive_skips: Optional[int], owner: str):
+                 max_consecutive_skips: Optional[int], owner: str, structure: str = "block-diagonal"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if fisher_type not in FISHER_TYPES:
@@ -70,6 +71,10 @@ class Engine:
         if kfac_approx not in KFAC_APPROXES:
             raise ValueError(f"kfac_approx must be one of {KFAC_APPROXES}, got {kfac_approx!r}")
         check_bool("separate_weight_and_bias", separate_weight_and_bias)
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if structure != "block-diagonal" and fisher_type == "forward-only":
+            raise ValueError(f"structure={structure!r} needs the output gradients: fisher_type='forward-only' has none")
         if inverse not in INVERSES:
             raise ValueError(f"inverse must be one of {INVERSES}, got {inverse!r}")
         if backend not in BACKENDS:
@@ -95,10 +100,21 @@ class Engine:
         self.unsupported = unsupported
         slots, _ = _layers.parameter_slots(model, found)
         self.layers = []
+        unit_wise = structure == "unit-wise"
         for name, module in found:
-            bias = rule_for(module).bias(module)
-            joint = is_joint(slots[name], separate_weight_and_bias) and bias.requires_grad
-            self.layers.append(Layer(name, module, joint))
+            rule = rule_for(module)
+            if unit_wise and rule.diagonal_input:
+                raise ValueError(f"structure='unit-wise' does not cover layer {name!r} ({type(module).__name__}): its "
+                                 "inputs are one-hot")
+            bias = rule.bias(module)
+            # per-unit blocks keep a unit's weight-bias terms (its bias is one of its incoming weights)
+            joint = (unit_wise or is_joint(slots[name], separate_weight_and_bias)) and bias is not None and bias.requires_grad
+            self.layers.append(Layer(name, module, joint, unit_wise))
+        self.structure = structure
+        if structure == "block-tridiagonal":
+            chain_check(self.layers, separate_weight_and_bias)
+            for layer, following in zip(self.layers[:-1], self.layers[1:]):
+                layer.next_dims = (following.in_dim, following.out_dim)
         self.model, self.hyper, self.owner = model, hyper, owner
         self.spec = LossSpec.from_name(loss, reduction) if loss is not None else None
         self.fisher_type, self.kfac_approx, self.inverse = fisher_type, kfac_approx, inverse
@@ -118,6 +134,9 @@ class Engine:
                                  mc_samples=self.mc_samples, owner=owner, factor_step_due=self.factor_step_due,
                                  generator=lambda: self.generator, flush=self.factors.flush,
                                  before_use=self.follow_parameters)
+        self.recorder.unit_wise = unit_wise
+        if structure == "block-tridiagonal":
+            self.factors.chain = [layer.name for layer in self.layers]
 
     __deepcopy__ = __copy__ = __reduce_ex__ = refuse_copy
 
@@ -179,7 +198,8 @@ class Engine:
     def preconditioned(self):
         """{id(param): preconditioned gradient} for every K-FAC layer with an inverse, undamped by
         KL clipping, and per block (params, M, A_block, G) for the quadratic model."""
-        return directions(self.layers, self.factors.current(), self.hyper()["damping"], self.inverse, self.impl)
+        return directions(self.layers, self.factors.current(), self.hyper()["damping"], self.inverse, self.impl,
+                          chain=self.structure == "block-tridiagonal")
 
     def accept(self) -> None:
         """Commit what ``prepare`` staged: the new moving averages (and inverses)."""
@@ -241,6 +261,7 @@ class Engine:
             "last_rho": self.last_rho,
             "fisher_type": self.fisher_type,
             "inverse": self.inverse,
+            "structure": self.structure,
         }
 
     def check_state_dict(self, sd) -> Callable[[], None]:
@@ -255,6 +276,9 @@ class Engine:
         if sd["fisher_type"] != self.fisher_type:
             raise ValueError(f"state_dict: saved with fisher_type={sd['fisher_type']!r}, this optimizer uses "
                              f"{self.fisher_type!r}")
+        if sd.get("structure", "block-diagonal") != self.structure:  # older states are block-diagonal
+            raise ValueError(f"state_dict: saved with structure={sd.get('structure', 'block-diagonal')!r}, this "
+                             f"optimizer uses {self.structure!r}")
         if sd["inverse"] not in INVERSES:
             raise ValueError(f"state_dict: entry 'inverse' must be one of {INVERSES}, got {sd['inverse']!r}")
         counters = {}

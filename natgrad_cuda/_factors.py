@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._blocks import Layer
+from ._chain import cross_rows
 from ._checks import warn_user
 from ._directions import decompose, has_inverse
 from ._finite import all_finite
@@ -36,6 +37,8 @@ class Factors:
         self._staged: Optional[Dict[str, Dict[str, Tensor]]] = None  # stage()'s new state, until accept()
         self._new = None  # stage()'s sums of this step, until accept()
         self._unrecorded: set = set()  # layers warned about for having no factors
+        # structure="block-tridiagonal": the chain's layer names (their cross factors are kept too)
+        self.chain: List[str] = []
         self.reset()
 
     def reset(self) -> None:
@@ -58,6 +61,9 @@ class Factors:
             self._sums[key] = self._buffer(*key)
         accumulate_rows(self._sums, fresh, self._append_ones, self.impl, decay=0.0, trusted=True)
         accumulate_rows(self._sums, more, self._append_ones, self.impl, trusted=True)
+        if self.chain:
+            for key, C in cross_rows(rows, self.chain, self._append_ones):
+                self._sums[key] = self._sums[key] + C if key in self._sums else C
 
     def _buffer(self, which: str, name: str) -> Tensor:
         buf = self._buffers.get((which, name))
@@ -121,7 +127,7 @@ class Factors:
             first = self._sums.get((layer.factor_keys[0], layer.name))
             if first is None:
                 continue  # the layer did not run in this step's forward (or no backward reached it)
-            if layer.scale_shift:
+            if layer.per_unit:
                 if not layer.joint:
                     drop_cross_terms(first)
                 new[layer.name] = {"F": first}
@@ -130,6 +136,9 @@ class Factors:
                  else self._sums.get(("G", layer.name)))
             if G is not None:  # None: no backward reached it
                 new[layer.name] = {"A": first, "G": G}
+                for key in ("AC", "GC"):
+                    if (key, layer.name) in self._sums:
+                        new[layer.name][key] = self._sums[(key, layer.name)]
         self._note_unrecorded(new)
         if not new:
             return None
@@ -141,6 +150,8 @@ class Factors:
                       "averages keep their previous values")
             return None
         scales = {"A": 1.0 / n, "G": 1.0 / g_div, "F": 1.0 / (n if forward_only else g_div)}
+        if self.chain:
+            scales.update(AC=1.0 / n, GC=1.0 / g_div)
         return new, scales
 
     def _note_unrecorded(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> None:
@@ -192,7 +203,7 @@ class Factors:
         keys = set(saved)
         # A layer holds nothing (never updated), its factors, or its factors and their
         # eigendecompositions (a diagonal A has no QA).
-        if layer.scale_shift:
+        if layer.per_unit:
             pairs = [(("F",), tuple(shapes)), (("QF",), ("dF",)), (("dF",), ("QF",))]
         else:
             pairs = [(("A", "G"), tuple(shapes)), (("QG",), ("dG",)), (("dG",), ("QG",))]

@@ -15,7 +15,6 @@ kernels' own checks still guard them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 

@@ -129,6 +129,10 @@ class KFAC(torch.optim.Optimizer):
       seed: the optimizer's own random generator (MC targets); None seeds it from torch's.
       grad_scaler: the torch.amp.GradScaler, needed only with fisher_type="empirical" (whose G is
         built from the scaled gradients).
+      structure: "block-diagonal" (K-FAC, default), "unit-wise" (an exact block per output unit,
+        its incoming weights and bias, inverted exactly whatever ``inverse`` says; memory
+        out * (in + 1)^2 per layer) or "block-tridiagonal" (Martens and Grosse's chain of nn.Linear
+        layers; factored damping); docs/curvature.md.
 
     Gradient accumulation: several forwards, each with its own ``opt.backward(loss_i, out_i)``,
     then one ``step()``: the factors are those of the concatenated batch, and the step equals one
@@ -149,7 +153,8 @@ class KFAC(torch.optim.Optimizer):
                  adapt_damping_interval: int = DEFAULTS["adapt_damping_interval"],
                  min_damping: float = DEFAULTS["min_damping"], max_damping: float = DEFAULTS["max_damping"],
                  max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
-                 backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
+                 backend: str = "auto", seed: Optional[int] = None, grad_scaler=None,
+                 structure: str = "block-diagonal"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         defaults = _check_hyper(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
@@ -165,7 +170,7 @@ class KFAC(torch.optim.Optimizer):
                               fisher_type=fisher_type, mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse,
                               backend=backend, seed=seed, grad_scaler=grad_scaler,
-                              max_consecutive_skips=max_consecutive_skips, owner="KFAC")
+                              max_consecutive_skips=max_consecutive_skips, owner="KFAC", structure=structure)
         if adaptive_step and self._engine.spec is None:
             raise ValueError("adaptive_step=True needs loss= (its quadratic model uses the loss's Hessian)")
         self._engine.keep_inputs = adaptive_step
@@ -339,7 +344,7 @@ class KFAC(torch.optim.Optimizer):
         norms = norms_of(list(grads) + sources + list(params) + [held[i] for i in present])
         norms = norms.cpu().numpy().astype(np.float64)
         k = len(sources)
-        g, p = norms[:n], norms[n + k:2 * n + k]
+        p = norms[n + k:2 * n + k]
         dn = norms[n:n + k]
         d = np.array([np.sqrt((dn[source_of[id(q)]] ** 2).sum()) for q in params])
         b = np.zeros(n)
@@ -520,7 +525,8 @@ class KFACPreconditioner:
                  inverse: str = "eigen", fisher_type: str = "mc", mc_samples: int = 1, loss: Optional[str] = None,
                  reduction: str = "mean", kfac_approx: str = "expand", separate_weight_and_bias: bool = False,
                  max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
-                 backend: str = "auto", seed: Optional[int] = None, grad_scaler=None):
+                 backend: str = "auto", seed: Optional[int] = None, grad_scaler=None,
+                 structure: str = "block-diagonal"):
         self.lr, self.damping, self.factor_decay, self.kl_clip = lr, damping, factor_decay, kl_clip
         self.factor_update_freq, self.inv_update_freq = factor_update_freq, inv_update_freq
         checked = _check_hyper(self._hyper())
@@ -530,7 +536,7 @@ class KFACPreconditioner:
                               mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse, backend=backend,
                               seed=seed, grad_scaler=grad_scaler, max_consecutive_skips=max_consecutive_skips,
-                              owner="KFACPreconditioner")
+                              owner="KFACPreconditioner", structure=structure)
         if self._engine.unsupported:
             warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; the gradients of parameters "
                           "that no covered layer holds are left as they are", UserWarning, stacklevel=2)

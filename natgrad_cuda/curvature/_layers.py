@@ -23,7 +23,8 @@ __all__ = [
     "ParamSlot",
     "parameter_slots",
     "write_dense_blocks",
-    "write_scale_shift_blocks",
+    "write_unit_blocks",
+    "unit_indices",
 ]
 
 
@@ -164,13 +165,20 @@ def write_dense_blocks(out: Tensor, slot: ParamSlot, A: Tensor, G: Tensor, joint
         out[b, b] = G
 
 
-def write_scale_shift_blocks(out: Tensor, slot: ParamSlot, F: Tensor) -> None:
-    """Write a scale-and-shift layer's per-entry blocks F (P, k, k) into ``out``: entry e's block
-    couples weight.flatten()[e] and, with k = 2, bias.flatten()[e]."""
-    P, k = F.shape[0], F.shape[-1]
-    idx = [torch.arange(P, device=out.device) + slot.weight]
-    if k == 2:
-        idx.append(torch.arange(P, device=out.device) + slot.bias)
-    for i in range(k):
-        for j in range(k):
-            out[idx[i], idx[j]] = F[:, i, j]
+def unit_indices(slot: ParamSlot, k: int, device: torch.device) -> Tensor:
+    """(out, k): where each output unit's incoming weights (the row of the rule's matrix), then its
+    bias entry when k = d_in + 1, sit in the flattened model.parameters()."""
+    d = slot.in_features
+    w = torch.arange(slot.out_features * d, device=device) if slot.order is None else slot.order.to(device)
+    idx = (slot.weight + w).reshape(slot.out_features, d)
+    if k == d + 1:
+        bias = slot.bias + torch.arange(slot.out_features, device=device)
+        idx = torch.cat([idx, bias.unsqueeze(1)], 1)
+    return idx
+
+
+def write_unit_blocks(out: Tensor, slot: ParamSlot, F: Tensor) -> None:
+    """Write per-unit blocks F (out, k, k) into ``out``: unit o's block couples its incoming weights
+    and, with k = d_in + 1, its bias entry (a scale-and-shift layer: d_in = 1, a unit per entry)."""
+    idx = unit_indices(slot, F.shape[-1], out.device)
+    out[idx[:, :, None], idx[:, None, :]] = F

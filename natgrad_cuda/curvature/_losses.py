@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LossSpec", "LOSS_NAMES", "REDUCTIONS"]
+__all__ = ["LossSpec", "LOSS_NAMES", "REDUCTIONS", "class_dim_is_last"]
 
 LOSS_NAMES = ("cross_entropy", "mse", "bce")
 REDUCTIONS = ("mean", "sum", "batchmean")  # batchmean: summed over all but the batch dimension, mean over it
@@ -177,6 +177,27 @@ class LossSpec:
             noise = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
             return f + math.sqrt(0.5) * noise
         return f.sigmoid().bernoulli(generator=generator)
+
+
+def class_dim_is_last(grad: Tensor, shape) -> Optional[bool]:
+    """Cross-entropy over outputs of 3+ dimensions: whether the loss read the classes from the last
+    dimension (True: (B, T, V) logits whose loss is taken on the (B*T, V) view) or from dim 1
+    (False: torch's layout), told from ``grad``, the loss's gradient with respect to the outputs,
+    which sums to zero along the classes. None when it tells nothing (zero or not finite, as from
+    saturated logits); ValueError when it sums to zero along both dimensions or neither."""
+    g = grad.detach().double()
+    total = float(g.abs().sum())
+    if total == 0 or not math.isfinite(total):
+        return None
+    tol = (1e-2 if grad.dtype in (torch.float16, torch.bfloat16) else 1e-5) * total
+    along_1, along_last = float(g.sum(1).abs().sum()) <= tol, float(g.sum(-1).abs().sum()) <= tol
+    if along_1 == along_last:
+        raise ValueError(
+            f"loss='cross_entropy' with outputs of shape {tuple(shape)}: cannot tell which dimension holds "
+            "the classes (the gradient of a cross-entropy sums to zero along them, and here it sums to zero "
+            f"along {'both' if along_1 else 'neither'} of dim 1 and the last). Use torch's (B, C, d1, ...) "
+            "layout, or (B, T, V) logits with the loss computed on their (B*T, V) view")
+    return along_last
 
 
 def _is_index(targets: Tensor) -> bool:

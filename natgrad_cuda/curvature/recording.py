@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._checks import warn_user
 from .._finite import HALF
-from ._losses import LossSpec
+from ._losses import LossSpec, class_dim_is_last
 from .attention import AttentionProjection, Watch
 from .rules import rule_for
 
@@ -193,6 +193,9 @@ class Recorder:
         self._class_last: Dict[Tuple[int, ...], bool] = {}
         self._suspended = False
         self.record_without_grad = False  # curvature.kfac's forward-only Fisher: A from no_grad forwards
+        # structure="unit-wise": every layer's curvature as exact per-unit blocks (F rows), as a
+        # scale-and-shift layer's always is
+        self.unit_wise = False
         self.keep_inputs = False  # set by KFAC(adaptive_step=True): the forward's inputs, for J v
         self.last_inputs = None
         self.reset()
@@ -268,12 +271,12 @@ class Recorder:
             return
         real_x, hooked, view = source if source is not None else (x, output, None)
         module, rule, xhat = layer.module, layer.rule, None
-        if not rule.scale_shift:
+        if not (rule.scale_shift or self.unit_wise):
             record.rows_A.append((("A", layer.name), *rule.input_rows(layer.name, module, x, self.kfac_approx)))
         elif self.fisher_type == "forward-only":
             record.rows_A.append((("F", layer.name), *rule.input_rows(layer.name, module, x, self.kfac_approx)))
-        else:  # its per-example gradients need xhat at the backward
-            xhat = rule.normalized(module, x)
+        else:  # exact per-unit blocks from per-example gradients, which need the inputs at the backward
+            xhat = rule.unit_inputs(layer.name, module, x)
         if isinstance(output, Tensor) and output.dim():
             record.batches.append((layer.name, output.shape[0], rule.positions(module, output)))
         target = real_x if isinstance(real_x, Tensor) and real_x.requires_grad else (
@@ -370,18 +373,9 @@ class Recorder:
             (g,) = torch.autograd.grad(loss, outputs, retain_graph=True)
         finally:
             self._grad_mode = mode
-        g = g.detach().double()
-        total = float(g.abs().sum())
-        if total == 0 or not math.isfinite(total):
+        along_last = class_dim_is_last(g, outputs.shape)
+        if along_last is None:  # nothing to learn from: torch's layout for this step, where G is zero anyway
             return False
-        tol = (1e-2 if outputs.dtype in HALF else 1e-5) * total
-        along_1, along_last = float(g.sum(1).abs().sum()) <= tol, float(g.sum(-1).abs().sum()) <= tol
-        if along_1 == along_last:
-            raise ValueError(
-                f"loss='cross_entropy' with outputs of shape {tuple(outputs.shape)}: cannot tell which dimension holds "
-                "the classes (the gradient of a cross-entropy sums to zero along them, and here it sums to zero "
-                f"along {'both' if along_1 else 'neither'} of dim 1 and the last). Use torch's (B, C, d1, ...) "
-                "layout, or (B, T, V) logits with the loss computed on their (B*T, V) view")
         self._class_last[key] = along_last
         return along_last
 

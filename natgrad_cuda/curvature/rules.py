@@ -105,6 +105,32 @@ class LayerRule:
     def positions(self, module: nn.Module, output: Tensor) -> int:
         raise NotImplementedError
 
+    def _with_bias(self, module: nn.Module) -> bool:
+        b = self.bias(module)
+        return b is not None and b.requires_grad
+
+    # ---- unit-wise curvature (structure="unit-wise"): one exact block per output unit -------------
+
+    def unit_inputs(self, name: str, module: nn.Module, x: Tensor) -> Tensor:
+        """What the per-example gradients need of the forward: the input rows (B, S, d) of every
+        data point and position (the rows of A under "expand", one data point's together)."""
+        if self.diagonal_input:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}): unit-wise curvature does not cover layers "
+                             "with one-hot inputs")
+        rows, _ = self.input_rows(name, module, x, "expand")
+        if isinstance(rows, ops.ConvPatches):
+            rows = rows.unfold()
+        return rows.reshape(x.shape[0], -1, rows.shape[-1])
+
+    def example_rows(self, module: nn.Module, g: Tensor, inputs: Tensor) -> EntryRows:
+        """The per-example gradient of every output unit's incoming weights (and its bias entry),
+        (B, out, d (+ 1)): the sum over positions of g times the input row."""
+        gs = self.grad_rows(module, g, "expand").to(inputs.dtype).reshape(inputs.shape[0], inputs.shape[1], -1)
+        rows = torch.einsum("bso,bsi->boi", gs, inputs)
+        if self._with_bias(module):
+            rows = torch.cat([rows, gs.sum(1).unsqueeze(-1)], -1)
+        return EntryRows(rows)
+
 
 def _batched(name: str, t: Tensor, min_dim: int, what: str) -> None:
     if t.dim() < min_dim:
@@ -312,9 +338,8 @@ class ScaleShiftRule(LayerRule):
     def from_matrix(self, module, M):
         return M.reshape(self.weight(module).shape)
 
-    def _with_bias(self, module) -> bool:
-        b = self.bias(module)
-        return b is not None and b.requires_grad
+    def unit_inputs(self, name, module, x):
+        return self.normalized(module, x)
 
     def input_rows(self, name, module, x, kfac_approx):
         """The rows of the forward-only Fisher (G = I): [xhat, 1] per data point and position, scale 1/S."""
