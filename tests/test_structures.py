@@ -416,3 +416,26 @@ def test_optimizer_structure_refusals():
     out = seq(x)
     with pytest.raises(ValueError, match=r"\(B, in\) inputs"):
         opt.backward(nn.functional.mse_loss(out, torch.zeros_like(out)), out)
+
+
+@pytest.mark.parametrize("structure", ["unit-wise", "block-tridiagonal"])
+def test_structures_combine_with_adaptive_step_damping_adaptation_and_kl_clip(structure):
+    """The options the docs say combine with each structure run and reduce the loss."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(48, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (48,), generator=gen)
+    for options in (dict(adaptive_step=True), dict(adapt_damping=True, adapt_damping_interval=1),
+                    dict(kl_clip=1e-3, momentum=0.9)):
+        model = _chain_model([5, 7, 3], seed=11)
+        opt = ng.KFAC(model, lr=0.2, loss="cross_entropy", structure=structure, seed=0, **options)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            opt.backward(loss, out)
+            assert opt.step(lambda: nn.functional.cross_entropy(model(x), y)) is True
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0], options
+        if options.get("adapt_damping"):
+            assert opt.last_rho is not None and opt.damping != 1e-3
