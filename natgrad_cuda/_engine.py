@@ -20,13 +20,14 @@ the factors, inverses and counters as they were.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._blocks import Layer
 from ._chain import chain_check
+from ._distributed import Distributed, describe, eigen_cost, refuse_sharded
 from ._checks import check_bool, check_number, refuse_copy, warn_user
 from ._directions import directions
 from ._factors import Factors
@@ -53,7 +54,8 @@ class Engine:
     def __init__(self, model: nn.Module, hyper: Callable[[], dict], *, loss: Optional[str], reduction: str,
                  fisher_type: str, mc_samples: int, kfac_approx: str, separate_weight_and_bias: bool,
                  inverse: str, backend: str, seed: Optional[int], grad_scaler,
-                 max_consecutive_skips: Optional[int], owner: str, structure: str = "block-diagonal"):
+                 max_consecutive_skips: Optional[int], owner: str, structure: str = "block-diagonal",
+                 inverse_sharing: str = "eigenbases"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if fisher_type not in FISHER_TYPES:
@@ -87,7 +89,17 @@ class Engine:
 
         if getattr(model, "_orig_mod", None) is not None:  # torch.compile's OptimizedModule
             raise ValueError(COMPILED)
-        found, unsupported = _layers.find_layers(model)
+        refuse_sharded(model)
+        self.dist = Distributed.current(inverse_sharing)
+        self.ddp = False
+        if self.dist is not None and structure == "block-tridiagonal" and inverse_sharing == "directions":
+            raise ValueError("structure='block-tridiagonal' needs every layer's inverse on every process: use "
+                             "inverse_sharing='eigenbases'")
+        # Layers are named inside a DistributedDataParallel wrapper (no "module." prefix), so that a
+        # state saved by a data-parallel run loads into a single process and back; the hooks stay on
+        # the model as given, whose forward is the one that runs.
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        found, unsupported = _layers.find_layers(inner)
         if not found:
             raise ValueError(
                 "model has no layer K-FAC supports (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding, "
@@ -98,7 +110,7 @@ class Engine:
                 raise ValueError(f"layer {name!r}: K-FAC needs its weight trainable (a frozen weight with a "
                                  "trainable bias is not supported)")
         self.unsupported = unsupported
-        slots, _ = _layers.parameter_slots(model, found)
+        slots, _ = _layers.parameter_slots(inner, found)
         self.layers = []
         unit_wise = structure == "unit-wise"
         for name, module in found:
@@ -132,11 +144,43 @@ class Engine:
         self.factors = Factors(self.layers, hyper, self.impl, owner)
         self.recorder = Recorder(model, self.layers, spec=self.spec, fisher_type=fisher_type, kfac_approx=kfac_approx,
                                  mc_samples=self.mc_samples, owner=owner, factor_step_due=self.factor_step_due,
-                                 generator=lambda: self.generator, flush=self.factors.flush,
+                                 generator=self._mc_generator, flush=self.factors.flush,
                                  before_use=self.follow_parameters)
         self.recorder.unit_wise = unit_wise
         if structure == "block-tridiagonal":
             self.factors.chain = [layer.name for layer in self.layers]
+        if self.dist is not None:
+            self._set_up_distributed(dict(owner=owner, fisher_type=fisher_type, mc_samples=self.mc_samples,
+                                          kfac_approx=kfac_approx, separate_weight_and_bias=separate_weight_and_bias,
+                                          inverse=inverse, structure=structure, inverse_sharing=inverse_sharing,
+                                          loss=loss, reduction=reduction, seed=seed,
+                                          layers=tuple(layer.name for layer in self.layers),
+                                          hyper=tuple(sorted((k, v) for k, v in hyper().items() if k != "params"))))
+
+    def _set_up_distributed(self, options: dict) -> None:
+        """Data parallel: the same optimizer on every process (else a ValueError on all), each
+        layer's owner, one MC generator state everywhere (rank 0's) and this process's stream."""
+        dist = self.dist
+        inner = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        dist.check_same_everywhere(describe(inner, options))
+        dist.assign({layer.name: eigen_cost(layer.shapes()) for layer in self.layers})
+        self.factors.dist = dist
+        self.recorder.distributed = True
+        (seed,) = dist.share([torch.randint(0, 2**52, (), generator=self.generator, device=self.generator.device
+                                            ).double().cpu()], [dist.rank == 0], "scalars")
+        self.mc_seed = int(seed)
+        self._next_stream()
+        self.ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+
+    def _next_stream(self) -> None:
+        """Data parallel: this process's MC stream for the next step, a function of the run's seed,
+        the step (taken or skipped) and the rank, so that a resumed run draws what it would have."""
+        if self.dist is not None:
+            self._stream = self.dist.rank_generator(self.mc_seed, self.steps + self.skipped_steps,
+                                                    self.generator.device)
+
+    def _mc_generator(self) -> torch.Generator:
+        return self.generator if self.dist is None else self._stream
 
     __deepcopy__ = __copy__ = __reduce_ex__ = refuse_copy
 
@@ -187,6 +231,8 @@ class Engine:
         if got is not None:
             rows, n, g_div = got
             self.factors.flush(rows)
+        if self.dist is not None and self.factor_step_due():  # the global batch's factors, on every process
+            n, g_div = self.dist.sum_factors(self.factors._sums, self.factors.layout(), n, g_div)
         self.factors.stage(n, g_div, self.fisher_type == "forward-only", self.inverse_step_due())
 
     def _empirical_scale(self, grad_scale: Optional[float]) -> float:
@@ -198,8 +244,40 @@ class Engine:
     def preconditioned(self):
         """{id(param): preconditioned gradient} for every K-FAC layer with an inverse, undamped by
         KL clipping, and per block (params, M, A_block, G) for the quadratic model."""
+        share = None
+        if self.dist is not None and self.dist.sharing == "directions":
+            share = self._share_directions
         return directions(self.layers, self.factors.current(), self.hyper()["damping"], self.inverse, self.impl,
-                          chain=self.structure == "block-tridiagonal")
+                          chain=self.structure == "block-tridiagonal", share=share)
+
+    def _share_directions(self, computed):
+        """inverse_sharing="directions": every block's direction from its layer's owner."""
+        keys, tensors, mine = [], [], []
+        for layer in self.layers:
+            for i, (params, _) in enumerate(layer.blocks()):
+                if any(p.grad is None for p in params):
+                    continue
+                have = (layer.name, i) in computed and self.dist.owns(layer.name)
+                M = layer.matrix(params, [p.grad for p in params])
+                keys.append((layer.name, i))
+                tensors.append(computed[(layer.name, i)].contiguous() if have else torch.zeros_like(M))
+                mine.append(have)
+        flags = torch.tensor([float(m) for m in mine], dtype=torch.float64)
+        *shared, flags = self.dist.share(tensors + [flags], mine + [True], "directions")
+        return {key: P for key, P, flag in zip(keys, shared, flags.tolist()) if flag > 0}
+
+    def sync_gradients(self, params: List[Tensor]) -> None:
+        """Data parallel without DistributedDataParallel: the gradients' mean over the processes."""
+        if self.dist is not None and not self.ddp:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                self.dist.average_gradients(grads)
+
+    def mean_over_processes(self, values: List[float]) -> List[float]:
+        """The mean of some batch quantities (the damping adaptation's losses) over the processes."""
+        if self.dist is None:
+            return values
+        return [v / self.dist.world for v in self.dist.sum_scalars(values)]
 
     def accept(self) -> None:
         """Commit what ``prepare`` staged: the new moving averages (and inverses)."""
@@ -210,6 +288,7 @@ class Engine:
         self.steps += 1
         self.consecutive_skips = 0
         self._reset()
+        self._next_stream()
 
     def skip(self, message: Optional[str]) -> None:
         """Drop this step (its recordings and anything staged), count it, say so (``message``
@@ -217,6 +296,7 @@ class Engine:
         diverged run does not print a warning per step; ``skipped_steps`` counts them all), and raise
         once too many were skipped in a row."""
         self.discard()
+        self._next_stream()
         self.skipped_steps += 1
         self.consecutive_skips += 1
         n = self.consecutive_skips
@@ -247,22 +327,53 @@ class Engine:
 
     def ggn_gram(self, params: List[Tensor], directions_: List[List[Tensor]]) -> Tensor:
         return ggn_gram(self.model, self.spec, self.recorder.flat_outputs, self.recorder.last_inputs, params,
-                        directions_, self.recorder.suspended)
+                        directions_, self.recorder.suspended, None if self.dist is None else self._global_gram)
+
+    def _global_gram(self, products: Tensor, divisor: float) -> Tuple[Tensor, float]:
+        """The adaptive step's GGN products and divisor summed over the processes: the global batch's."""
+        summed, total = self.dist.sum_tensors([products, torch.tensor([divisor], dtype=torch.float64,
+                                                                      device=products.device)], "scalars")
+        return summed, float(total)
 
     # ---- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The K-FAC state; with inverse_sharing="directions" it gathers every owner's inverses, so
+        every process must call it (a collective), and any process's copy is complete."""
+        layers = {name: {k: v.clone() for k, v in st.items()} for name, st in self.factors.state.items()}
+        if self.dist is not None and self.dist.sharing == "directions":
+            self._gather_inverses(layers)
         return {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
-            "layers": {name: {k: v.clone() for k, v in st.items()} for name, st in self.factors.state.items()},
+            "layers": layers,
             "generator": self.generator.get_state(),
             "last_rho": self.last_rho,
             "fisher_type": self.fisher_type,
             "inverse": self.inverse,
             "structure": self.structure,
+            "mc_seed": getattr(self, "mc_seed", None),
         }
+
+    def _gather_inverses(self, layers: Dict[str, Dict[str, Tensor]]) -> None:
+        """Every layer's eigendecompositions from its owner, into ``layers`` (in place)."""
+        items, tensors, mine = [], [], []
+        for layer in self.layers:
+            st, shapes = layers[layer.name], layer.shapes()
+            for key in ("QA", "dA", "QG", "dG", "QF", "dF"):
+                if key not in shapes:
+                    continue
+                have = key in st and self.dist.owns(layer.name)
+                items.append((layer.name, key))
+                tensors.append(st[key] if have else torch.zeros(shapes[key], dtype=layer.factor_dtype,
+                                                                device=layer.weight.device))
+                mine.append(have)
+        flags = torch.tensor([float(m) for m in mine], dtype=torch.float64)
+        *shared, flags = self.dist.share(tensors + [flags], mine + [True], "inverses")
+        for (name, key), t, flag in zip(items, shared, flags.tolist()):
+            if flag > 0:
+                layers[name][key] = t.clone()
 
     def check_state_dict(self, sd) -> Callable[[], None]:
         """Validate a saved K-FAC state completely (every entry present, of the right kind, shape and
@@ -298,12 +409,22 @@ class Engine:
         loaded = {layer.name: Factors.checked_layer_state(layer, layers[layer.name]) for layer in self.layers}
 
         def load() -> None:
+            if self.dist is not None and self.dist.sharing == "directions":  # only the owners keep inverses
+                for name, st in loaded.items():
+                    if not self.dist.owns(name):
+                        for key in ("QA", "dA", "QG", "dG"):
+                            st.pop(key, None)
             self.factors.state = loaded
             self.steps, self.skipped_steps = counters["steps"], counters["skipped_steps"]
             self.consecutive_skips = counters["consecutive_skips"]
             self.generator = generator
             self.last_rho = None if rho is None else float(rho)
             self.discard()
+            if self.dist is not None:  # a single process's state has none: one from its generator, alike everywhere
+                saved = sd.get("mc_seed")
+                self.mc_seed = int(saved) if isinstance(saved, int) and not isinstance(saved, bool) else int(
+                    torch.randint(0, 2**52, (), generator=generator, device=generator.device).item())
+            self._next_stream()
 
         return load
 

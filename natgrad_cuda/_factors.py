@@ -39,6 +39,7 @@ class Factors:
         self._unrecorded: set = set()  # layers warned about for having no factors
         # structure="block-tridiagonal": the chain's layer names (their cross factors are kept too)
         self.chain: List[str] = []
+        self.dist = None  # data parallel: the process group (``_distributed.Distributed``)
         self.reset()
 
     def reset(self) -> None:
@@ -64,6 +65,16 @@ class Factors:
         if self.chain:
             for key, C in cross_rows(rows, self.chain, self._append_ones):
                 self._sums[key] = self._sums[key] + C if key in self._sums else C
+
+    def layout(self) -> List[Tuple[Tuple[str, str], tuple, torch.dtype, torch.device]]:
+        """(key, shape, dtype, device) of every sum a step can have, in a fixed order (the same on
+        every process of a data-parallel run)."""
+        out = []
+        for layer in self.layers:
+            shapes = layer.shapes()
+            for which in (*layer.factor_keys, *(k for k in ("AC", "GC") if k in shapes)):
+                out.append(((which, layer.name), shapes[which], layer.factor_dtype, layer.weight.device))
+        return out
 
     def _buffer(self, which: str, name: str) -> Tensor:
         buf = self._buffers.get((which, name))
@@ -91,13 +102,15 @@ class Factors:
         self._new = self._step_sums(n, g_div, forward_only) if n else None
         have = {layer.name for layer in self.layers if layer.has_factors(self.state[layer.name])}
         have |= set(self._new[0] if self._new else ())
-        missing = any(not has_inverse(self.state[name]) for name in have)
+        # with inverse_sharing="directions" a process holds the inverses of the layers it owns only
+        local = self.dist is not None and self.dist.sharing == "directions"
+        missing = any(not has_inverse(self.state[name]) for name in have if not local or self.dist.owns(name))
         self._staged = None
         if have and (inverses_due or missing):
             staged = {name: dict(st) for name, st in self.state.items()}
             if self._new:
                 self._average(staged, *self._new, in_place=False)
-            decompose(staged, self.impl)
+            decompose(staged, self.impl, self.dist)
             self._staged = staged
 
     def current(self) -> Dict[str, Dict[str, Tensor]]:

@@ -3,7 +3,7 @@ exact GGN's (for the adaptive step's length and momentum)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,14 @@ def quadratic_change(deltas: Dict[int, Tensor], grads: Dict[int, Tensor], blocks
 
 
 def ggn_gram(model: nn.Module, spec: LossSpec, flatten: Callable[[Tensor], Tensor], inputs, params: List[Tensor],
-             directions: List[List[Tensor]], quiet: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+             directions: List[List[Tensor]], quiet: Callable[[], contextlib.AbstractContextManager],
+             reduce: Optional[Callable[[Tensor, float], Tuple[Tensor, float]]] = None) -> Tensor:
     """(k, k) matrix v_i^T GGN v_j on the batch of ``inputs`` (the (args, kwargs) of the forward
     that went to opt.backward), for k parameter-space directions (each a list aligned with
     ``params``): Jacobian-vector products by forward-mode AD, then the loss Hessian in closed form;
     divided by Z as the loss is. float64. ``flatten`` turns outputs into the loss's (terms, C);
-    ``quiet()`` keeps these forwards from being recorded."""
+    ``quiet()`` keeps these forwards from being recorded; ``reduce`` (data parallel) sums the
+    products and the divisor over the processes."""
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call
 
@@ -57,4 +59,7 @@ def ggn_gram(model: nn.Module, spec: LossSpec, flatten: Callable[[Tensor], Tenso
                 outs.append(flatten(jv).double())
     fo = flatten(out).double()
     gram = spec.hessian_products(fo, torch.stack(outs))
-    return gram / spec.divisor(*fo.shape, out.shape[0])
+    divisor = spec.divisor(*fo.shape, out.shape[0])
+    if reduce is not None:
+        gram, divisor = reduce(gram, divisor)
+    return gram / divisor

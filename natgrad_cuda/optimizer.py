@@ -129,6 +129,11 @@ class KFAC(torch.optim.Optimizer):
       seed: the optimizer's own random generator (MC targets); None seeds it from torch's.
       grad_scaler: the torch.amp.GradScaler, needed only with fisher_type="empirical" (whose G is
         built from the scaled gradients).
+      inverse_sharing: data parallel (an initialised torch.distributed process group with 2+
+        processes, the model plain or in DistributedDataParallel): the eigendecompositions are split
+        over the processes, and "eigenbases" (default) sends them to every process, "directions"
+        keeps them on their owner, which preconditions its layers' gradients every step and sends
+        the directions (less memory, more bytes per step). Ignored in a single process.
       structure: "block-diagonal" (K-FAC, default), "unit-wise" (an exact block per output unit,
         its incoming weights and bias, inverted exactly whatever ``inverse`` says; memory
         out * (in + 1)^2 per layer) or "block-tridiagonal" (Martens and Grosse's chain of nn.Linear
@@ -154,7 +159,7 @@ class KFAC(torch.optim.Optimizer):
                  min_damping: float = DEFAULTS["min_damping"], max_damping: float = DEFAULTS["max_damping"],
                  max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
                  backend: str = "auto", seed: Optional[int] = None, grad_scaler=None,
-                 structure: str = "block-diagonal"):
+                 structure: str = "block-diagonal", inverse_sharing: str = "eigenbases"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         defaults = _check_hyper(dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
@@ -170,7 +175,8 @@ class KFAC(torch.optim.Optimizer):
                               fisher_type=fisher_type, mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse,
                               backend=backend, seed=seed, grad_scaler=grad_scaler,
-                              max_consecutive_skips=max_consecutive_skips, owner="KFAC", structure=structure)
+                              max_consecutive_skips=max_consecutive_skips, owner="KFAC", structure=structure,
+                              inverse_sharing=inverse_sharing)
         if adaptive_step and self._engine.spec is None:
             raise ValueError("adaptive_step=True needs loss= (its quadratic model uses the loss's Hessian)")
         self._engine.keep_inputs = adaptive_step
@@ -239,6 +245,7 @@ class KFAC(torch.optim.Optimizer):
         if any(p.grad.is_sparse for p in params):
             raise ValueError("KFAC does not support sparse gradients (nn.Embedding(sparse=True) or "
                              "nn.EmbeddingBag(sparse=True)): build those modules with sparse=False")
+        engine.sync_gradients(params)  # data parallel without DistributedDataParallel
 
         # AMP: GradScaler.step sets these (torch.amp's contract for _step_supports_amp_scaling).
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
@@ -375,6 +382,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _adapt_damping(self, group: dict, old_loss: float, new_loss: float, predicted: float) -> None:
         """The LM rule on rho = actual / predicted change (not a number unless the model predicted a decrease)."""
+        old_loss, new_loss = self._engine.mean_over_processes([old_loss, new_loss])  # data parallel: the global batch's
         rho = (new_loss - old_loss) / predicted if predicted < 0 else float("nan")
         self._engine.last_rho = rho
         self.param_groups[0]["damping"] = lm_damping(group["damping"], rho, group["adapt_damping_interval"],
@@ -526,7 +534,7 @@ class KFACPreconditioner:
                  reduction: str = "mean", kfac_approx: str = "expand", separate_weight_and_bias: bool = False,
                  max_consecutive_skips: Optional[int] = DEFAULTS["max_consecutive_skips"],
                  backend: str = "auto", seed: Optional[int] = None, grad_scaler=None,
-                 structure: str = "block-diagonal"):
+                 structure: str = "block-diagonal", inverse_sharing: str = "eigenbases"):
         self.lr, self.damping, self.factor_decay, self.kl_clip = lr, damping, factor_decay, kl_clip
         self.factor_update_freq, self.inv_update_freq = factor_update_freq, inv_update_freq
         checked = _check_hyper(self._hyper())
@@ -536,7 +544,9 @@ class KFACPreconditioner:
                               mc_samples=mc_samples, kfac_approx=kfac_approx,
                               separate_weight_and_bias=separate_weight_and_bias, inverse=inverse, backend=backend,
                               seed=seed, grad_scaler=grad_scaler, max_consecutive_skips=max_consecutive_skips,
-                              owner="KFACPreconditioner", structure=structure)
+                              owner="KFACPreconditioner", structure=structure, inverse_sharing=inverse_sharing)
+        # data parallel without DistributedDataParallel: every gradient the next optimizer reads is averaged
+        self._all_params = [p for p in model.parameters() if p.requires_grad]
         if self._engine.unsupported:
             warnings.warn(f"K-FAC does not cover {', '.join(self._engine.unsupported)}; the gradients of parameters "
                           "that no covered layer holds are left as they are", UserWarning, stacklevel=2)
@@ -576,6 +586,7 @@ class KFACPreconditioner:
             warn_user("KFACPreconditioner.step(): no K-FAC layer has a gradient (call pre.backward(loss, outputs) "
                       "first); nothing was done and the step does not count")
             return False
+        engine.sync_gradients([p for p in self._all_params if p.grad is not None])
         engine.prepare(None)
         directions, blocks = engine.preconditioned()
         clipped = [p for p in params if id(p) in directions]

@@ -196,6 +196,9 @@ class Recorder:
         # structure="unit-wise": every layer's curvature as exact per-unit blocks (F rows), as a
         # scale-and-shift layer's always is
         self.unit_wise = False
+        # data parallel: the empirical Fisher's rows scaled to sum over processes (G's divisor is then
+        # this process's Z, summed over them with the factors)
+        self.distributed = False
         self.keep_inputs = False  # set by KFAC(adaptive_step=True): the forward's inputs, for J v
         self.last_inputs = None
         self.reset()
@@ -506,10 +509,12 @@ class Recorder:
             # = Z * sum of its outer products (1 for a sum), whatever the micro-batches.
             z_total = sum(r.z for r in counted) if self.spec.reduction != "sum" else 1.0
             scale = float(z_total) * empirical_scale()
+            g_div = 1.0
+            if self.distributed:  # Z_p^2 / Z over the processes: each process's rows times Z_p^2, divided by the sum of Z_p
+                scale, g_div = scale * float(z_total), float(z_total)
             rows += [(key, g, scale) for r in counted for key, g in r.rows_G]
             for r in counted:
                 r.rows_G = []
-            g_div = 1.0
         elif self.fisher_type == "forward-only":
             g_div = 1.0
         else:

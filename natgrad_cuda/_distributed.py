@@ -1,0 +1,200 @@
+"""Data-parallel K-FAC on torch.distributed: what the optimizers share across processes.
+
+Under an initialised default process group with more than one process (DistributedDataParallel,
+torchrun, torch.multiprocessing), every process holds the same model and sees its own shard of the
+batch. For the processes to take the same step, and for that step to be the one a single process
+would take on the global batch:
+
+- the factor sums of a factor-update step are summed over the processes (one bucket of every
+  layer's sums, their data-point count and G's divisor), so the factors are those of the global
+  batch; MC targets come from a per-process stream derived from the optimizer's generator;
+- the eigendecompositions are split over the processes, each layer owned by one (greedy,
+  largest cost first), and shared as ``inverse_sharing`` says: "eigenbases" sends every owner's
+  eigenvectors and eigenvalues to every process (each then preconditions all layers: less compute
+  per step); "directions" keeps them on the owner, which preconditions its layers' gradients every
+  step and shares the directions (less memory, more bytes per step);
+- a model that is not wrapped in DistributedDataParallel gets its gradients averaged here;
+- the adaptive step's and the damping adaptation's batch quantities are reduced (one call each).
+
+Sums over processes add zeros for what a process does not own, so every process ends with the same
+bits. A set-up mistake (other models, layers, options or hyperparameters on some process) is found
+at construction by comparing every process's description, and raises the same ValueError on all.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Distributed", "INVERSE_SHARING", "refuse_sharded", "eigen_cost", "describe"]
+
+INVERSE_SHARING = ("eigenbases", "directions")
+# How long construction waits for every process before calling it a set-up mistake (gloo).
+SETUP_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """ValueError for a model sharded by FullyShardedDataParallel (either API)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        return
+    kinds = [FullyShardedDataParallel]
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        kinds.append(FSDPModule)
+    except ImportError:
+        pass
+    if any(isinstance(m, tuple(kinds)) for m in model.modules()):
+        raise ValueError("K-FAC does not support FullyShardedDataParallel models yet: their parameters are sharded "
+                         "across processes, while K-FAC needs every layer's whole weight and gradient. Use "
+                         "DistributedDataParallel (or a plain model under torch.distributed)")
+
+
+class Distributed:
+    """The default process group as one optimizer uses it (only made when it has 2+ processes)."""
+
+    def __init__(self, sharing: str):
+        dist = _dist()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.sharing = sharing
+        self.owner: Dict[str, int] = {}
+        self.sent_bytes: Dict[str, int] = {"factors": 0, "inverses": 0, "directions": 0, "gradients": 0,
+                                           "scalars": 0}
+
+    @staticmethod
+    def current(sharing: str) -> Optional["Distributed"]:
+        """The process group when there is one with 2+ processes, else None (single-process K-FAC)."""
+        if sharing not in INVERSE_SHARING:
+            raise ValueError(f"inverse_sharing must be one of {INVERSE_SHARING}, got {sharing!r}")
+        dist = _dist()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return Distributed(sharing)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+
+    def check_same_everywhere(self, description: dict) -> None:
+        """ValueError on every process unless all processes built the same optimizer."""
+        dist = _dist()
+        if dist.get_backend() == "gloo":
+            try:  # a process that never builds the optimizer: an error in a minute, not a hang
+                dist.monitored_barrier(timeout=SETUP_TIMEOUT, wait_all_ranks=True)
+            except RuntimeError as e:
+                raise ValueError(f"K-FAC under torch.distributed: not every process built the optimizer within "
+                                 f"{SETUP_TIMEOUT.seconds} s ({e})") from None
+        gathered: List[Optional[dict]] = [None] * self.world
+        dist.all_gather_object(gathered, description)
+        first = gathered[0]
+        for rank, other in enumerate(gathered[1:], 1):
+            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            if diff:
+                detail = "; ".join(f"{k}: rank 0 has {first.get(k)!r}, rank {rank} {other.get(k)!r}" for k in diff[:3])
+                raise ValueError(f"K-FAC under torch.distributed: the processes built different optimizers ({detail}); "
+                                 "every process must build the same model and optimizer")
+
+    def assign(self, costs: Dict[str, float]) -> None:
+        """Each layer's owner: largest cost first, to the least-loaded process (ties: lowest rank)."""
+        load = [0.0] * self.world
+        for name in sorted(costs, key=lambda n: (-costs[n], n)):
+            r = min(range(self.world), key=lambda i: (load[i], i))
+            self.owner[name] = r
+            load[r] += costs[name]
+
+    def owns(self, name: str) -> bool:
+        return self.owner.get(name, self.rank) == self.rank
+
+    # ---- collectives ----------------------------------------------------------------------------
+
+    def sum_tensors(self, tensors: List[Tensor], phase: str) -> List[Tensor]:
+        """Sums over processes of equally shaped tensors on every process, one all-reduce per dtype
+        (launched together, then waited for)."""
+        dist = _dist()
+        groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        work, buckets = [], []
+        for (dtype, device), idx in groups.items():
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx]) if idx else torch.zeros(0, dtype=dtype)
+            if device.type == "cpu" or dist.get_backend() != "gloo":
+                buf = flat
+            else:  # gloo reduces host tensors
+                buf = flat.cpu()
+            buckets.append((idx, flat, buf))
+            self.sent_bytes[phase] += buf.numel() * buf.element_size()
+            work.append(dist.all_reduce(buf, async_op=True))
+        for w in work:
+            w.wait()
+        out: List[Optional[Tensor]] = [None] * len(tensors)
+        for idx, flat, buf in buckets:
+            if buf is not flat:
+                flat.copy_(buf)
+            offset = 0
+            for i in idx:
+                n = tensors[i].numel()
+                out[i] = flat[offset:offset + n].view(tensors[i].shape)
+                offset += n
+        return out
+
+    def sum_scalars(self, values: Sequence[float]) -> List[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        (t,) = self.sum_tensors([t], "scalars")
+        return t.tolist()
+
+    def sum_factors(self, sums: Dict[Tuple[str, str], Tensor], layout: List[Tuple[Tuple[str, str], tuple,
+                    torch.dtype, torch.device]], n: int, g_div: float) -> Tuple[int, float]:
+        """Every (kind, layer) sum of ``layout`` summed over processes, in place in ``sums`` (zeros
+        where a process has none; left out where none has); the data points and G's divisor too."""
+        tensors, flags = [], []
+        for key, shape, dtype, device in layout:
+            t = sums.get(key)
+            flags.append(0.0 if t is None else 1.0)
+            tensors.append(torch.zeros(shape, dtype=dtype, device=device) if t is None else t)
+        scalars = torch.tensor([float(n), float(g_div)] + flags, dtype=torch.float64)
+        *summed, scalars = self.sum_tensors(tensors + [scalars], "factors")
+        for (key, *_), flag, t in zip(layout, scalars[2:].tolist(), summed):
+            if flag > 0:
+                sums[key] = t
+        return int(scalars[0].item()), float(scalars[1].item())
+
+    def share(self, tensors: List[Tensor], mine: List[bool], phase: str) -> List[Tensor]:
+        """Each tensor from the process it belongs to (``mine``), on every process (zeros elsewhere,
+        summed: exact)."""
+        return self.sum_tensors([t if m else torch.zeros_like(t) for t, m in zip(tensors, mine)], phase)
+
+    def average_gradients(self, grads: List[Tensor]) -> None:
+        """The mean of every gradient over the processes, in place (a model DDP does not wrap)."""
+        summed = self.sum_tensors(grads, "gradients")
+        for g, s in zip(grads, summed):
+            g.copy_(s).div_(self.world)
+
+    def rank_generator(self, seed: int, step: int, device: torch.device) -> torch.Generator:
+        """This process's MC stream at ``step`` of a run seeded ``seed``: its own, and reproducible
+        (a resumed run draws what the uninterrupted one would have)."""
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1000003 + step * 0x9E3779B1 + (self.rank + 1) * 0x85EBCA77) % 2**63)
+        return g
+
+
+def eigen_cost(shapes: Dict[str, tuple]) -> float:
+    """The eigendecompositions' cost of a layer: the cube of each matrix factor's size."""
+    return float(sum(s[0] ** 3 for k, s in shapes.items() if k in ("A", "G") and len(s) == 2) +
+                 sum(s[0] * s[1] ** 3 for k, s in shapes.items() if k == "F")) or 1.0
+
+
+def describe(model: nn.Module, options: dict) -> dict:
+    """What every process must agree on: the model's parameters and the optimizer's options."""
+    params = [(name, tuple(p.shape), str(p.dtype), p.requires_grad) for name, p in model.named_parameters()]
+    out = {"parameters": params}
+    out.update({k: (v if isinstance(v, (int, float, str, bool, type(None), tuple)) else repr(v))
+                for k, v in options.items()})
+    return out
+
