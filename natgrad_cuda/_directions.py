@@ -31,12 +31,12 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=No
     its own eigenvalues in the standard basis. The per-unit blocks of a layer kept per unit are
     decomposed by torch's batched solver (a norm's are 2 x 2 at most: nothing for a kernel to gain).
 
-    ``dist`` (data parallel): each process decomposes the layers it owns; with
-    inverse_sharing="eigenbases" the results then go to every process, with "directions" they stay
-    with their owner (who preconditions those layers)."""
+    ``dist`` (data parallel): each process decomposes the layers it owns; the results of a layer
+    whose eigenbases are shared then go to every process, those of a layer whose directions are
+    shared stay with its owner (who preconditions it)."""
     todo = []  # (layer name, "A" or "G") of every matrix factor
     for name, st in states.items():
-        if dist is not None and dist.sharing == "directions" and not dist.owns(name):
+        if dist is not None and dist.keeps(name) and not dist.owns(name):
             continue
         if "F" in st:  # per-unit (P, k, k) blocks
             d, Q = torch.linalg.eigh(st["F"])
@@ -51,10 +51,17 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=No
         todo.append((name, "G"))
     if not todo:
         return
-    if dist is None or dist.sharing == "directions":
+    if dist is None:
         results = ops.eigh_batched([states[name][key] for name, key in todo], impl=impl, _trusted=True)
-    else:
-        results = _decompose_shared(states, todo, impl, dist)
+    else:  # the owner's own (kept) ones, then the shared ones (a collective, the same list everywhere)
+        kept = [i for i, (name, _) in enumerate(todo) if dist.keeps(name)]
+        shared = [i for i, (name, _) in enumerate(todo) if not dist.keeps(name)]
+        results = [None] * len(todo)
+        for i, r in zip(kept, ops.eigh_batched([states[todo[i][0]][todo[i][1]] for i in kept], impl=impl,
+                                               _trusted=True) if kept else []):
+            results[i] = r
+        for i, r in zip(shared, _decompose_shared(states, [todo[i] for i in shared], impl, dist) if shared else []):
+            results[i] = r
     ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
     for (name, key), good, (d, Q) in zip(todo, ok, results):
         st = states[name]

@@ -12,7 +12,8 @@ would take on the global batch:
   largest cost first), and shared as ``inverse_sharing`` says: "eigenbases" sends every owner's
   eigenvectors and eigenvalues to every process (each then preconditions all layers: less compute
   per step); "directions" keeps them on the owner, which preconditions its layers' gradients every
-  step and shares the directions (less memory, more bytes per step);
+  step and shares the directions (less memory, more bytes per step); "hybrid" chooses per layer
+  whichever sends fewer bytes per step at the inverse-update frequency the optimizer was built with;
 - a model that is not wrapped in DistributedDataParallel gets its gradients averaged here;
 - the adaptive step's and the damping adaptation's batch quantities are reduced (one call each).
 
@@ -23,6 +24,7 @@ at construction by comparing every process's description, and raises the same Va
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 __all__ = ["Distributed", "INVERSE_SHARING", "refuse_sharded", "eigen_cost", "describe"]
 
-INVERSE_SHARING = ("eigenbases", "directions")
+INVERSE_SHARING = ("eigenbases", "directions", "hybrid")
 # How long construction waits for every process before calling it a set-up mistake (gloo).
 SETUP_TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -60,13 +62,15 @@ def refuse_sharded(model: nn.Module) -> None:
 
 
 class Distributed:
-    """The default process group as one optimizer uses it (only made when it has 2+ processes)."""
+    """The default process group as one optimizer uses it (only made when it has 2+ processes).
+    ``sharing``: "eigenbases", "directions", or "hybrid" (per layer, whichever sends fewer bytes)."""
 
     def __init__(self, sharing: str):
         dist = _dist()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.sharing = sharing
         self.owner: Dict[str, int] = {}
+        self._keeps: Dict[str, bool] = {}  # the layer's inverses stay with its owner, its directions are shared
         self.sent_bytes: Dict[str, int] = {"factors": 0, "inverses": 0, "directions": 0, "gradients": 0,
                                            "scalars": 0}
 
@@ -101,8 +105,13 @@ class Distributed:
                 raise ValueError(f"K-FAC under torch.distributed: the processes built different optimizers ({detail}); "
                                  "every process must build the same model and optimizer")
 
-    def assign(self, costs: Dict[str, float]) -> None:
-        """Each layer's owner: largest cost first, to the least-loaded process (ties: lowest rank)."""
+    def assign(self, costs: Dict[str, float], sizes: Dict[str, Tuple[float, float]]) -> None:
+        """Each layer's owner: largest cost first, to the least-loaded process (ties: lowest rank);
+        and what is shared of it: its eigenbases or its directions, as ``sharing`` says, or with
+        "hybrid" whichever sends fewer bytes per step (``sizes``: the two, per layer)."""
+        for name, (eigen, direction) in sizes.items():
+            self._keeps[name] = (self.sharing == "directions" or
+                                 (self.sharing == "hybrid" and direction < eigen))
         load = [0.0] * self.world
         for name in sorted(costs, key=lambda n: (-costs[n], n)):
             r = min(range(self.world), key=lambda i: (load[i], i))
@@ -112,35 +121,42 @@ class Distributed:
     def owns(self, name: str) -> bool:
         return self.owner.get(name, self.rank) == self.rank
 
+    def keeps(self, name: str) -> bool:
+        """Whether layer ``name``'s inverses stay with its owner (its directions are shared)."""
+        return self._keeps.get(name, False)
+
     # ---- collectives ----------------------------------------------------------------------------
 
     def sum_tensors(self, tensors: List[Tensor], phase: str) -> List[Tensor]:
-        """Sums over processes of equally shaped tensors on every process, one all-reduce per dtype
-        (launched together, then waited for)."""
+        """Sums over processes of equally shaped tensors on every process, one all-reduce per dtype."""
+        return self.finish(self.start(tensors, phase))
+
+    def start(self, tensors: List[Tensor], phase: str):
+        """Launch the sums of ``sum_tensors`` (asynchronous; ``finish`` waits and returns them)."""
         dist = _dist()
         groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
         for i, t in enumerate(tensors):
             groups.setdefault((t.dtype, t.device), []).append(i)
-        work, buckets = [], []
+        buckets = []
         for (dtype, device), idx in groups.items():
-            flat = torch.cat([tensors[i].reshape(-1) for i in idx]) if idx else torch.zeros(0, dtype=dtype)
-            if device.type == "cpu" or dist.get_backend() != "gloo":
-                buf = flat
-            else:  # gloo reduces host tensors
-                buf = flat.cpu()
-            buckets.append((idx, flat, buf))
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+            buf = flat.cpu() if device.type != "cpu" and dist.get_backend() == "gloo" else flat  # gloo reduces host tensors
             self.sent_bytes[phase] += buf.numel() * buf.element_size()
-            work.append(dist.all_reduce(buf, async_op=True))
-        for w in work:
-            w.wait()
-        out: List[Optional[Tensor]] = [None] * len(tensors)
-        for idx, flat, buf in buckets:
+            buckets.append((idx, flat, buf, dist.all_reduce(buf, async_op=True)))
+        return [t.shape for t in tensors], buckets
+
+    @staticmethod
+    def finish(pending) -> List[Tensor]:
+        shapes, buckets = pending
+        out: List[Optional[Tensor]] = [None] * len(shapes)
+        for idx, flat, buf, work in buckets:
+            work.wait()
             if buf is not flat:
                 flat.copy_(buf)
             offset = 0
             for i in idx:
-                n = tensors[i].numel()
-                out[i] = flat[offset:offset + n].view(tensors[i].shape)
+                n = math.prod(shapes[i])
+                out[i] = flat[offset:offset + n].view(shapes[i])
                 offset += n
         return out
 
@@ -149,17 +165,23 @@ class Distributed:
         (t,) = self.sum_tensors([t], "scalars")
         return t.tolist()
 
-    def sum_factors(self, sums: Dict[Tuple[str, str], Tensor], layout: List[Tuple[Tuple[str, str], tuple,
-                    torch.dtype, torch.device]], n: int, g_div: float) -> Tuple[int, float]:
-        """Every (kind, layer) sum of ``layout`` summed over processes, in place in ``sums`` (zeros
-        where a process has none; left out where none has); the data points and G's divisor too."""
+    def start_factors(self, sums: Dict[Tuple[str, str], Tensor], layout: List[Tuple[Tuple[str, str], tuple,
+                      torch.dtype, torch.device]], n: int, g_div: float):
+        """Launch the sum over processes of every (kind, layer) sum of ``layout`` (zeros where a
+        process has none), of the data points and of G's divisor: one bucket per dtype."""
         tensors, flags = [], []
         for key, shape, dtype, device in layout:
             t = sums.get(key)
             flags.append(0.0 if t is None else 1.0)
             tensors.append(torch.zeros(shape, dtype=dtype, device=device) if t is None else t)
         scalars = torch.tensor([float(n), float(g_div)] + flags, dtype=torch.float64)
-        *summed, scalars = self.sum_tensors(tensors + [scalars], "factors")
+        return layout, self.start(tensors + [scalars], "factors")
+
+    def finish_factors(self, pending, sums: Dict[Tuple[str, str], Tensor]) -> Tuple[int, float]:
+        """The summed factor sums into ``sums`` (left out where no process had one); the global
+        data points and divisor."""
+        layout, started = pending
+        *summed, scalars = self.finish(started)
         for (key, *_), flag, t in zip(layout, scalars[2:].tolist(), summed):
             if flag > 0:
                 sums[key] = t
@@ -188,6 +210,15 @@ def eigen_cost(shapes: Dict[str, tuple]) -> float:
     """The eigendecompositions' cost of a layer: the cube of each matrix factor's size."""
     return float(sum(s[0] ** 3 for k, s in shapes.items() if k in ("A", "G") and len(s) == 2) +
                  sum(s[0] * s[1] ** 3 for k, s in shapes.items() if k == "F")) or 1.0
+
+
+def sharing_bytes(shapes: Dict[str, tuple], inv_update_freq: int) -> Tuple[float, float]:
+    """Elements sent per step to share a layer's eigenbases (every ``inv_update_freq`` steps) and
+    to share its direction (every step)."""
+    eigen = sum(math.prod(s) for k, s in shapes.items() if k[0] in "Qd") / inv_update_freq
+    a, g = shapes.get("A", (1,))[0], shapes["G"][0] if "G" in shapes else shapes["F"][0]
+    direction = math.prod(shapes["F"][:2]) if "F" in shapes else a * g
+    return float(eigen), float(direction)
 
 
 def describe(model: nn.Module, options: dict) -> dict:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._blocks import Layer
 from ._chain import chain_check
-from ._distributed import Distributed, describe, eigen_cost, refuse_sharded
+from ._distributed import Distributed, describe, eigen_cost, refuse_sharded, sharing_bytes
 from ._checks import check_bool, check_number, refuse_copy, warn_user
 from ._directions import directions
 from ._factors import Factors
@@ -92,7 +92,8 @@ class Engine:
         refuse_sharded(model)
         self.dist = Distributed.current(inverse_sharing)
         self.ddp = False
-        if self.dist is not None and structure == "block-tridiagonal" and inverse_sharing == "directions":
+        self._pending, self._late = None, False  # data parallel: the factors' all-reduce in flight
+        if self.dist is not None and structure == "block-tridiagonal" and inverse_sharing != "eigenbases":
             raise ValueError("structure='block-tridiagonal' needs every layer's inverse on every process: use "
                              "inverse_sharing='eigenbases'")
         # Layers are named inside a DistributedDataParallel wrapper (no "module." prefix), so that a
@@ -163,14 +164,28 @@ class Engine:
         dist = self.dist
         inner = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
         dist.check_same_everywhere(describe(inner, options))
-        dist.assign({layer.name: eigen_cost(layer.shapes()) for layer in self.layers})
+        dist.assign({layer.name: eigen_cost(layer.shapes()) for layer in self.layers},
+                    {layer.name: sharing_bytes(layer.shapes(), self.hyper()["inv_update_freq"]) for layer in self.layers})
         self.factors.dist = dist
         self.recorder.distributed = True
+        if self.fisher_type in ("mc", "type-2"):  # all of a step's sums exist once the curvature pass ran
+            self.recorder.after_flush = self._start_factor_sum
         (seed,) = dist.share([torch.randint(0, 2**52, (), generator=self.generator, device=self.generator.device
                                             ).double().cpu()], [dist.rank == 0], "scalars")
         self.mc_seed = int(seed)
         self._next_stream()
         self.ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+
+    def _start_factor_sum(self) -> None:
+        """Data parallel, at the end of opt.backward's curvature pass: the factors' all-reduce is
+        launched, and runs while loss.backward() (and DDP's gradient all-reduce) does. A second
+        backward in the step makes the step's sums reduced at step() instead."""
+        if self._pending is not None:
+            self._late = True
+            return
+        n, g_div = self.recorder.local_counts()
+        self._pending = self.dist.start_factors(self.factors._sums, self.factors.layout(), n, g_div)
+        self._late = False
 
     def _next_stream(self) -> None:
         """Data parallel: this process's MC stream for the next step, a function of the run's seed,
@@ -231,8 +246,17 @@ class Engine:
         if got is not None:
             rows, n, g_div = got
             self.factors.flush(rows)
+            if rows:  # rows after the launch (a forward a plain backward reached): reduce everything at once
+                self._late = True
         if self.dist is not None and self.factor_step_due():  # the global batch's factors, on every process
-            n, g_div = self.dist.sum_factors(self.factors._sums, self.factors.layout(), n, g_div)
+            pending, self._pending = self._pending, None
+            if pending is not None and not self._late:  # launched in backward, overlapping loss.backward()
+                n, g_div = self.dist.finish_factors(pending, self.factors._sums)
+            else:
+                if pending is not None:  # several backwards this step: their sum, all at once
+                    self.dist.finish(pending[1])
+                started = self.dist.start_factors(self.factors._sums, self.factors.layout(), n, g_div)
+                n, g_div = self.dist.finish_factors(started, self.factors._sums)
         self.factors.stage(n, g_div, self.fisher_type == "forward-only", self.inverse_step_due())
 
     def _empirical_scale(self, grad_scale: Optional[float]) -> float:
@@ -245,15 +269,18 @@ class Engine:
         """{id(param): preconditioned gradient} for every K-FAC layer with an inverse, undamped by
         KL clipping, and per block (params, M, A_block, G) for the quadratic model."""
         share = None
-        if self.dist is not None and self.dist.sharing == "directions":
+        if self.dist is not None and any(self.dist.keeps(layer.name) for layer in self.layers):
             share = self._share_directions
         return directions(self.layers, self.factors.current(), self.hyper()["damping"], self.inverse, self.impl,
                           chain=self.structure == "block-tridiagonal", share=share)
 
     def _share_directions(self, computed):
-        """inverse_sharing="directions": every block's direction from its layer's owner."""
+        """Every block's direction of a layer whose directions are shared, from its owner."""
         keys, tensors, mine = [], [], []
+        out = {key: P for key, P in computed.items() if not self.dist.keeps(key[0])}
         for layer in self.layers:
+            if not self.dist.keeps(layer.name):
+                continue
             for i, (params, _) in enumerate(layer.blocks()):
                 if any(p.grad is None for p in params):
                     continue
@@ -264,7 +291,8 @@ class Engine:
                 mine.append(have)
         flags = torch.tensor([float(m) for m in mine], dtype=torch.float64)
         *shared, flags = self.dist.share(tensors + [flags], mine + [True], "directions")
-        return {key: P for key, P, flag in zip(keys, shared, flags.tolist()) if flag > 0}
+        out.update({key: P for key, P, flag in zip(keys, shared, flags.tolist()) if flag > 0})
+        return out
 
     def sync_gradients(self, params: List[Tensor]) -> None:
         """Data parallel without DistributedDataParallel: the gradients' mean over the processes."""
@@ -313,6 +341,9 @@ class Engine:
 
     def discard(self) -> None:
         """Forget this step's recordings and anything staged, without counting a skip."""
+        if self._pending is not None:  # every process launched it: every process waits for it
+            self.dist.finish(self._pending[1])
+            self._pending = None
         self.factors.drop()
         self._reset()
 
@@ -341,7 +372,7 @@ class Engine:
         """The K-FAC state; with inverse_sharing="directions" it gathers every owner's inverses, so
         every process must call it (a collective), and any process's copy is complete."""
         layers = {name: {k: v.clone() for k, v in st.items()} for name, st in self.factors.state.items()}
-        if self.dist is not None and self.dist.sharing == "directions":
+        if self.dist is not None and any(self.dist.keeps(layer.name) for layer in self.layers):
             self._gather_inverses(layers)
         return {
             "steps": self.steps,
@@ -360,6 +391,8 @@ class Engine:
         """Every layer's eigendecompositions from its owner, into ``layers`` (in place)."""
         items, tensors, mine = [], [], []
         for layer in self.layers:
+            if not self.dist.keeps(layer.name):
+                continue
             st, shapes = layers[layer.name], layer.shapes()
             for key in ("QA", "dA", "QG", "dG", "QF", "dF"):
                 if key not in shapes:
@@ -409,9 +442,9 @@ class Engine:
         loaded = {layer.name: Factors.checked_layer_state(layer, layers[layer.name]) for layer in self.layers}
 
         def load() -> None:
-            if self.dist is not None and self.dist.sharing == "directions":  # only the owners keep inverses
+            if self.dist is not None:  # a layer whose directions are shared: only its owner keeps its inverses
                 for name, st in loaded.items():
-                    if not self.dist.owns(name):
+                    if self.dist.keeps(name) and not self.dist.owns(name):
                         for key in ("QA", "dA", "QG", "dG"):
                             st.pop(key, None)
             self.factors.state = loaded

@@ -102,9 +102,9 @@ class Factors:
         self._new = self._step_sums(n, g_div, forward_only) if n else None
         have = {layer.name for layer in self.layers if layer.has_factors(self.state[layer.name])}
         have |= set(self._new[0] if self._new else ())
-        # with inverse_sharing="directions" a process holds the inverses of the layers it owns only
-        local = self.dist is not None and self.dist.sharing == "directions"
-        missing = any(not has_inverse(self.state[name]) for name in have if not local or self.dist.owns(name))
+        # a process holds the inverses of a layer whose directions are shared only when it owns it
+        missing = any(not has_inverse(self.state[name]) for name in have
+                      if self.dist is None or not self.dist.keeps(name) or self.dist.owns(name))
         self._staged = None
         if have and (inverses_due or missing):
             staged = {name: dict(st) for name, st in self.state.items()}

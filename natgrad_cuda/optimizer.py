@@ -133,7 +133,8 @@ class KFAC(torch.optim.Optimizer):
         processes, the model plain or in DistributedDataParallel): the eigendecompositions are split
         over the processes, and "eigenbases" (default) sends them to every process, "directions"
         keeps them on their owner, which preconditions its layers' gradients every step and sends
-        the directions (less memory, more bytes per step). Ignored in a single process.
+        the directions (less memory, more bytes per step), "hybrid" chooses per layer whichever
+        sends fewer bytes per step. Ignored in a single process.
       structure: "block-diagonal" (K-FAC, default), "unit-wise" (an exact block per output unit,
         its incoming weights and bias, inverted exactly whatever ``inverse`` says; memory
         out * (in + 1)^2 per layer) or "block-tridiagonal" (Martens and Grosse's chain of nn.Linear

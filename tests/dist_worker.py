@@ -60,6 +60,8 @@ VARIANTS = [
     ("kfac-empirical-factored-eigenbases-plain", "KFAC", dict(fisher_type="empirical", inverse="factored"), False),
     ("pre-type2-eigen-directions-ddp", "pre", dict(fisher_type="type-2", inverse_sharing="directions"), True),
     ("pre-empirical-eigen-eigenbases-plain", "pre", dict(fisher_type="empirical"), False),
+    # hybrid: at inverses every 3 steps the first two layers share eigenbases, the last its directions
+    ("kfac-type2-hybrid-ddp", "KFAC", dict(fisher_type="type-2", inverse_sharing="hybrid", inv_update_freq=3), True),
     ("kfac-type2-adaptive-ddp", "KFAC", dict(fisher_type="type-2", adaptive_step=True), True),
     ("kfac-type2-lm-damping-plain", "KFAC", dict(fisher_type="type-2", adapt_damping=True, adapt_damping_interval=1),
      False),
@@ -155,6 +157,7 @@ def scenario_bytes(rank, world, arg):
         opt = build(net, "KFAC", fisher_type="type-2", inverse_sharing=sharing)
         train(net, opt, x, y, rank, world, STEPS)
         out[sharing] = dict(opt._engine.dist.sent_bytes)
+        out[sharing + " keeps"] = {layer.name: opt._engine.dist.keeps(layer.name) for layer in opt._engine.layers}
     return out
 
 

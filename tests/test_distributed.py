@@ -113,3 +113,13 @@ def test_set_up_mistakes_raise_on_every_process(mistake, tmp_path):
 def test_fsdp_is_refused(tmp_path):
     (result,) = spawn("fsdp", 1, tmp_path)
     assert result["error"] is not None and "FullyShardedDataParallel" in result["error"]
+
+
+def test_hybrid_sharing_mixes_per_layer():
+    """inverse_sharing="hybrid" shares each layer's eigenbases or its directions, whichever is fewer
+    elements per step (a layer's Q and d over inv_update_freq steps, against its direction)."""
+    from natgrad_cuda._distributed import sharing_bytes
+
+    shapes = {"A": (6, 6), "G": (7, 7), "QA": (6, 6), "dA": (6,), "QG": (7, 7), "dG": (7,)}
+    assert sharing_bytes(shapes, 3) == ((36 + 6 + 49 + 7) / 3, 42.0)
+    assert sharing_bytes(shapes, 2)[0] > 42.0  # inverses every 2 steps: the directions are cheaper

@@ -199,6 +199,7 @@ class Recorder:
         # data parallel: the empirical Fisher's rows scaled to sum over processes (G's divisor is then
         # this process's Z, summed over them with the factors)
         self.distributed = False
+        self.after_flush: Callable[[], None] = lambda: None  # data parallel: start the factors' all-reduce
         self.keep_inputs = False  # set by KFAC(adaptive_step=True): the forward's inputs, for J v
         self.last_inputs = None
         self.reset()
@@ -448,6 +449,7 @@ class Recorder:
                       if self.fisher_type in CURVATURE_PASS else [])
             record.targets = []  # done with them: no layer inputs held past the backward
             self.flush(take_input_rows(record) + rows_G)  # A's and G's rows of every layer in one op call
+            self.after_flush()
         loss.backward()
 
     def _curvature_passes(self, record: _Record, f: Tensor) -> Rows:
@@ -478,6 +480,12 @@ class Recorder:
         return self._find_record(outputs)
 
     # ---- the step -------------------------------------------------------------------------------
+
+    def local_counts(self) -> Tuple[int, float]:
+        """The data points and G's divisor of this step's forwards so far (MC and type-2), as
+        ``step_rows`` will give them."""
+        n = sum(r.n for r in self._records if r.capture and (r.used or r.reached) and r.n is not None)
+        return n, (self._g_divisor if self.spec.reduction != "sum" else float(self.mc_samples))
 
     def step_rows(self, empirical_scale: Callable[[], float]) -> Optional[Tuple[Rows, int, float]]:
         """At a factor-update step: the rows still to accumulate (of forwards that a plain
