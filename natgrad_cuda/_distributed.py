@@ -69,6 +69,9 @@ class Distributed:
         dist = _dist()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.sharing = sharing
+        # where small tensors of counts and flags live: nccl reduces device tensors only
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                       else torch.device("cpu"))
         self.owner: Dict[str, int] = {}
         self._keeps: Dict[str, bool] = {}  # the layer's inverses stay with its owner, its directions are shared
         self.sent_bytes: Dict[str, int] = {"factors": 0, "inverses": 0, "directions": 0, "gradients": 0,
@@ -161,7 +164,7 @@ class Distributed:
         return out
 
     def sum_scalars(self, values: Sequence[float]) -> List[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         (t,) = self.sum_tensors([t], "scalars")
         return t.tolist()
 
@@ -174,7 +177,7 @@ class Distributed:
             t = sums.get(key)
             flags.append(0.0 if t is None else 1.0)
             tensors.append(torch.zeros(shape, dtype=dtype, device=device) if t is None else t)
-        scalars = torch.tensor([float(n), float(g_div)] + flags, dtype=torch.float64)
+        scalars = torch.tensor([float(n), float(g_div)] + flags, dtype=torch.float64, device=self.device)
         return layout, self.start(tensors + [scalars], "factors")
 
     def finish_factors(self, pending, sums: Dict[Tuple[str, str], Tensor]) -> Tuple[int, float]:
@@ -186,6 +189,9 @@ class Distributed:
             if flag > 0:
                 sums[key] = t
         return int(scalars[0].item()), float(scalars[1].item())
+
+    def flags(self, values: List[bool]) -> Tensor:
+        return torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
 
     def share(self, tensors: List[Tensor], mine: List[bool], phase: str) -> List[Tensor]:
         """Each tensor from the process it belongs to (``mine``), on every process (zeros elsewhere,

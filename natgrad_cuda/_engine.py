@@ -171,7 +171,7 @@ class Engine:
         if self.fisher_type in ("mc", "type-2"):  # all of a step's sums exist once the curvature pass ran
             self.recorder.after_flush = self._start_factor_sum
         (seed,) = dist.share([torch.randint(0, 2**52, (), generator=self.generator, device=self.generator.device
-                                            ).double().cpu()], [dist.rank == 0], "scalars")
+                                            ).double().to(dist.device)], [dist.rank == 0], "scalars")
         self.mc_seed = int(seed)
         self._next_stream()
         self.ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
@@ -289,8 +289,7 @@ class Engine:
                 keys.append((layer.name, i))
                 tensors.append(computed[(layer.name, i)].contiguous() if have else torch.zeros_like(M))
                 mine.append(have)
-        flags = torch.tensor([float(m) for m in mine], dtype=torch.float64)
-        *shared, flags = self.dist.share(tensors + [flags], mine + [True], "directions")
+        *shared, flags = self.dist.share(tensors + [self.dist.flags(mine)], mine + [True], "directions")
         out.update({key: P for key, P, flag in zip(keys, shared, flags.tolist()) if flag > 0})
         return out
 
@@ -402,8 +401,7 @@ class Engine:
                 tensors.append(st[key] if have else torch.zeros(shapes[key], dtype=layer.factor_dtype,
                                                                 device=layer.weight.device))
                 mine.append(have)
-        flags = torch.tensor([float(m) for m in mine], dtype=torch.float64)
-        *shared, flags = self.dist.share(tensors + [flags], mine + [True], "inverses")
+        *shared, flags = self.dist.share(tensors + [self.dist.flags(mine)], mine + [True], "inverses")
         for (name, key), t, flag in zip(items, shared, flags.tolist()):
             if flag > 0:
                 layers[name][key] = t.clone()
