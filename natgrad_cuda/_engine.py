@@ -154,7 +154,7 @@ class Engine:
             self._set_up_distributed(dict(owner=owner, fisher_type=fisher_type, mc_samples=self.mc_samples,
                                           kfac_approx=kfac_approx, separate_weight_and_bias=separate_weight_and_bias,
                                           inverse=inverse, structure=structure, inverse_sharing=inverse_sharing,
-                                          loss=loss, reduction=reduction, seed=seed,
+                                          loss=loss, reduction=reduction,
                                           layers=tuple(layer.name for layer in self.layers),
                                           hyper=tuple(sorted((k, v) for k, v in hyper().items() if k != "params"))))
 
