@@ -29,18 +29,14 @@ from torch import Tensor
 
 from . import ops, reference
 from ._blocks import Layer
-from .curvature.rules import LinearRule
+from .curvature.kfac import check_chain
 
 __all__ = ["chain_check", "cross_rows", "chain_directions"]
 
 
 def chain_check(layers: List[Layer], separate_weight_and_bias: bool) -> None:
     """ValueError unless ``layers`` can form a chain: nn.Linear layers, weight and bias joint."""
-    others = [f"{layer.name!r} ({type(layer.module).__name__})" for layer in layers
-              if not (isinstance(layer.module, torch.nn.Linear) and type(layer.rule) is LinearRule)]
-    if others:
-        raise ValueError("structure='block-tridiagonal' covers chains of nn.Linear layers on (B, in) inputs; the model "
-                         f"also has {', '.join(others)}")
+    check_chain(layers)
     if separate_weight_and_bias:
         raise ValueError("structure='block-tridiagonal' keeps each layer's weight and bias in one block "
                          "(separate_weight_and_bias=False)")

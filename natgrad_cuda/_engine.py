@@ -91,7 +91,6 @@ class Engine:
             raise ValueError(COMPILED)
         refuse_sharded(model)
         self.dist = Distributed.current(inverse_sharing)
-        self.ddp = False
         self._pending, self._late = None, False  # data parallel: the factors' all-reduce in flight
         if self.dist is not None and structure == "block-tridiagonal" and inverse_sharing != "eigenbases":
             raise ValueError("structure='block-tridiagonal' needs every layer's inverse on every process: use "
@@ -99,7 +98,8 @@ class Engine:
         # Layers are named inside a DistributedDataParallel wrapper (no "module." prefix), so that a
         # state saved by a data-parallel run loads into a single process and back; the hooks stay on
         # the model as given, whose forward is the one that runs.
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        inner = self.inner = model.module if self.ddp else model
         found, unsupported = _layers.find_layers(inner)
         if not found:
             raise ValueError(
@@ -162,8 +162,7 @@ class Engine:
         """Data parallel: the same optimizer on every process (else a ValueError on all), each
         layer's owner, one MC generator state everywhere (rank 0's) and this process's stream."""
         dist = self.dist
-        inner = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
-        dist.check_same_everywhere(describe(inner, options))
+        dist.check_same_everywhere(describe(self.inner, options))
         dist.assign({layer.name: eigen_cost(layer.shapes()) for layer in self.layers},
                     {layer.name: sharing_bytes(layer.shapes(), self.hyper()["inv_update_freq"]) for layer in self.layers})
         self.factors.dist = dist
@@ -174,7 +173,6 @@ class Engine:
                                             ).double().to(dist.device)], [dist.rank == 0], "scalars")
         self.mc_seed = int(seed)
         self._next_stream()
-        self.ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
 
     def _start_factor_sum(self) -> None:
         """Data parallel, at the end of opt.backward's curvature pass: the factors' all-reduce is

@@ -22,7 +22,7 @@ from .rules import DiagonalRows, EntryRows, LinearRule, rule_for
 from ._losses import LossSpec
 
 __all__ = ["kfac", "KFACCurvature", "FISHER_TYPES", "KFAC_APPROXES", "STRUCTURES", "iter_batches", "accumulate_rows",
-           "is_joint", "drop_cross_terms"]
+           "is_joint", "drop_cross_terms", "check_chain"]
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 KFAC_APPROXES = ("expand", "reduce")
@@ -219,7 +219,9 @@ def kfac(
     slots, num_params = parameter_slots(model, layers)
     taps = [Tap(name, module) for name, module in layers]
     joint = {name: is_joint(slots[name], separate_weight_and_bias) for name, _ in layers}
-    chain = _chain(taps) if structure == "block-tridiagonal" else []
+    if structure == "block-tridiagonal":
+        check_chain(taps)
+    chain = taps if structure == "block-tridiagonal" else []
     A, G, F = {}, {}, {}
     for tap in taps:
         name, module, w = tap.name, tap.module, tap.weight
@@ -329,14 +331,14 @@ def kfac(
     )
 
 
-def _chain(taps: List[Tap]) -> List[Tap]:
-    """The layers of a block tri-diagonal chain, in model order: nn.Linear layers only."""
+def check_chain(taps: List[Tap]) -> None:
+    """ValueError unless the layers (``Tap``s, in model order) can form a block tri-diagonal chain:
+    nn.Linear layers only (the optimizer and ``kfac`` share this check)."""
     others = [f"{tap.name!r} ({type(tap.module).__name__})" for tap in taps
               if not (isinstance(tap.module, nn.Linear) and type(tap.rule) is LinearRule)]
     if others:
         raise ValueError("structure='block-tridiagonal' covers chains of nn.Linear layers on (B, in) inputs; the model "
                          f"also has {', '.join(others)}")
-    return taps
 
 
 def _accumulate_cross(cross: Dict[Tuple[str, str], Tensor], rows, kind: str, batch: int,
