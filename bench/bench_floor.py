@@ -32,7 +32,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ def measure(name: str, reps: int, peak: float) -> dict:
     layers = [m for m in model.modules() if isinstance(m, LAYERS)]
     outputs = []
     handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in layers]
-    x, y = data.x_train[batches[0]], data.y_train[batches[0]]
+    x = data.x_train[batches[0]]
     with engine.suspended():  # a probe forward: K-FAC records nothing
         out = model(x)
     for h in handles:

@@ -11,6 +11,8 @@ inline constexpr const char* kOpSchemas[] = {
     "conv_factor_update_(Tensor(a!)[] factors, Tensor[] images, int[] geometry, float decay, float[] scales, "
     "bool[] append_ones) -> ()",
     "eigh_batched(Tensor[] mats) -> (Tensor[], Tensor[])",
+    "damped_inverse(Tensor[] mats, float[] shifts) -> Tensor[]",
+    "kron_matmul(Tensor[] grads, Tensor[] IA, Tensor[] IG) -> Tensor[]",
     "precondition(Tensor[] grads, Tensor[] QA, Tensor[] dA, Tensor[] QG, Tensor[] dG, float damping, "
     "bool factored) -> Tensor[]",
     "kfac_update_(Tensor(a!)[] params, Tensor[] directions, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

@@ -41,13 +41,19 @@ class Layer(Tap):
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """The shape of every state entry of this layer (no QA when A is diagonal; F and its
-        per-unit eigendecompositions for a layer kept per unit)."""
+        per-unit eigendecompositions for a layer kept per unit); a low-rank QA or QG (and its
+        eigenvalues) has fewer columns."""
         a, g = self.in_dim, self.out_dim
         if self.per_unit:
             return {"F": (g, a, a), "QF": (g, a, a), "dF": (g, a)}
         if self.diagonal:
             return {"A": (a,), "G": (g, g), "dA": (a,), "QG": (g, g), "dG": (g,)}
-        shapes = {"A": (a, a), "G": (g, g), "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,)}
+        # QA and QG hold (n, r) with r <= n for a low-rank factor; IA, IG (and a separate bias
+        # block's IAb, IGb) are the factored damping's explicit inverses, held instead of them
+        shapes = {"A": (a, a), "G": (g, g), "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,), "IA": (a, a),
+                  "IG": (g, g)}
+        if self.bias is not None and not self.joint:
+            shapes.update(IAb=(1, 1), IGb=(g, g))
         if self.next_dims is not None:
             shapes.update(AC=(a, self.next_dims[0]), GC=(g, self.next_dims[1]))
         return shapes

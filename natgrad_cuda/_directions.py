@@ -13,7 +13,7 @@ from ._blocks import Layer
 from ._chain import chain_directions
 from ._checks import warn_user
 
-__all__ = ["decompose", "directions", "has_inverse"]
+__all__ = ["decompose", "directions", "has_inverse", "INVERSE_KEYS"]
 
 # Per block: (layer, params, gradient matrix M, A of the block, G, direction matrix P); M, A and G
 # for the quadratic model (a scale-and-shift layer: its blocks F as A, G None), P for the
@@ -21,72 +21,217 @@ __all__ = ["decompose", "directions", "has_inverse"]
 Block = Tuple[Layer, List[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
+# The inverse entries of a layer's state, by method: eigendecompositions (full or low rank) and
+# the explicit damped inverses of the factored damping (those of a separate bias block apart).
+INVERSE_KEYS = ("QA", "dA", "QG", "dG", "QF", "dF", "IA", "IG", "IAb", "IGb")
+
+# A factor at least this wide is decomposed as low rank plus damping when a rank of at most a quarter
+# of its width is certified (``_certified``): its (n, n) x (n, r) sketch then costs a few percent of
+# an eigendecomposition.
+WIDE = 512
+# A low-rank factor may change its layer's damped inverse by at most this fraction of 1/damping (operator norm).
+LOW_RANK_TOLERANCE = 0.1
+_FIRST_RANK = 32
+
+
 def has_inverse(st: Dict[str, Tensor]) -> bool:
-    return ("dA" in st and "QG" in st) or "QF" in st
+    return ("dA" in st and "QG" in st) or "QF" in st or "IG" in st
 
 
-def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=None) -> None:
-    """Eigendecompositions (eigenvalues clamped at zero) of every factor of ``states``, in place,
-    one batched call; a failed one keeps the previous, with a warning. A diagonal A (a vector) is
-    its own eigenvalues in the standard basis. The per-unit blocks of a layer kept per unit are
-    decomposed by torch's batched solver (a norm's are 2 x 2 at most: nothing for a kernel to gain).
+def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=None, *, damping: float = 1.0,
+              inverse: str = "eigen", full_rank=frozenset(), bias_apart=frozenset()) -> None:
+    """The inverses of every factor of ``states``, in place, each method in one batched call; a failed
+    one keeps the previous, with a warning. Per factor, by cost:
+
+    - low rank (``ops.eigh_lowrank``, warm-started from the previous basis): a factor at least ``WIDE``
+      wide, outside ``full_rank``, whose last decomposition was not a full one, when a rank r <= n/4
+      is certified: tr(F) minus the kept eigenvalues bounds every one left out, and that bound times
+      the other factor's norm stays within LOW_RANK_TOLERANCE / 2 of the damping (exact damping), or
+      within that fraction of the factor's own shift (factored damping). The rank starts at 32 and
+      doubles until certified, then starts there at the next update; past n/4 the factor is
+      decomposed in full from then on;
+    - explicit damped inverses by Cholesky (``ops.damped_inverse``): both factors of a layer under
+      ``inverse="factored"`` with neither low rank, so that preconditioning is two products; layers in
+      ``bias_apart`` get their bias block's G inverse too (its own shift). A failed one falls back on
+      an eigendecomposition;
+    - eigendecompositions (``ops.eigh_batched``, eigenvalues clamped at zero) for the rest. A diagonal
+      A (a vector) is its own eigenvalues in the standard basis. The per-unit blocks of a layer kept
+      per unit are decomposed by torch's batched solver (a norm's are 2 x 2 at most: nothing for a
+      kernel to gain).
 
     ``dist`` (data parallel): each process decomposes the layers it owns; the results of a layer
     whose eigenbases are shared then go to every process, those of a layer whose directions are
     shared stay with its owner (who preconditions it)."""
-    todo = []  # (layer name, "A" or "G") of every matrix factor
+    mine = {name: st for name, st in states.items()
+            if not (dist is not None and dist.keeps(name) and not dist.owns(name))}
+    if dist is not None:  # data parallel: every process computes its own, then shares
+        local = {name: st for name, st in mine.items() if dist.owns(name)}
+        new = _inverses(local, impl, damping, inverse, full_rank, bias_apart)
+        new.update(_share_inverses(states, new, [name for name in states if not dist.keeps(name)], dist))
+    else:
+        new = _inverses(mine, impl, damping, inverse, full_rank, bias_apart)
+    for name, entries in new.items():
+        st = states[name]
+        for key in INVERSE_KEYS:
+            st.pop(key, None)
+        st.update(entries)
+
+
+def _inverses(states, impl, damping, inverse, full_rank, bias_apart) -> Dict[str, Dict[str, Tensor]]:
+    """{layer: its new inverse entries} for the layers of ``states`` with factors; a layer whose
+    decomposition failed is left out (it keeps its previous entries), with a warning."""
+    new: Dict[str, Dict[str, Tensor]] = {}
+    eig = []  # (layer, "A" or "G") to decompose in full
+    low = {}  # (layer, key) -> rank to try
     for name, st in states.items():
-        if dist is not None and dist.keeps(name) and not dist.owns(name):
-            continue
         if "F" in st:  # per-unit (P, k, k) blocks
             d, Q = torch.linalg.eigh(st["F"])
-            st["dF"], st["QF"] = d.clamp_min(0), Q
+            new[name] = {"dF": d.clamp_min(0), "QF": Q}
             continue
         if "A" not in st:
             continue
+        new[name] = {}
+        keys = ("G",) if st["A"].dim() == 1 else ("A", "G")
         if st["A"].dim() == 1:
-            st["dA"] = st["A"].clamp_min(0)
-        else:
-            todo.append((name, "A"))
-        todo.append((name, "G"))
-    if not todo:
-        return
-    if dist is None:
-        results = ops.eigh_batched([states[name][key] for name, key in todo], impl=impl, _trusted=True)
-    else:  # the owner's own (kept) ones, then the shared ones (a collective, the same list everywhere)
-        kept = [i for i, (name, _) in enumerate(todo) if dist.keeps(name)]
-        shared = [i for i, (name, _) in enumerate(todo) if not dist.keeps(name)]
-        results = [None] * len(todo)
-        for i, r in zip(kept, ops.eigh_batched([states[todo[i][0]][todo[i][1]] for i in kept], impl=impl,
-                                               _trusted=True) if kept else []):
-            results[i] = r
-        for i, r in zip(shared, _decompose_shared(states, [todo[i] for i in shared], impl, dist) if shared else []):
-            results[i] = r
-    ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
-    for (name, key), good, (d, Q) in zip(todo, ok, results):
+            new[name]["dA"] = st["A"].clamp_min(0)
+        for key in keys:
+            n, prev = st[key].shape[0], st.get("Q" + key)
+            if (st["A"].dim() == 2 and name not in full_rank and n >= WIDE
+                    and (prev is None or prev.shape[1] < prev.shape[0])):
+                low[(name, key)] = _FIRST_RANK if prev is None else prev.shape[1]
+    lowrank = _low_rank(states, low, impl, damping, inverse)
+    cholesky = [name for name in new if inverse == "factored" and "A" in states[name] and states[name]["A"].dim() == 2
+                and name not in full_rank and not any((name, k) in lowrank for k in ("A", "G"))]
+    failed = set()
+    if cholesky:
+        failed = _damped_inverses(states, cholesky, impl, damping, bias_apart, new)
+    for name in new:
+        if "F" in states[name] or (name in cholesky and name not in failed):
+            continue
+        for key in (("G",) if states[name]["A"].dim() == 1 else ("A", "G")):
+            if (name, key) in lowrank:
+                new[name]["d" + key], new[name]["Q" + key] = lowrank[(name, key)]
+            else:
+                eig.append((name, key))
+    if eig:
+        results = ops.eigh_batched([states[name][key] for name, key in eig], impl=impl, _trusted=True)
+        ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
+        bad = set()
+        for (name, key), good, (d, Q) in zip(eig, ok, results):
+            if good:
+                new[name]["d" + key], new[name]["Q" + key] = d.clamp_min(0), Q
+                continue
+            bad.add(name)
+            keep = "keeping the previous one" if has_inverse(states[name]) else \
+                "the layer uses its plain gradient until one succeeds"
+            warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
+                      f"float64; {keep}")
+        for name in bad:
+            del new[name]
+    return new
+
+
+def _norm_bound(F: Tensor) -> Tensor:
+    """An upper bound on the spectral norm of a positive semi-definite factor: the smaller of its
+    trace and its largest absolute row sum (a vector: its largest entry)."""
+    if F.dim() == 1:
+        return F.max().clamp_min(0)
+    return torch.minimum(F.diagonal().sum(), F.abs().sum(dim=1).max())
+
+
+def _traces(st: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    """tr A / dim A and tr G / dim G."""
+    A, G = st["A"], st["G"]
+    ta = A.mean() if A.dim() == 1 else A.diagonal().mean()
+    return ta, G.diagonal().mean()
+
+
+def _pi(ta: Tensor, tg: Tensor) -> Tensor:
+    ok = (ta > 0) & (tg > 0)
+    return torch.where(ok, (ta / torch.where(ok, tg, 1.0)).sqrt(), torch.ones_like(ta))
+
+
+def _low_rank(states, todo: Dict[Tuple[str, str], int], impl, damping: float, inverse: str
+              ) -> Dict[Tuple[str, str], Tuple[Tensor, Tensor]]:
+    """The certified low-rank decompositions of the factors in ``todo`` ((layer, key) -> rank to
+    try), all of a round in one ``ops.eigh_lowrank`` call; the rank doubles for those not certified
+    until it passes n/4 (then they are left out: decomposed in full)."""
+    done: Dict[Tuple[str, str], Tuple[Tensor, Tensor]] = {}
+    bases = {item: states[item[0]].get("Q" + item[1]) for item in todo}
+    todo = {item: min(r, states[item[0]][item[1]].shape[0] // 4) for item, r in todo.items()}
+    while todo:
+        items = list(todo)
+        results = ops.eigh_lowrank([states[name][key] for name, key in items], [todo[i] for i in items],
+                                   [bases[i] for i in items], impl=impl, _trusted=True)
+        bounds = []
+        for (name, key), (d, Q) in zip(items, results):
+            st = states[name]
+            other = st["G" if key == "A" else "A"]
+            tail = (st[key].diagonal().sum() - d.sum()).clamp_min(0)
+            if inverse == "eigen":
+                bounds.append(tail * _norm_bound(other) / damping)
+            else:
+                ta, tg = _traces(st)
+                pi = _pi(ta, tg)
+                shift = pi * math.sqrt(damping) if key == "A" else math.sqrt(damping) / pi
+                bounds.append(tail / shift)
+        certified = (torch.stack(bounds) <= LOW_RANK_TOLERANCE / 2).tolist()  # one host sync per round
+        nxt = {}
+        for item, (d, Q), good in zip(items, results, certified):
+            n = states[item[0]][item[1]].shape[0]
+            if good and bool(torch.isfinite(d).all()):
+                done[item] = (d, Q)
+            elif 2 * todo[item] <= n // 4:
+                nxt[item], bases[item] = 2 * todo[item], Q
+        todo = nxt
+    return done
+
+
+def _damped_inverses(states, names: List[str], impl, damping: float, bias_apart, new) -> set:
+    """The factored damping's explicit inverses (A + pi sqrt(damping) I)^-1 and
+    (G + sqrt(damping)/pi I)^-1 of every layer in ``names`` (and a separate bias block's, whose A is
+    1), into ``new``, in one ``ops.damped_inverse`` call; the names of those that failed."""
+    root = math.sqrt(damping)
+    mats, shifts, where = [], [], []
+    pis = {}
+    for name in names:
         st = states[name]
-        if good:
-            st["d" + key], st["Q" + key] = d.clamp_min(0), Q
-        elif "Q" + key in st:
-            warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
-                      "float64; keeping the previous one")
-        else:
-            warn_user(f"K-FAC: the eigendecomposition of {key} of layer {name!r} failed in float32 and "
-                      "float64; the layer uses its plain gradient until one succeeds")
+        ta, tg = _traces(st)
+        pi = _pi(ta, tg)
+        entries = [("IA", st["A"], pi * root), ("IG", st["G"], root / pi)]
+        if name in bias_apart:  # the bias block: A = 1, so pi from G alone
+            pi_b = _pi(torch.ones_like(tg), tg)
+            pis[name] = pi_b
+            entries.append(("IGb", st["G"], root / pi_b))
+        for key, F, shift in entries:
+            mats.append(F), shifts.append(shift), where.append((name, key))
+    shifts = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in shifts]).tolist()  # one host sync
+    results = ops.damped_inverse(mats, shifts, impl=impl, _trusted=True)
+    ok = torch.stack([torch.isfinite(I).all() for I in results]).tolist()
+    failed = set()
+    for (name, key), I, good in zip(where, results, ok):
+        if not good:
+            failed.add(name)
+        new[name][key] = I
+    for name in names:
+        if name in failed:
+            for key in ("IA", "IG", "IGb"):
+                new[name].pop(key, None)
+            warn_user(f"K-FAC: the Cholesky factorisation of the damped factors of layer {name!r} failed in "
+                      "float32 and float64; it uses an eigendecomposition instead")
+        elif name in pis:
+            pi_b = pis[name]
+            new[name]["IAb"] = (1.0 / (1.0 + pi_b * root)).reshape(1, 1).to(states[name]["A"].dtype)
+    return failed
 
 
-def _decompose_shared(states, todo, impl, dist) -> List[Tuple[Tensor, Tensor]]:
-    """Each process decomposes its layers' factors, then every result goes to every process."""
-    mine = [dist.owns(name) for name, _ in todo]
-    own = iter(ops.eigh_batched([states[name][key] for (name, key), m in zip(todo, mine) if m], impl=impl,
-                                _trusted=True))
-    tensors = []
-    for (name, key), m in zip(todo, mine):
-        F = states[name][key]
-        d, Q = next(own) if m else (F.new_zeros(F.shape[0]), torch.zeros_like(F))
-        tensors += [d, Q.contiguous()]
-    shared = dist.share(tensors, [m for m in mine for _ in (0, 1)], "inverses")
-    return list(zip(shared[0::2], shared[1::2]))
+def _share_inverses(states, new, shared: List[str], dist) -> Dict[str, Dict[str, Tensor]]:
+    """The inverse entries of the layers in ``shared`` from their owners, on every process (the
+    owner of one that failed has none: everyone keeps the previous)."""
+    entries = [new.get(name) if dist.owns(name) else None for name in shared]
+    like = [states[name]["F" if "F" in states[name] else "G"] for name in shared]
+    got = dist.share_entries(entries, INVERSE_KEYS, like, "inverses")
+    return {name: e for name, e in zip(shared, got) if e is not None}
 
 
 def directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], damping: float, inverse: str,
@@ -110,10 +255,12 @@ BlockDirections = Dict[Tuple[str, int], Tensor]
 
 def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], damping: float, inverse: str,
                      impl: Optional[str]) -> BlockDirections:
-    """The direction matrix of every block of the layers with an inverse and a gradient, all
-    Kronecker blocks in one batched ``ops.precondition`` call."""
+    """The direction matrix of every block of the layers with an inverse and a gradient: the
+    Kronecker blocks with eigendecompositions in one batched ``ops.precondition`` call, those with
+    explicit damped inverses in one ``ops.kron_matmul`` call."""
     out: BlockDirections = {}
     Ms, QA, dA, QG, dG, keys = [], [], [], [], [], []
+    Mi, IA, IG, ikeys = [], [], [], []
     for layer in layers:
         st = states[layer.name]
         if not has_inverse(st):
@@ -126,6 +273,9 @@ def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], 
                 out[(layer.name, i)] = _entry_direction(M, st, damping)
             elif layer.diagonal:  # no eigenbasis on the A side: two products with Q_G, never an (in, in) matrix
                 out[(layer.name, i)] = _diagonal_direction(M, st, damping, inverse)
+            elif "IG" in st:  # the factored damping's explicit inverses
+                Mi.append(M), IA.append(st["IAb" if is_bias else "IA"]), IG.append(st["IGb" if is_bias else "IG"])
+                ikeys.append((layer.name, i))
             else:
                 if is_bias:
                     one = torch.ones(1, 1, dtype=st["QA"].dtype, device=M.device)
@@ -136,6 +286,8 @@ def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], 
                 keys.append((layer.name, i))
     if Ms:
         out.update(zip(keys, ops.precondition(Ms, QA, dA, QG, dG, float(damping), inverse, impl=impl, _trusted=True)))
+    if Mi:
+        out.update(zip(ikeys, ops.kron_matmul(Mi, IA, IG, impl=impl, _trusted=True)))
     return out
 
 

@@ -198,6 +198,39 @@ class Distributed:
         summed: exact)."""
         return self.sum_tensors([t if m else torch.zeros_like(t) for t, m in zip(tensors, mine)], phase)
 
+    def share_entries(self, entries: List[Optional[Dict[str, Tensor]]], keys: Sequence[str], like: List[Tensor],
+                      phase: str) -> List[Optional[Dict[str, Tensor]]]:
+        """Dicts of tensors (``keys`` at most, of up to 3 dims) each from the one process that has it
+        (None elsewhere), on every process; None where no process had one. Their shapes go first
+        (one small collective), so that the others know what to receive; ``like[i]``: the dtype and
+        device of item i's tensors."""
+        desc = torch.zeros(len(entries), len(keys), 4, dtype=torch.float64)
+        for i, e in enumerate(entries):
+            for j, key in enumerate(keys):
+                if e is not None and key in e:
+                    shape = tuple(e[key].shape)
+                    desc[i, j, 0] = 1.0
+                    desc[i, j, 1:1 + len(shape)] = torch.tensor(shape, dtype=torch.float64) + 1  # 0: no dim
+        (desc,) = self.sum_tensors([desc.to(self.device)], phase)
+        desc = desc.cpu().long().tolist()
+        tensors, mine, where = [], [], []
+        for i, e in enumerate(entries):
+            for j, key in enumerate(keys):
+                present, *dims = desc[i][j]
+                if not present:
+                    continue
+                shape = tuple(d - 1 for d in dims if d > 0)
+                have = e is not None and key in e
+                tensors.append(e[key].contiguous() if have else torch.zeros(shape, dtype=like[i].dtype,
+                                                                                device=like[i].device))
+                mine.append(have)
+                where.append((i, key))
+        out: List[Optional[Dict[str, Tensor]]] = [None] * len(entries)
+        for (i, key), t in zip(where, self.share(tensors, mine, phase) if tensors else []):
+            out[i] = out[i] or {}
+            out[i][key] = t
+        return out
+
     def average_gradients(self, grads: List[Tensor]) -> None:
         """The mean of every gradient over the processes, in place (a model DDP does not wrap)."""
         summed = self.sum_tensors(grads, "gradients")

@@ -29,7 +29,7 @@ from ._blocks import Layer
 from ._chain import chain_check
 from ._distributed import Distributed, describe, eigen_cost, refuse_sharded, sharing_bytes
 from ._checks import check_bool, check_number, refuse_copy, warn_user
-from ._directions import directions
+from ._directions import INVERSE_KEYS, directions
 from ._factors import Factors
 from ._quadratic import ggn_gram, quadratic_change
 from .curvature.recording import COMPILED, Recorder
@@ -143,6 +143,7 @@ class Engine:
         self.consecutive_skips = 0
         self.last_rho: Optional[float] = None
         self.factors = Factors(self.layers, hyper, self.impl, owner)
+        self.factors.inverse = inverse
         self.recorder = Recorder(model, self.layers, spec=self.spec, fisher_type=fisher_type, kfac_approx=kfac_approx,
                                  mc_samples=self.mc_samples, owner=owner, factor_step_due=self.factor_step_due,
                                  generator=self._mc_generator, flush=self.factors.flush,
@@ -382,27 +383,18 @@ class Engine:
             "inverse": self.inverse,
             "structure": self.structure,
             "mc_seed": getattr(self, "mc_seed", None),
+            "inverse_damping": self.factors.inverse_damping,
         }
 
     def _gather_inverses(self, layers: Dict[str, Dict[str, Tensor]]) -> None:
-        """Every layer's eigendecompositions from its owner, into ``layers`` (in place)."""
-        items, tensors, mine = [], [], []
-        for layer in self.layers:
-            if not self.dist.keeps(layer.name):
-                continue
-            st, shapes = layers[layer.name], layer.shapes()
-            for key in ("QA", "dA", "QG", "dG", "QF", "dF"):
-                if key not in shapes:
-                    continue
-                have = key in st and self.dist.owns(layer.name)
-                items.append((layer.name, key))
-                tensors.append(st[key] if have else torch.zeros(shapes[key], dtype=layer.factor_dtype,
-                                                                device=layer.weight.device))
-                mine.append(have)
-        *shared, flags = self.dist.share(tensors + [self.dist.flags(mine)], mine + [True], "inverses")
-        for (name, key), t, flag in zip(items, shared, flags.tolist()):
-            if flag > 0:
-                layers[name][key] = t.clone()
+        """Every layer's inverses from its owner, into ``layers`` (in place)."""
+        kept = [layer for layer in self.layers if self.dist.keeps(layer.name)]
+        entries = [{k: v for k, v in layers[layer.name].items() if k in INVERSE_KEYS}
+                   if self.dist.owns(layer.name) else None for layer in kept]
+        like = [torch.empty(0, dtype=layer.factor_dtype, device=layer.weight.device) for layer in kept]
+        for layer, got in zip(kept, self.dist.share_entries(entries, INVERSE_KEYS, like, "inverses")):
+            if got is not None:
+                layers[layer.name].update({k: t.clone() for k, t in got.items()})
 
     def check_state_dict(self, sd) -> Callable[[], None]:
         """Validate a saved K-FAC state completely (every entry present, of the right kind, shape and
@@ -427,6 +419,9 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state_dict: entry {key!r} must be an int >= 0, got {value!r}")
             counters[key] = value
+        inverse_damping = sd.get("inverse_damping")  # newer than the format: None redoes explicit inverses
+        if inverse_damping is not None and (isinstance(inverse_damping, bool) or not isinstance(inverse_damping, (int, float))):
+            raise ValueError(f"state_dict: entry 'inverse_damping' must be a float or None, got {inverse_damping!r}")
         rho = sd["last_rho"]
         if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float))):
             raise ValueError(f"state_dict: entry 'last_rho' must be a float or None, got {rho!r}")
@@ -441,9 +436,15 @@ class Engine:
             if self.dist is not None:  # a layer whose directions are shared: only its owner keeps its inverses
                 for name, st in loaded.items():
                     if self.dist.keeps(name) and not self.dist.owns(name):
-                        for key in ("QA", "dA", "QG", "dG"):
+                        for key in INVERSE_KEYS:
+                            st.pop(key, None)
+            if self.inverse == "eigen":  # a factored run's explicit inverses: eigendecompositions at the next step
+                for st in loaded.values():
+                    if "IG" in st:
+                        for key in INVERSE_KEYS:
                             st.pop(key, None)
             self.factors.state = loaded
+            self.factors.inverse_damping = None if inverse_damping is None else float(inverse_damping)
             self.steps, self.skipped_steps = counters["steps"], counters["skipped_steps"]
             self.consecutive_skips = counters["consecutive_skips"]
             self.generator = generator

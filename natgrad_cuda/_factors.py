@@ -40,6 +40,13 @@ class Factors:
         # structure="block-tridiagonal": the chain's layer names (their cross factors are kept too)
         self.chain: List[str] = []
         self.dist = None  # data parallel: the process group (``_distributed.Distributed``)
+        self.inverse = "eigen"  # the optimizer's ``inverse``
+        # the damping the factored damping's explicit inverses were computed for (they are redone when it changes)
+        self.inverse_damping: Optional[float] = None
+        self._staged_damping: Optional[float] = None
+        # layers with a separate bias block (whose factored inverse of G has its own shift)
+        self.bias_apart = {layer.name for layer in layers
+                           if not layer.per_unit and not layer.joint and layer.bias is not None}
         self.reset()
 
     def reset(self) -> None:
@@ -105,13 +112,16 @@ class Factors:
         # a process holds the inverses of a layer whose directions are shared only when it owns it
         missing = any(not has_inverse(self.state[name]) for name in have
                       if self.dist is None or not self.dist.keeps(name) or self.dist.owns(name))
+        damping = self.hyper()["damping"]
+        stale = self.inverse == "factored" and damping != self.inverse_damping  # explicit inverses of another damping
         self._staged = None
-        if have and (inverses_due or missing):
+        if have and (inverses_due or missing or stale):
             staged = {name: dict(st) for name, st in self.state.items()}
             if self._new:
                 self._average(staged, *self._new, in_place=False)
-            decompose(staged, self.impl, self.dist)
-            self._staged = staged
+            decompose(staged, self.impl, self.dist, damping=damping, inverse=self.inverse, full_rank=set(self.chain),
+                      bias_apart=self.bias_apart)
+            self._staged, self._staged_damping = staged, damping
 
     def current(self) -> Dict[str, Dict[str, Tensor]]:
         """The state this step's directions use: staged, or the committed one."""
@@ -120,7 +130,7 @@ class Factors:
     def accept(self) -> None:
         """Commit what ``stage`` staged: the new moving averages (and inverses)."""
         if self._staged is not None:
-            self.state = self._staged
+            self.state, self.inverse_damping = self._staged, self._staged_damping
         elif self._new:
             self._average(self.state, *self._new, in_place=True)
         self._staged = self._new = None
@@ -214,14 +224,17 @@ class Factors:
         if unknown:
             raise ValueError(f"{where}: unknown entries {sorted(unknown)}")
         keys = set(saved)
-        # A layer holds nothing (never updated), its factors, or its factors and their
-        # eigendecompositions (a diagonal A has no QA).
+        # A layer holds nothing (never updated), its factors, or its factors and their inverses:
+        # eigendecompositions (a diagonal A has no QA) or explicit damped inverses.
         if layer.per_unit:
             pairs = [(("F",), tuple(shapes)), (("QF",), ("dF",)), (("dF",), ("QF",))]
         else:
             pairs = [(("A", "G"), tuple(shapes)), (("QG",), ("dG",)), (("dG",), ("QG",))]
             if not layer.diagonal:
-                pairs += [(("QA",), ("dA",)), (("dA",), ("QA",))]
+                explicit = ("IA", "IG", "IAb", "IGb") if "IGb" in shapes else ("IA", "IG")
+                pairs += [(("QA",), ("dA",)), (("dA",), ("QA",)), (explicit, explicit)]
+                if keys & {"QA", "QG"} and keys & set(explicit):
+                    raise ValueError(f"{where}: entries {sorted(keys)} mix eigendecompositions and explicit inverses")
         for need, having in pairs:
             if keys & set(having) and not set(need) <= keys:
                 raise ValueError(f"{where}: entries {sorted(keys)} are incomplete (missing "
@@ -234,14 +247,19 @@ class Factors:
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 raise ValueError(f"{where} entry {key!r} must be a floating-point tensor, got "
                                  f"{getattr(t, 'dtype', type(t).__name__)}")
-            if tuple(t.shape) != shapes[key]:
-                raise ValueError(f"{where} entry {key!r} has shape {tuple(t.shape)}, expected {shapes[key]}")
+            expected = shapes[key]
+            if key in ("QA", "QG", "dA", "dG") and not layer.diagonal:  # low rank: r <= n columns
+                q = saved.get("Q" + key[1])
+                r = q.shape[1] if isinstance(q, Tensor) and q.dim() == 2 and q.shape[1] <= q.shape[0] else expected[0]
+                expected = (expected[0], r) if key[0] == "Q" else (r,)
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{where} entry {key!r} has shape {tuple(t.shape)}, expected {expected}")
             t = t.detach().to(device=device, dtype=layer.factor_dtype).clone()
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{where} entry {key!r} is not finite")
             if key.startswith("d") and bool((t < 0).any()):
                 raise ValueError(f"{where} entry {key!r}: eigenvalues must be >= 0")
-            if key.startswith("Q"):  # (n, n), or (P, k, k) per entry
+            if key.startswith("Q"):  # (n, r), or (P, k, k) per entry
                 eye = torch.eye(t.shape[-1], dtype=t.dtype, device=device)
                 tol = 1e-3 if t.dtype == torch.float32 else 1e-8
                 if t.numel() and float((t.mT @ t - eye).abs().max()) > tol * max(1, t.shape[-1]) ** 0.5:

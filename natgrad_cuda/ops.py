@@ -24,7 +24,8 @@ import torch.nn.functional as nnf
 from . import _ext, emulation, reference
 from ._checks import check_bool, check_number
 
-__all__ = ["factor_update_", "ConvPatches", "eigh_batched", "precondition", "kfac_update_", "IMPLS"]
+__all__ = ["factor_update_", "ConvPatches", "eigh_batched", "eigh_lowrank", "damped_inverse", "precondition",
+           "kron_matmul", "kfac_update_", "IMPLS"]
 
 IMPLS = (None, "reference", "native", "emulated")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -221,19 +222,7 @@ def factor_update_(
 
 
 def _check_eigh_args(mats):
-    _refuse_autograd("eigh_batched", mats=mats)
-    device = None
-    for i, M in enumerate(mats):
-        if not isinstance(M, torch.Tensor):
-            raise TypeError(f"eigh_batched: mats[{i}] must be a tensor, got {type(M).__name__}")
-        if M.dim() != 2 or M.shape[0] != M.shape[1]:
-            raise ValueError(f"eigh_batched: mats[{i}] must be a square matrix, got shape {tuple(M.shape)}")
-        if M.dtype not in _FACTOR_DTYPES:
-            raise ValueError(f"eigh_batched: mats[{i}] must be float32 or float64, got {M.dtype}")
-        device = M.device if device is None else device
-        if M.device != device:
-            raise ValueError(f"eigh_batched: mats[{i}] is on {M.device}, mats[0] on {device}")
-    return device
+    return _check_square_list("eigh_batched", "mats", mats)
 
 
 def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _trusted: bool = False):
@@ -258,6 +247,176 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _t
     return list(zip(evals, evecs))
 
 
+def eigh_lowrank(mats: Sequence[torch.Tensor], ranks: Sequence[int], bases: Optional[Sequence] = None,
+                 impl: Optional[str] = None, *, _trusted: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """[(eigenvalues ascending (r,), eigenvectors (n, r))]: the ``ranks[i]`` leading eigenpairs of every
+    symmetric positive semi-definite matrix (lower triangle read), one call for all, without a full
+    decomposition.
+
+    The reference is exact (the top of ``eigh_batched``). The other backends are the randomized
+    Nystrom approximation (Tropp, Yurtsever, Udell and Cevher 2017, with the stabilising shift)
+    from a sketch of r + 10 columns: ``bases[i]`` (n, q), the previous eigenvectors, when given
+    (warm start), filled up with Gaussian columns of a fixed seed, so that results are a function
+    of the inputs. Its cost is one (n, n) x (n, r + 10) product per matrix (torch's GEMM: cuBLAS on a
+    GPU) plus O(n r^2); the small eigendecompositions go through ``eigh_batched`` with this ``impl``.
+    The approximation F_r = Q diag(d) Q^T satisfies 0 <= F_r <= F, so that
+    tr(F) - sum(d) >= 0 bounds every eigenvalue it leaves out: the caller's certificate. A matrix of
+    rank <= r is recovered to rounding. Non-finite input gives NaN.
+    """
+    mats, ranks = list(mats), list(ranks)
+    bases = [None] * len(mats) if bases is None else list(bases)
+    if _trusted:
+        device = mats[0].device if mats else None
+    else:
+        device = _check_square_list("eigh_lowrank", "mats", mats)
+        if len(ranks) != len(mats) or len(bases) != len(mats):
+            raise ValueError(f"eigh_lowrank: ranks and bases must have {len(mats)} entries (one per matrix)")
+        ranks = [check_number(f"ranks[{i}]", r, low=0, high=M.shape[0], integer=True)
+                 for i, (r, M) in enumerate(zip(ranks, mats))]
+        for i, (B, M) in enumerate(zip(bases, mats)):
+            if B is not None and (not isinstance(B, torch.Tensor) or B.dim() != 2 or B.shape[0] != M.shape[0]
+                                  or B.shape[1] > M.shape[0] or B.device != M.device):
+                raise ValueError(f"eigh_lowrank: bases[{i}] must be None or an (n, q) tensor with q <= n = "
+                                 f"{M.shape[0]} on {M.device}")
+    if not mats:
+        return []
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.eigh_lowrank(mats, ranks)
+    return _nystrom(mats, ranks, bases, impl)
+
+
+def _nystrom(mats, ranks, bases, impl) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The randomized Nystrom approximation of ``eigh_lowrank``: Y = F Omega in F's dtype (the only
+    O(n^2) work), everything after it on (n, s) and (s, s) matrices in float64."""
+    cores, parts = [], []
+    for F, r, B in zip(mats, ranks, bases):
+        n = F.shape[0]
+        s = min(n, r + 10)
+        gen = torch.Generator(device=F.device).manual_seed(n)
+        omega = torch.randn(n, s, dtype=torch.float64, device=F.device, generator=gen)
+        if B is not None and B.shape[1]:
+            q = min(B.shape[1], s)
+            omega[:, :q] = B[:, B.shape[1] - q:].to(torch.float64)  # the leading ones (ascending order)
+        omega = torch.linalg.qr(omega).Q
+        Fs = F.tril() + F.tril(-1).mT
+        Y = (Fs @ omega.to(F.dtype)).to(torch.float64)
+        # the shift keeps the core positive definite whatever the rounding (Tropp et al., algorithm 3)
+        nu = torch.finfo(F.dtype).eps * max(float(torch.linalg.matrix_norm(Y)), 1e-300) * n ** 0.5
+        Y = Y + nu * omega
+        core = omega.T @ Y
+        L, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+        ok = int(info) == 0 and bool(torch.isfinite(L).all())
+        Bm = torch.linalg.solve_triangular(L, Y.T, upper=False).T if ok else torch.full_like(Y, float("nan"))
+        parts.append((F, r, Bm, nu))
+        cores.append(Bm.T @ Bm)  # (s, s): its eigenpairs give B's singular pairs
+    out = []
+    for (F, r, Bm, nu), (w, W) in zip(parts, eigh_batched(cores, impl=impl, _trusted=True)):
+        sigma = w.clamp_min(0).sqrt()
+        U = (Bm @ W) / torch.where(sigma > 0, sigma, 1.0)
+        d = (w - nu).clamp_min(0)
+        if not bool(torch.isfinite(d).all()):
+            out.append((F.new_full((r,), float("nan")), F.new_full((F.shape[0], r), float("nan"))))
+            continue
+        keep = slice(d.shape[0] - r, d.shape[0])  # ascending: the r largest are last
+        d, U = d[keep], U[:, keep]
+        # Columns of a zero eigenvalue (rank below r) are noise: orthonormalise, the largest first, so
+        # that those span the rest (any orthonormal vectors are eigenvectors of a zero eigenvalue).
+        Qr, R = torch.linalg.qr(U.flip(1))
+        U = (Qr * torch.where(R.diagonal() < 0, -1.0, 1.0)).flip(1)
+        out.append((d.to(F.dtype), U.to(F.dtype)))
+    return out
+
+
+def _check_square_list(op: str, name: str, mats) -> Optional[torch.device]:
+    """float32/float64 square matrices on one device, none requiring grad; their device."""
+    _refuse_autograd(op, **{name: mats})
+    device = None
+    for i, M in enumerate(mats):
+        if not isinstance(M, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(M).__name__}")
+        if M.dim() != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"{op}: {name}[{i}] must be a square matrix, got shape {tuple(M.shape)}")
+        if M.dtype not in _FACTOR_DTYPES:
+            raise ValueError(f"{op}: {name}[{i}] must be float32 or float64, got {M.dtype}")
+        device = M.device if device is None else device
+        if M.device != device:
+            raise ValueError(f"{op}: {name}[{i}] is on {M.device}, {name}[0] on {device}")
+    return device
+
+
+def damped_inverse(mats: Sequence[torch.Tensor], shifts: Sequence[float], impl: Optional[str] = None, *,
+                   _trusted: bool = False) -> List[torch.Tensor]:
+    """(F_i + shifts[i] I)^-1 of every symmetric positive semi-definite matrix by Cholesky, one call for
+    all (only the lower triangle is read; the result is symmetric, in F_i's dtype).
+
+    Shifts are finite and > 0. A factorisation that fails (rounding can make a factor with a tiny
+    shift indefinite) or gives a non-finite inverse is redone in float64; one that still fails comes
+    back as NaN, for the caller to fall back on an eigendecomposition.
+    """
+    mats, shifts = list(mats), list(shifts)
+    if _trusted:
+        device = mats[0].device if mats else None
+    else:
+        if len(shifts) != len(mats):
+            raise ValueError(f"damped_inverse: shifts has {len(shifts)} entries but mats has {len(mats)}")
+        shifts = [check_number(f"shifts[{i}]", s, low=0.0, low_open=True) for i, s in enumerate(shifts)]
+        device = _check_square_list("damped_inverse", "mats", mats)
+    if not mats:
+        return []
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.damped_inverse(mats, shifts)
+    op = torch.ops.natgrad.damped_inverse if impl == "native" else torch.ops.natgrad_emu.damped_inverse
+    return list(op(mats, [float(s) for s in shifts]))
+
+
+def kron_matmul(grads, IA, IG, impl: Optional[str] = None, *, _trusted: bool = False) -> List[torch.Tensor]:
+    """IG_i M_i IA_i for every layer's (out, in) matrix M_i = grads[i] at once: the Kronecker product
+    IG (x) IA applied to it, two GEMMs per layer (the factored damping's preconditioning with the
+    explicit inverses of ``damped_inverse``). IA (in, in) and IG (out, out) share one dtype, float32
+    or float64, which sets the accumulation dtype; the results are in the gradients' dtypes."""
+    grads, IA, IG = list(grads), list(IA), list(IG)
+    if _trusted:
+        device = grads[0].device if grads else None
+    else:
+        device = _check_kron_matmul_args(grads, IA, IG)
+    if not grads:
+        return []
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.kron_matmul(grads, IA, IG)
+    op = torch.ops.natgrad.kron_matmul if impl == "native" else torch.ops.natgrad_emu.kron_matmul
+    return list(op(grads, IA, IG))
+
+
+def _check_kron_matmul_args(grads, IA, IG):
+    n = len(grads)
+    for name, seq in (("IA", IA), ("IG", IG)):
+        if len(seq) != n:
+            raise ValueError(f"kron_matmul: {name} has {len(seq)} entries but grads has {n}")
+    _refuse_autograd("kron_matmul", grads=grads, IA=IA, IG=IG)
+    device = None
+    for i, (M, ia, ig) in enumerate(zip(grads, IA, IG)):
+        for name, t in (("grads", M), ("IA", ia), ("IG", ig)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"kron_matmul: {name}[{i}] must be a tensor, got {type(t).__name__}")
+        if M.dim() != 2:
+            raise ValueError(f"kron_matmul: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+        o, k = M.shape
+        if tuple(ia.shape) != (k, k) or tuple(ig.shape) != (o, o):
+            raise ValueError(f"kron_matmul: IA[{i}] must be {(k, k)} and IG[{i}] {(o, o)} for grads[{i}] of shape "
+                             f"{(o, k)}, got {tuple(ia.shape)} and {tuple(ig.shape)}")
+        if ia.dtype not in _FACTOR_DTYPES or ig.dtype != ia.dtype:
+            raise ValueError(f"kron_matmul: IA[{i}] and IG[{i}] must share one dtype, float32 or float64")
+        if M.dtype not in _INPUT_DTYPES:
+            raise ValueError(f"kron_matmul: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
+        device = M.device if device is None else device
+        if any(t.device != device for t in (M, ia, ig)):
+            raise ValueError(f"kron_matmul: the tensors of layer {i} must all be on {device}")
+    return device
+
+
 def _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse):
     n = len(grads)
     for name, seq in (("QA", QA), ("dA", dA), ("QG", QG), ("dG", dG)):
@@ -276,11 +435,11 @@ def _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse):
         if M.dim() != 2:
             raise ValueError(f"precondition: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
         o, k = M.shape
-        want = {"QA": (k, k), "dA": (k,), "QG": (o, o), "dG": (o,)}
-        for name, shape in want.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"precondition: {name}[{i}] must have shape {shape} for grads[{i}] of shape "
-                                 f"{(o, k)}, got {tuple(tensors[name].shape)}")
+        for q, d, n in (("QA", "dA", k), ("QG", "dG", o)):  # (n, r) with r <= n: low rank
+            Q, ev = tensors[q], tensors[d]
+            if Q.dim() != 2 or Q.shape[0] != n or Q.shape[1] > n or ev.shape != (Q.shape[1],):
+                raise ValueError(f"precondition: {q}[{i}] must have shape ({n}, r) with r <= {n} and {d}[{i}] shape "
+                                 f"(r,) for grads[{i}] of shape {(o, k)}, got {tuple(Q.shape)} and {tuple(ev.shape)}")
         if QA[i].dtype not in _FACTOR_DTYPES or any(t.dtype != QA[i].dtype for t in (dA[i], QG[i], dG[i])):
             raise ValueError(f"precondition: QA[{i}], dA[{i}], QG[{i}], dG[{i}] must share one dtype, float32 or "
                              "float64")
@@ -301,6 +460,10 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
     D = (dG + sqrt(damping)/pi)(dA + pi sqrt(damping))^T with pi = sqrt(mean dA / mean dG)
     (inverse="factored": Tikhonov damping split between the factors). Returns new tensors in the
     gradients' dtypes; QA, dA, QG, dG are float32 or float64 and set the accumulation dtype.
+
+    Low rank: QA (in, r) with r < in (or QG (out, r)) holds the leading eigenpairs of a factor whose
+    other eigenvalues are zero (``eigh_lowrank``); the result is that factor's exact damped inverse
+    (``reference.precondition`` gives the formulas).
     """
     grads, QA, dA, QG, dG = (list(x) for x in (grads, QA, dA, QG, dG))
     n = len(grads)
@@ -408,6 +571,18 @@ if _ext.loaded():
 
     torch.library.register_fake("natgrad::precondition")(_precondition_fake)
     torch.library.register_fake("natgrad_emu::precondition")(_precondition_fake)
+
+    def _damped_inverse_fake(mats, shifts):
+        return [M.new_empty(M.shape) for M in mats]
+
+    torch.library.register_fake("natgrad::damped_inverse")(_damped_inverse_fake)
+    torch.library.register_fake("natgrad_emu::damped_inverse")(_damped_inverse_fake)
+
+    def _kron_matmul_fake(grads, IA, IG):
+        return [M.new_empty(M.shape) for M in grads]
+
+    torch.library.register_fake("natgrad::kron_matmul")(_kron_matmul_fake)
+    torch.library.register_fake("natgrad_emu::kron_matmul")(_kron_matmul_fake)
 
     def _kfac_update_fake(params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay, kl_clip):
         return params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64)

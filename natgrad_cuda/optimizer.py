@@ -5,8 +5,9 @@ One K-FAC step (Martens and Grosse 2015; docs/curvature.md for the conventions):
 1. factors, every ``factor_update_freq`` steps: A and G of each supported layer from this step's
    forward and a curvature pass (sampled targets for "mc", the loss-Hessian columns for "type-2",
    the true gradients for "empirical"), into exponential moving averages with ``factor_decay``;
-2. inverses, every ``inv_update_freq`` steps: eigendecompositions of every A and G, eigenvalues
-   clamped at zero;
+2. inverses, every ``inv_update_freq`` steps, per factor by cost (``_directions.decompose``):
+   explicit damped inverses by Cholesky (``inverse="factored"``), certified low-rank
+   eigendecompositions of wide factors, full eigendecompositions (eigenvalues clamped at zero);
 3. preconditioning: (G (x) A + damping I)^-1 applied exactly in the eigenbases (``inverse="eigen"``)
    or the factored Tikhonov inverse with the pi correction (``inverse="factored"``);
 4. trust region: the K-FAC directions scaled by nu = min(1, sqrt(kl_clip / (lr^2 sum <P, g>)));
@@ -108,7 +109,8 @@ class KFAC(torch.optim.Optimizer):
         direction, so it is not preconditioned).
       damping: lambda in (F + lambda I)^-1; the main knob after lr.
       inverse: "eigen" (exact damping in the eigenbasis, default) or "factored" (Tikhonov damping
-        split between the factors with the pi correction).
+        split between the factors with the pi correction: explicit inverses of the damped factors,
+        redone when the damping changes, two products per layer and step).
       factor_decay: the moving average's decay of A and G; factor_update_freq, inv_update_freq:
         steps between factor updates and between eigendecompositions.
       kl_clip: the trust region kappa (None disables it).

@@ -10,7 +10,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["factor_update_", "eigh_batched", "precondition", "kfac_update_", "kl_nu", "accumulation_dtype", "INVERSES"]
+__all__ = ["factor_update_", "eigh_batched", "eigh_lowrank", "damped_inverse", "precondition", "kron_matmul",
+           "kfac_update_", "kl_nu", "accumulation_dtype", "INVERSES"]
 
 INVERSES = ("eigen", "factored")
 
@@ -74,6 +75,46 @@ def _try_eigh(M: torch.Tensor):
     return evals, evecs
 
 
+def eigh_lowrank(mats: Sequence[torch.Tensor], ranks: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The ``ranks[i]`` largest eigenpairs of every symmetric matrix, (eigenvalues ascending (r,),
+    eigenvectors (n, r)), from its full decomposition (``eigh_batched``): the oracle of the
+    randomized ``ops.eigh_lowrank``."""
+    return [(d[d.shape[0] - r:], Q[:, Q.shape[1] - r:]) for (d, Q), r in zip(eigh_batched(mats), ranks)]
+
+
+def damped_inverse(mats: Sequence[torch.Tensor], shifts: Sequence[float]) -> List[torch.Tensor]:
+    """(F_i + shifts[i] I)^-1 of every symmetric matrix (lower triangle read) by Cholesky, in F_i's
+    dtype. A factorisation that fails (a matrix not positive definite after the shift) or gives a
+    non-finite inverse is retried in float64 and cast back; one that still fails comes back filled
+    with NaN, so that the caller can fall back to another method."""
+    out = []
+    for F, shift in zip(mats, shifts):
+        result = _try_inverse(F, shift)
+        if result is None and F.dtype != torch.float64:
+            result = _try_inverse(F.double(), shift)
+            result = None if result is None else result.to(F.dtype)
+        out.append(torch.full_like(F, float("nan")) if result is None else result)
+    return out
+
+
+def _try_inverse(F: torch.Tensor, shift: float):
+    S = F.tril() + F.tril(-1).mT
+    S.diagonal().add_(shift)
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        return None
+    inv = torch.cholesky_inverse(L)
+    return inv if bool(torch.isfinite(inv).all()) else None
+
+
+def kron_matmul(grads: Sequence[torch.Tensor], IA: Sequence[torch.Tensor], IG: Sequence[torch.Tensor]
+                ) -> List[torch.Tensor]:
+    """IG_i M_i IA_i for every layer's (out, in) gradient matrix M_i: (IG (x) IA) applied to it
+    (symmetric IA (in, in) and IG (out, out), the damped inverses of the factored damping). Computed in the
+    factors' dtype and returned in the gradient's."""
+    return [(ig @ M.to(ia.dtype) @ ia).to(M.dtype) for M, ia, ig in zip(grads, IA, IG)]
+
+
 def precondition(
     grads: Sequence[torch.Tensor],
     QA: Sequence[torch.Tensor],
@@ -91,24 +132,42 @@ def precondition(
     pi = sqrt((tr A / dim A) / (tr G / dim G)) (Martens and Grosse 2015), the same sandwich with the
     denominator (dG + sqrt(damping)/pi)(dA + pi sqrt(damping))^T. Computed in the factors' dtype
     and returned in the gradient's.
+
+    Low rank: QA may be (in, rA) with rA < in (and QG (out, rG)), the leading eigenpairs of a
+    factor whose other eigenvalues are zero. Then, with D as above over the kept pairs,
+    eigen:    P = M / damping + QG [V * (1/D - 1/damping)] QA^T,  V = QG^T M QA;
+    factored: P = S_G M S_A,  S = I/g + Q diag(1/(d + g) - 1/g) Q^T  (g the side's shift),
+    both the same operator as the full decomposition with the missing eigenvalues set to zero.
     """
     out = []
-    for M, qa, da, qg, dg in zip(grads, QA, dA, QG, dG):
-        V = qg.T @ M.to(qa.dtype) @ qa
-        if inverse == "eigen":
-            denom = torch.outer(dg, da) + damping
+    for grad, qa, da, qg, dg in zip(grads, QA, dA, QG, dG):
+        M = grad.to(qa.dtype)
+        low_rank = qa.shape[1] < qa.shape[0] or qg.shape[1] < qg.shape[0]
+        root = math.sqrt(damping)
+        if inverse == "factored":
+            pi = factored_pi(da, dg, qa.shape[0], qg.shape[0])
+            ga, gg = pi * root, root / pi
+        if not low_rank:
+            V = qg.T @ M @ qa
+            denom = torch.outer(dg, da) + damping if inverse == "eigen" else torch.outer(dg + gg, da + ga)
+            P = qg @ (V / denom) @ qa.T
+        elif inverse == "eigen":
+            V = qg.T @ M @ qa
+            W = 1.0 / (torch.outer(dg, da) + damping) - 1.0 / damping
+            P = M / damping + qg @ (V * W) @ qa.T
         else:
-            pi = factored_pi(da, dg)
-            root = math.sqrt(damping)
-            denom = torch.outer(dg + root / pi, da + pi * root)
-        out.append((qg @ (V / denom) @ qa.T).to(M.dtype))
+            T = M / ga + ((M @ qa) * (1.0 / (da + ga) - 1.0 / ga)) @ qa.T
+            P = T / gg + qg @ ((qg.T @ T) * (1.0 / (dg + gg) - 1.0 / gg)[:, None])
+        out.append(P.to(grad.dtype))
     return out
 
 
-def factored_pi(dA: torch.Tensor, dG: torch.Tensor) -> torch.Tensor:
-    """pi = sqrt((tr A / dim A) / (tr G / dim G)) from the eigenvalues; 1 when either trace is zero
-    (a dead layer), so that the damping still splits evenly."""
-    ta, tg = dA.mean(), dG.mean()
+def factored_pi(dA: torch.Tensor, dG: torch.Tensor, dim_a: int = None, dim_g: int = None) -> torch.Tensor:
+    """pi = sqrt((tr A / dim A) / (tr G / dim G)) from the eigenvalues (the kept ones of a low-rank
+    decomposition, over the full dimension ``dim_a`` / ``dim_g``); 1 when either trace is zero (a
+    dead layer), so that the damping still splits evenly."""
+    ta = dA.sum() / (dim_a or max(dA.shape[0], 1))
+    tg = dG.sum() / (dim_g or max(dG.shape[0], 1))
     ok = (ta > 0) & (tg > 0)
     return torch.where(ok, (ta / torch.where(ok, tg, 1.0)).sqrt(), torch.ones_like(ta))
 

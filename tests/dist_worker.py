@@ -14,9 +14,11 @@ STEPS = 4
 BATCH = 12  # the global batch: divisible by 1, 2 and 3 processes
 
 
-def model_and_data(seed=0):
+def model_and_data(seed=0, wide=False):
+    """``wide``: a 520-wide hidden layer, whose G and the next layer's A are decomposed as low rank."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    h = 520 if wide else 7
+    model = nn.Sequential(nn.Linear(5, h), nn.Tanh(), nn.Linear(h, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     g = torch.Generator().manual_seed(100 + seed)
     x = torch.randn(STEPS, BATCH, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (STEPS, BATCH), generator=g)
@@ -68,11 +70,15 @@ VARIANTS = [
     ("kfac-unit-wise-directions-ddp", "KFAC", dict(fisher_type="type-2", structure="unit-wise",
                                                     inverse_sharing="directions"), True),
     ("kfac-tridiagonal-ddp", "KFAC", dict(fisher_type="type-2", structure="block-tridiagonal"), True),
+    # low-rank wide factors beside full eigendecompositions and explicit inverses
+    ("kfac-wide-eigen-hybrid-ddp", "KFAC", dict(fisher_type="type-2", inverse_sharing="hybrid", wide=True), True),
+    ("kfac-wide-factored-eigenbases-plain", "KFAC", dict(fisher_type="mc", inverse="factored", wide=True), False),
 ]
 
 
 def run_variant(name, kind, options, wrap, rank, world):
-    model, x, y = model_and_data()
+    options = dict(options)
+    model, x, y = model_and_data(wide=options.pop("wide", False))
     net = nn.parallel.DistributedDataParallel(model) if (wrap and world > 1 and dist.is_initialized()) else model
     opt = build(net, kind, **options)
     follower = torch.optim.SGD(model.parameters(), lr=0.2) if kind == "pre" else None

@@ -4,31 +4,18 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <ATen/Dispatch.h>
-
 #include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "eigh_batched.h"
+#include "finite.h"
 #include "schedule.h"
 
 namespace natgrad {
 namespace cpu_kernels {
 namespace {
-
-// Finite entries only: x * 0 is 0 for a finite x and NaN otherwise, summed without a branch
-// (ATen's isfinite().all().item() costs more than the check itself).
-bool all_finite(const at::Tensor& t) {
-  const at::Tensor c = t.is_contiguous() || t.t().is_contiguous() ? t : t.contiguous();  // any dense layout
-  return AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "eigh_batched", [&] {
-    const scalar_t* p = c.data_ptr<scalar_t>();
-    scalar_t s = 0;
-    for (int64_t i = 0; i < c.numel(); ++i) s += p[i] * scalar_t(0);
-    return s == scalar_t(0);
-  });
-}
 
 bool try_eigh(const at::Tensor& M, at::Tensor* w, at::Tensor* v) {
   if (!all_finite(M)) return false;

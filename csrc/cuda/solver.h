@@ -1,9 +1,13 @@
-// The cuSOLVER calls our CUDA host code makes (the 64-bit "X" API: syevd, syevBatched). Under nvcc
-// they are cuSOLVER itself; in the emulated build (NATGRAD_EMULATE) they are CPU functions with the
-// same names, signatures and column-major semantics. The emulated solvers read only the triangle
-// `uplo` names, check leading dimensions, data types and workspace sizes as cuSOLVER does
-// (CUSOLVER_STATUS_INVALID_VALUE), write eigenvectors over A and eigenvalues ascending into W, and
-// count as library calls, so that a wrong triangle, leading dimension or batch stride fails a test.
+// The cuSOLVER calls our CUDA host code makes (the 64-bit "X" API: syevd, syevBatched, potrf,
+// potrs). Under nvcc they are cuSOLVER itself; in the emulated build (NATGRAD_EMULATE) they are CPU
+// functions with the same names, signatures and column-major semantics. The emulated solvers read
+// only the triangle `uplo` names, check leading dimensions, data types and workspace sizes as
+// cuSOLVER does (CUSOLVER_STATUS_INVALID_VALUE), write eigenvectors over A and eigenvalues ascending
+// into W (syev), the Cholesky factor over the named triangle of A, leaving the other untouched, with
+// info = i > 0 when the leading minor of order i is not positive definite (potrf), the solution over
+// B (potrs), and count as library calls, so that a wrong triangle, leading dimension or batch
+// stride fails a test. The Cholesky pair computes in A's own precision, so that a float32
+// factorisation fails where float32 rounding makes the matrix indefinite.
 #pragma once
 
 #include "cuda/runtime.h"
@@ -84,6 +88,59 @@ inline cusolverStatus_t syev(const char* name, cusolverEigMode_t jobz, cublasFil
   return CUSOLVER_STATUS_SUCCESS;
 }
 
+// The symmetric matrix whose triangle `uplo` is stored column-major in A, as a (row-major) tensor.
+template <typename T>
+at::Tensor symmetric_from(cublasFillMode_t uplo, int64_t n, const T* A, int64_t lda) {
+  at::Tensor M = at::empty({n, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* m = M.data_ptr<T>();
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t r = 0; r < n; ++r) {
+      const bool stored = uplo == CUBLAS_FILL_MODE_LOWER ? r >= c : r <= c;
+      m[r * n + c] = stored ? A[r + c * lda] : A[c + r * lda];
+    }
+  return M;
+}
+
+inline size_t potrf_device_bytes(int64_t n, cudaDataType t) {
+  return static_cast<size_t>(std::max<int64_t>(n * n, 1)) * solver_item(t);
+}
+
+inline cusolverStatus_t potrf_checks(int64_t n, int64_t lda, cudaDataType ta, cudaDataType tc) {
+  if (n < 0 || lda < std::max<int64_t>(1, n) || ta != tc) return CUSOLVER_STATUS_INVALID_VALUE;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+
+template <typename T>
+void potrf_one(cublasFillMode_t uplo, int64_t n, T* A, int64_t lda, int* info) {
+  at::Tensor L, fail;
+  std::tie(L, fail) = at::linalg_cholesky_ex(symmetric_from(uplo, n, A, lda));  // LAPACK, in T
+  *info = fail.item<int>();
+  if (*info != 0) return;  // A is left in an unspecified state, as by cuSOLVER
+  const at::Tensor l = L.contiguous();
+  const T* ld = l.data_ptr<T>();
+  for (int64_t c = 0; c < n; ++c)  // lower: L; upper: U = L^T; the other triangle untouched
+    for (int64_t r = 0; r < n; ++r) {
+      if (uplo == CUBLAS_FILL_MODE_LOWER ? r >= c : r <= c)
+        A[r + c * lda] = uplo == CUBLAS_FILL_MODE_LOWER ? ld[r * n + c] : ld[c * n + r];
+    }
+}
+
+template <typename T>
+void potrs_one(cublasFillMode_t uplo, int64_t n, int64_t nrhs, const T* A, int64_t lda, T* B, int64_t ldb) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor L = at::zeros({n, n}, opts), X = at::empty({n, nrhs}, opts);
+  T* l = L.data_ptr<T>();
+  T* x = X.data_ptr<T>();
+  for (int64_t c = 0; c < n; ++c)  // the factor from the named triangle only, as lower L
+    for (int64_t r = c; r < n; ++r) l[r * n + c] = uplo == CUBLAS_FILL_MODE_LOWER ? A[r + c * lda] : A[c + r * lda];
+  for (int64_t c = 0; c < nrhs; ++c)
+    for (int64_t r = 0; r < n; ++r) x[r * nrhs + c] = B[r + c * ldb];
+  const at::Tensor S = at::cholesky_solve(X, L).contiguous();
+  const T* s = S.data_ptr<T>();
+  for (int64_t c = 0; c < nrhs; ++c)
+    for (int64_t r = 0; r < n; ++r) B[r + c * ldb] = s[r * nrhs + c];
+}
+
 }  // namespace emu
 }  // namespace natgrad
 
@@ -120,6 +177,42 @@ inline cusolverStatus_t cusolverDnXsyevBatched(cusolverDnHandle_t, cusolverDnPar
                                                size_t device_bytes, void*, size_t, int* info, int64_t batch) {
   return natgrad::emu::syev("cusolverDnXsyevBatched", jobz, uplo, n, ta, A, lda, tw, W, tc, device_bytes, info,
                             batch);
+}
+
+inline cusolverStatus_t cusolverDnXpotrf_bufferSize(cusolverDnHandle_t, cusolverDnParams_t, cublasFillMode_t,
+                                                    int64_t n, cudaDataType ta, const void*, int64_t lda,
+                                                    cudaDataType tc, size_t* device_bytes, size_t* host_bytes) {
+  natgrad::emu::count_library_call("cusolverDnXpotrf_bufferSize");
+  if (natgrad::emu::potrf_checks(n, lda, ta, tc) != CUSOLVER_STATUS_SUCCESS) return CUSOLVER_STATUS_INVALID_VALUE;
+  *device_bytes = natgrad::emu::potrf_device_bytes(n, ta);
+  *host_bytes = 0;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+inline cusolverStatus_t cusolverDnXpotrf(cusolverDnHandle_t, cusolverDnParams_t, cublasFillMode_t uplo, int64_t n,
+                                         cudaDataType ta, void* A, int64_t lda, cudaDataType tc, void*,
+                                         size_t device_bytes, void*, size_t, int* info) {
+  natgrad::emu::count_library_call("cusolverDnXpotrf");
+  if (natgrad::emu::potrf_checks(n, lda, ta, tc) != CUSOLVER_STATUS_SUCCESS ||
+      device_bytes < natgrad::emu::potrf_device_bytes(n, ta))
+    return CUSOLVER_STATUS_INVALID_VALUE;
+  if (ta == CUDA_R_64F)
+    natgrad::emu::potrf_one(uplo, n, static_cast<double*>(A), lda, info);
+  else
+    natgrad::emu::potrf_one(uplo, n, static_cast<float*>(A), lda, info);
+  return CUSOLVER_STATUS_SUCCESS;
+}
+inline cusolverStatus_t cusolverDnXpotrs(cusolverDnHandle_t, cusolverDnParams_t, cublasFillMode_t uplo, int64_t n,
+                                         int64_t nrhs, cudaDataType ta, const void* A, int64_t lda, cudaDataType tb,
+                                         void* B, int64_t ldb, int* info) {
+  natgrad::emu::count_library_call("cusolverDnXpotrs");
+  if (n < 0 || nrhs < 0 || lda < std::max<int64_t>(1, n) || ldb < std::max<int64_t>(1, n) || ta != tb)
+    return CUSOLVER_STATUS_INVALID_VALUE;
+  *info = 0;
+  if (ta == CUDA_R_64F)
+    natgrad::emu::potrs_one(uplo, n, nrhs, static_cast<const double*>(A), lda, static_cast<double*>(B), ldb);
+  else
+    natgrad::emu::potrs_one(uplo, n, nrhs, static_cast<const float*>(A), lda, static_cast<float*>(B), ldb);
+  return CUSOLVER_STATUS_SUCCESS;
 }
 
 namespace natgrad {

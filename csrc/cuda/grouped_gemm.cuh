@@ -1,0 +1,194 @@
+// The grouped GEMM kernel of precondition and kron_matmul: C = A B (+ an epilogue) for many layers
+// in one launch. Each layer's tiles are laid end to end in the grid (cuda/grouped.cuh); a block
+// computes one 32x32 tile of C, staging 32-deep slabs of A and B in shared memory, accumulating in
+// acc_t. Transposes are strides: the kernel takes any (row, column) strides of A, B, C and X.
+//
+// Epilogues (per table entry, so one launch mixes them), on v = (A B)[i][j]:
+//   kStore                v
+//   kExact, kFactored     v / D[i][j], the damped eigenvalue product (precondition.h)
+//   kExactLowRank         v (1/(dG_i dA_j + lambda) - 1/lambda)
+//   kColumnsLowRank       v (1/(dA_j + gA) - 1/gA)     (factored damping's shifts gA, gG)
+//   kRowsLowRank          v (1/(dG_i + gG) - 1/gG)
+// then, unless add is kNoAdd, + X[i][j] / (lambda, gA or gG). The factored shifts come from pi,
+// which each block computes from all of the layer's eigenvalues (sums over dimA and dimG).
+//
+// Included by several .cu files: everything is in an anonymous namespace inside NATGRAD_KERNEL_NS,
+// so that each translation unit (and the CUDA and emulated builds) has its own copy, no ODR clash.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "cuda/grouped.cuh"
+#include "cuda/reduce.cuh"
+#include "cuda/runtime.h"
+#include "precondition.h"
+
+namespace natgrad {
+namespace NATGRAD_KERNEL_NS {
+namespace {
+
+constexpr int kTile = 32;   // tile edge = threads in x
+constexpr int kRows = 8;    // threads in y; each thread owns kTile / kRows rows of the tile
+constexpr int kChunk = 32;  // depth of the staged slabs
+
+enum Epilogue : int {
+  kStore = 0,
+  kExact = 1,
+  kFactored = 2,
+  kExactLowRank = 3,
+  kColumnsLowRank = 4,
+  kRowsLowRank = 5,
+};
+enum Add : int { kNoAdd = 0, kAddOverDamping = 1, kAddOverGA = 2, kAddOverGG = 3 };
+
+struct Gemm {  // C (m x n) = A (m x k) B (k x n); X[i][j] at i * x0 + j * x1
+  dev_ptr<const char> A, B;
+  dev_ptr<char> C;
+  dev_ptr<const char> X;       // the matrix added (C's shape, x_t); unused for kNoAdd
+  dev_ptr<const char> dG, dA;  // the layer's eigenvalues (nG, nA); unused for kStore without add
+  int64_t m, n, k;
+  int64_t a0, a1, b0, b1, c0, c1, x0, x1;
+  int64_t nG, nA, dimG, dimA;  // eigenvalues kept, and the factors' sizes (pi's divisors)
+  int64_t tile_begin, tiles_n;
+  double damping;
+  int epilogue, add;
+};
+
+// What an entry's epilogue needs besides C; the defaults store A B.
+struct EpilogueArgs {
+  int epilogue = kStore;
+  int add = kNoAdd;
+  const at::Tensor* X = nullptr;
+  const at::Tensor* dG = nullptr;  // dense (the kernel indexes them directly)
+  const at::Tensor* dA = nullptr;
+  int64_t dimG = 0, dimA = 0;
+  double damping = 0.0;
+};
+
+NATGRAD_HOST_DEVICE inline bool needs_pi(int epilogue, int add) {
+  return epilogue == kFactored || epilogue == kColumnsLowRank || epilogue == kRowsLowRank || add == kAddOverGA ||
+         add == kAddOverGG;
+}
+
+template <typename a_t, typename c_t, typename x_t, typename acc_t>
+__global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
+  const int64_t blk = blockIdx.x;
+  const Gemm G = table[entry_of_block(table, count, blk)];
+  const int64_t t = blk - G.tile_begin;
+  const int64_t i0 = (t / G.tiles_n) * kTile, j0 = (t % G.tiles_n) * kTile;
+  const dev_ptr<const a_t> a = ptr_cast<const a_t>(G.A);
+  const dev_ptr<const acc_t> b = ptr_cast<const acc_t>(G.B);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+
+  __shared__ acc_t As[kChunk][kTile + 1];  // As[r][x] = A[i0 + x][k0 + r]
+  __shared__ acc_t Bs[kChunk][kTile + 1];  // Bs[r][x] = B[k0 + r][j0 + x]
+  __shared__ acc_t scratch[32];
+  acc_t acc[kTile / kRows];
+#pragma unroll
+  for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);
+
+  for (int64_t k0 = 0; k0 < G.k; k0 += kChunk) {
+    for (int r = ty; r < kChunk; r += kRows) {
+      const int64_t kk = k0 + r;
+      As[r][tx] = (i0 + tx < G.m && kk < G.k) ? static_cast<acc_t>(a[(i0 + tx) * G.a0 + kk * G.a1]) : acc_t(0);
+      Bs[r][tx] = (kk < G.k && j0 + tx < G.n) ? b[kk * G.b0 + (j0 + tx) * G.b1] : acc_t(0);
+    }
+    __syncthreads();
+    slab_multiply<kChunk, kTile, kRows>(As, Bs, acc, tx, ty);
+    __syncthreads();
+  }
+
+  const dev_ptr<const acc_t> dG = ptr_cast<const acc_t>(G.dG), dA = ptr_cast<const acc_t>(G.dA);
+  precondition::Damping damp = precondition::exact(G.damping);
+  if (needs_pi(G.epilogue, G.add)) {  // uniform over the block: pi from the means of the layer's eigenvalues
+    const int tid = tx + kTile * ty, nt = kTile * kRows;
+    acc_t sa = acc_t(0), sg = acc_t(0);
+    for (int64_t j = tid; j < G.nA; j += nt) sa += dA[j];
+    for (int64_t i = tid; i < G.nG; i += nt) sg += dG[i];
+    sa = block_reduce_sum(sa, scratch);
+    sg = block_reduce_sum(sg, scratch);
+    if (tid == 0) {
+      scratch[0] = sa;
+      scratch[1] = sg;
+    }
+    __syncthreads();
+    damp = precondition::factored<acc_t>(scratch[0] / acc_t(G.dimA), scratch[1] / acc_t(G.dimG), G.damping);
+  }
+  const double over = G.add == kAddOverDamping ? damp.lambda : G.add == kAddOverGA ? damp.gA : damp.gG;
+  const dev_ptr<const x_t> x = ptr_cast<const x_t>(G.X);
+  const dev_ptr<c_t> c = ptr_cast<c_t>(G.C);
+  const int64_t j = j0 + tx;
+#pragma unroll
+  for (int q = 0; q < kTile / kRows; ++q) {
+    const int64_t i = i0 + ty + q * kRows;
+    if (i >= G.m || j >= G.n) continue;
+    acc_t v = acc[q];
+    switch (G.epilogue) {
+      case kExact:
+      case kFactored:
+        v /= precondition::denominator(dG[i], dA[j], damp);
+        break;
+      case kExactLowRank:
+        v *= precondition::low_rank_weight(dG[i], dA[j], damp);
+        break;
+      case kColumnsLowRank:
+        v *= precondition::shift_weight(dA[j], damp.gA);
+        break;
+      case kRowsLowRank:
+        v *= precondition::shift_weight(dG[i], damp.gG);
+        break;
+      default:
+        break;
+    }
+    if (G.add != kNoAdd) v += static_cast<acc_t>(x[i * G.x0 + j * G.x1]) / acc_t(over);
+    c[i * G.c0 + j * G.c1] = static_cast<c_t>(v);
+  }
+}
+
+// One stage's table entry for C = op(A) op(B) (op a transpose when ta / tb); tiles are appended to
+// `tiles`.
+Gemm entry(const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at::Tensor& C, int64_t* tiles,
+           const EpilogueArgs& e = {}) {
+  Gemm g;
+  g.A = device_ptr<const char>(A);
+  g.B = device_ptr<const char>(B);
+  g.C = device_ptr<char>(C);
+  g.X = e.X ? device_ptr<const char>(*e.X) : device_ptr<const char>(C);
+  g.dG = e.dG ? device_ptr<const char>(*e.dG) : device_ptr<const char>(C);
+  g.dA = e.dA ? device_ptr<const char>(*e.dA) : device_ptr<const char>(C);
+  g.m = C.size(0);
+  g.n = C.size(1);
+  g.k = ta ? A.size(0) : A.size(1);
+  g.a0 = ta ? A.stride(1) : A.stride(0);
+  g.a1 = ta ? A.stride(0) : A.stride(1);
+  g.b0 = tb ? B.stride(1) : B.stride(0);
+  g.b1 = tb ? B.stride(0) : B.stride(1);
+  g.c0 = C.stride(0);
+  g.c1 = C.stride(1);
+  g.x0 = e.X ? e.X->stride(0) : 0;
+  g.x1 = e.X ? e.X->stride(1) : 0;
+  g.nG = e.dG ? e.dG->numel() : 0;
+  g.nA = e.dA ? e.dA->numel() : 0;
+  g.dimG = e.dimG;
+  g.dimA = e.dimA;
+  g.tiles_n = (g.n + kTile - 1) / kTile;
+  g.tile_begin = *tiles;
+  g.damping = e.damping;
+  g.epilogue = e.epilogue;
+  g.add = e.add;
+  *tiles += ((g.m + kTile - 1) / kTile) * g.tiles_n;
+  return g;
+}
+
+// Launches one stage (skipped when it has no tiles: an empty grid is a launch error).
+template <typename a_t, typename c_t, typename x_t, typename acc_t>
+void launch_stage(dev_ptr<const Gemm> table, int count, int64_t tiles, stream_t stream) {
+  if (tiles == 0) return;
+  const dim3 grid(static_cast<unsigned>(tiles)), block(kTile, kRows);
+  NATGRAD_LAUNCH((grouped_gemm_kernel<a_t, c_t, x_t, acc_t>), grid, block, 0, stream, table, count);
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace NATGRAD_KERNEL_NS
+}  // namespace natgrad

@@ -1,0 +1,68 @@
+// kron_matmul on CUDA: P = IG M IA for every layer in two launches of the grouped GEMM kernel
+// (cuda/grouped_gemm.cuh; per pair of gradient and factor dtypes), whatever the number of layers:
+//   1. T = M IA   (reads the gradient in its own dtype; no conversion pass)
+//   2. P = IG T   (written in the gradient's dtype)
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "cuda/grouped_gemm.cuh"
+#include "cuda/runtime.h"
+#include "kron_matmul.h"
+
+namespace natgrad {
+namespace NATGRAD_KERNEL_NS {
+namespace {
+
+std::vector<at::Tensor> kron_matmul(at::TensorList grads, at::TensorList IA, at::TensorList IG) {
+  kron_matmul::check_args(grads, IA, IG);
+  const size_t count = grads.size();
+  std::vector<at::Tensor> out(count);
+  if (count == 0) return out;
+  const DeviceGuard guard(grads[0].device());
+  const stream_t stream = current_stream();
+
+  std::vector<bool> done(count, false);
+  for (size_t first = 0; first < count; ++first) {
+    if (done[first]) continue;
+    const auto gdt = grads[first].scalar_type(), adt = IA[first].scalar_type();
+    std::vector<Gemm> stage[2];  // the two stages' tables, one after the other in one upload
+    int64_t tiles[2] = {0, 0};
+    std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
+    for (size_t i = first; i < count; ++i) {
+      if (done[i] || grads[i].scalar_type() != gdt || IA[i].scalar_type() != adt) continue;
+      done[i] = true;
+      const at::Tensor& M = grads[i];
+      out[i] = at::empty(M.sizes(), M.options());
+      if (M.numel() == 0) continue;
+      const at::Tensor T = at::empty(M.sizes(), IA[i].options());
+      keep.push_back(T);
+      stage[0].push_back(entry(M, false, IA[i], false, T, &tiles[0]));
+      stage[1].push_back(entry(IG[i], false, T, false, out[i], &tiles[1]));
+    }
+    if (stage[0].empty()) continue;
+    TORCH_CHECK(tiles[0] < (int64_t(1) << 31), "kron_matmul: too many tiles");
+    std::vector<Gemm> all(stage[0]);
+    all.insert(all.end(), stage[1].begin(), stage[1].end());
+    const at::Tensor table = upload(all.data(), all.size() * sizeof(Gemm), grads[first]);
+    const dev_ptr<const Gemm> base = device_ptr<const Gemm>(table);
+    const int per_stage = static_cast<int>(stage[0].size());
+    AT_DISPATCH_FLOATING_TYPES(adt, "kron_matmul", [&] {
+      using acc_t = scalar_t;
+      AT_DISPATCH_SWITCH(gdt, "kron_matmul", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
+        using g_t = scalar_t;
+        launch_stage<g_t, acc_t, acc_t, acc_t>(base, per_stage, tiles[0], stream);
+        launch_stage<acc_t, g_t, acc_t, acc_t>(base + per_stage, per_stage, tiles[1], stream);
+      }));
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+NATGRAD_CUDA_IMPL(natgrad, m) { m.impl("kron_matmul", &kron_matmul); }
+
+}  // namespace NATGRAD_KERNEL_NS
+}  // namespace natgrad

@@ -1,0 +1,303 @@
+"""The inverse phase's methods, chosen per factor by cost: explicit damped inverses by Cholesky for
+the factored damping, certified low-rank eigendecompositions of wide factors (``ops.eigh_lowrank``),
+full eigendecompositions for the rest. Each against its dense float64 oracle, on every backend.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad_cuda as ng
+from natgrad_cuda import _ext, emulation, ops, reference
+
+DT = torch.float64
+BACKENDS = ["reference", "native", "emulated"]
+
+
+def need(backend):
+    if backend == "native" and not _ext.native_available(torch.device("cpu")):
+        pytest.fail("the CPU kernels are not compiled")  # scripts/test.sh requires the extension
+    if backend == "emulated" and not emulation.available():
+        pytest.fail("the emulated CUDA backend is not compiled")
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def model_of(widths, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers).to(DT)
+
+
+def batch(n, d, classes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, dtype=DT, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def step(model, opt, x, y):
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(F.cross_entropy(out, y), out)
+    grads = {name: (m.weight.grad.clone(), None if m.bias is None else m.bias.grad.clone())
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    before = flat(model.parameters())
+    opt.step()
+    return grads, flat(model.parameters()) - before
+
+
+def factored_oracle(A, G, M, lam):
+    """(G + sqrt(lam)/pi I)^-1 M (A + pi sqrt(lam) I)^-1, pi from the traces."""
+    pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+    eye = lambda n: torch.eye(n, dtype=DT)  # noqa: E731
+    return torch.linalg.solve(G + math.sqrt(lam) / pi * eye(G.shape[0]), M) @ torch.linalg.inv(
+        A + pi * math.sqrt(lam) * eye(A.shape[0]))
+
+
+def exact_oracle(A, G, M, lam):
+    """(G (x) A + lam I)^-1 vec(M), dense."""
+    K = torch.kron(G, A) + lam * torch.eye(A.shape[0] * G.shape[0], dtype=DT)
+    return torch.linalg.solve(K, M.reshape(-1)).reshape(M.shape)
+
+
+def expected_delta(model, opt, grads, lam, oracle, lr):
+    """-lr times every Linear's direction from the optimizer's own factors (the moving averages its
+    step used: one step, so the first estimate) and its gradients."""
+    layers = opt.state_dict()["kfac"]["layers"]
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        A, G = layers[name]["A"], layers[name]["G"]
+        gw, gb = grads[name]
+        if A.shape[0] == m.in_features + 1:  # joint weight and bias
+            P = oracle(A, G, torch.cat([gw, gb[:, None]], 1), lam)
+            out += [P[:, :-1], P[:, -1]]
+        else:
+            out.append(oracle(A, G, gw, lam))
+            if gb is not None:
+                out.append(oracle(torch.ones(1, 1, dtype=DT), G, gb[:, None], lam)[:, 0])
+    return -lr * flat(out)
+
+
+# ---- factored damping: explicit inverses, two products per layer -------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("separate", [False, True])
+def test_factored_damping_uses_explicit_inverses(backend, separate):
+    need(backend)
+    model, lam = model_of([5, 7, 3]), 0.05
+    x, y = batch(12, 5, 3)
+    opt = ng.KFAC(model, lr=0.7, momentum=0.0, kl_clip=None, damping=lam, loss="cross_entropy",
+                  fisher_type="type-2", inverse="factored", separate_weight_and_bias=separate, backend=backend)
+    grads, delta = step(model, opt, x, y)
+    layers = opt.state_dict()["kfac"]["layers"]
+    for st in layers.values():  # no eigendecomposition at all
+        assert {"IA", "IG"} <= set(st) and not {"QA", "QG"} & set(st)
+        assert ({"IAb", "IGb"} <= set(st)) == separate
+    expect = expected_delta(model, opt, grads, lam, factored_oracle, 0.7)
+    assert torch.allclose(delta, expect, rtol=1e-9, atol=1e-13)
+
+
+def test_factored_inverses_follow_a_damping_change():
+    """The explicit inverses are of the damped factors: a new damping redoes them at the next step,
+    between inverse updates too."""
+    model, lam = model_of([5, 7, 3]), 0.05
+    x, y = batch(12, 5, 3)
+    opt = ng.KFAC(model, lr=0.5, momentum=0.0, kl_clip=None, damping=lam, loss="cross_entropy",
+                  fisher_type="type-2", inverse="factored", factor_update_freq=100, inv_update_freq=100)
+    step(model, opt, x, y)
+    opt.param_groups[0]["damping"] = 0.3
+    grads, delta = step(model, opt, x, y)
+    assert torch.allclose(delta, expected_delta(model, opt, grads, 0.3, factored_oracle, 0.5), rtol=1e-9,
+                          atol=1e-13)
+
+
+def test_failed_cholesky_falls_back_on_an_eigendecomposition(monkeypatch):
+    model, lam = model_of([5, 7, 3]), 0.05
+    x, y = batch(12, 5, 3)
+    opt = ng.KFAC(model, lr=0.7, momentum=0.0, kl_clip=None, damping=lam, loss="cross_entropy",
+                  fisher_type="type-2", inverse="factored", backend="reference")
+    monkeypatch.setattr(reference, "damped_inverse", lambda mats, shifts: [torch.full_like(M, float("nan"))
+                                                                           for M in mats])
+    with pytest.warns(RuntimeWarning, match="Cholesky factorisation .* failed"):
+        grads, delta = step(model, opt, x, y)
+    layers = opt.state_dict()["kfac"]["layers"]
+    assert all({"QA", "QG"} <= set(st) and "IA" not in st for st in layers.values())
+    assert torch.allclose(delta, expected_delta(model, opt, grads, lam, factored_oracle, 0.7), rtol=1e-9,
+                          atol=1e-13)
+
+
+# ---- wide factors: certified low rank ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inverse", ["eigen", "factored"])
+def test_wide_factors_of_few_rows_are_low_rank_and_exact(backend, inverse):
+    """16 data points: the 513-wide A of the second layer and the 512-wide G of the first have rank
+    <= 48, so rank 32 or 64 holds them exactly; the step is the dense damped inverse's."""
+    need(backend)
+    model, lam = model_of([3, 512, 2]), 1e-2
+    x, y = batch(16, 3, 2)
+    opt = ng.KFAC(model, lr=0.3, momentum=0.0, kl_clip=None, damping=lam, loss="cross_entropy",
+                  fisher_type="type-2", inverse=inverse, backend=backend)
+    grads, delta = step(model, opt, x, y)
+    layers = opt.state_dict()["kfac"]["layers"]
+    assert layers["2"]["QA"].shape[0] == 513 and layers["2"]["QA"].shape[1] <= 128
+    assert layers["0"]["QG"].shape[0] == 512 and layers["0"]["QG"].shape[1] <= 128
+    # the narrow factors: full eigendecompositions (exact damping) or explicit inverses (factored, for
+    # a layer with no wide factor)
+    assert layers["2"]["QG"].shape == (2, 2) and layers["0"]["QA"].shape == (4, 4)
+    oracle = exact_oracle if inverse == "eigen" else factored_oracle
+    expect = expected_delta(model, opt, grads, lam, oracle, 0.3)
+    assert torch.allclose(delta, expect, rtol=1e-7, atol=1e-10 * expect.abs().max())
+
+
+def test_full_rank_wide_factor_is_decomposed_in_full():
+    """600 Gaussian inputs: the 513-wide A has no certified rank <= 128; it is decomposed in full,
+    and stays so at the next inverse update (no second attempt)."""
+    model, lam = model_of([512, 2]), 1e-3
+    x, y = batch(600, 512, 2)
+    opt = ng.KFAC(model, lr=0.1, damping=lam, loss="cross_entropy", fisher_type="type-2", inv_update_freq=1)
+    step(model, opt, x, y)
+    assert opt.state_dict()["kfac"]["layers"]["0"]["QA"].shape == (513, 513)
+    calls = []
+    real = ops.eigh_lowrank
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "eigh_lowrank", lambda *a, **k: calls.append(1) or real(*a, **k))
+        step(model, opt, x, y)
+    assert not calls
+
+
+def test_low_rank_state_resumes_bit_identically():
+    """Low-rank bases (warm-started at every inverse update) and explicit inverses in one run:
+    a checkpoint taken in the middle resumes to the same bits."""
+    kw = dict(lr=0.05, damping=1e-2, loss="cross_entropy", fisher_type="mc", inv_update_freq=2, seed=4)
+
+    def run(model, opt, seeds):
+        for s in seeds:
+            step(model, opt, *batch(16, 3, 2, seed=s))
+
+    for inverse in ("eigen", "factored"):
+        a = model_of([3, 512, 2])
+        opt_a = ng.KFAC(a, inverse=inverse, **kw)
+        run(a, opt_a, range(3))
+        ckpt = copy.deepcopy({"model": a.state_dict(), "opt": opt_a.state_dict()})
+        run(a, opt_a, range(3, 7))
+        b = model_of([3, 512, 2], seed=9)
+        opt_b = ng.KFAC(b, inverse=inverse, **kw)
+        b.load_state_dict(ckpt["model"])
+        opt_b.load_state_dict(ckpt["opt"])
+        run(b, opt_b, range(3, 7))
+        assert torch.equal(flat(a.parameters()), flat(b.parameters())), inverse
+        assert opt_a.state_dict()["kfac"]["layers"]["2"]["QA"].shape[1] < 513
+
+
+def test_saved_inverses_are_validated():
+    model = model_of([3, 512, 2])
+    opt = ng.KFAC(model, lr=0.1, loss="cross_entropy", inverse="factored")
+    step(model, opt, *batch(16, 3, 2))
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    Q = bad["kfac"]["layers"]["2"]["QA"]
+    bad["kfac"]["layers"]["2"]["QA"] = Q[:, 1:]  # one column fewer than its eigenvalues
+    with pytest.raises(ValueError, match="'dA' has shape"):
+        opt.load_state_dict(bad)
+    opt.load_state_dict(sd)  # the good one still loads
+    model = model_of([5, 7, 3])
+    opt = ng.KFAC(model, lr=0.1, loss="cross_entropy", inverse="factored")
+    step(model, opt, *batch(12, 5, 3))
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["kfac"]["layers"]["0"]["QA"] = torch.eye(6, dtype=DT)
+    bad["kfac"]["layers"]["0"]["dA"] = torch.ones(6, dtype=DT)
+    with pytest.raises(ValueError, match="mix eigendecompositions and explicit inverses"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    del bad["kfac"]["layers"]["0"]["IG"]
+    with pytest.raises(ValueError, match="incomplete"):
+        opt.load_state_dict(bad)
+    opt.load_state_dict(sd)  # the good one still loads
+
+
+# ---- the op: ops.eigh_lowrank -----------------------------------------------------------------------
+
+
+def psd(n, rank, seed=0, dtype=DT, decay=None):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, rank, dtype=DT, generator=g)
+    if decay is not None:
+        X = X * decay ** torch.arange(rank, dtype=DT)
+    return (X @ X.T).to(dtype)
+
+
+@pytest.mark.parametrize("impl", ["native", "emulated"])
+@pytest.mark.parametrize("n,rank,r", [(1, 1, 1), (7, 3, 3), (40, 5, 8), (130, 20, 20), (300, 33, 40)])
+def test_eigh_lowrank_recovers_low_rank_matrices(impl, n, rank, r):
+    need(impl)
+    F = psd(n, rank, seed=n)
+    (d, Q), = ops.eigh_lowrank([F], [r], impl=impl)
+    (de, Qe), = ops.eigh_lowrank([F], [r], impl="reference")
+    scale = float(de.max())
+    assert d.shape == (r,) and Q.shape == (n, r)
+    assert torch.allclose(d, de, atol=1e-10 * scale)
+    assert torch.allclose(Q.T @ Q, torch.eye(r, dtype=DT), atol=1e-10)
+    assert torch.allclose(Q @ torch.diag(d) @ Q.T, F, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("impl", ["native", "emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigh_lowrank_certificate_bounds_what_it_leaves_out(impl, dtype):
+    """On a full-rank matrix: 0 <= F_r <= F, so that tr(F) - sum(d) >= every left-out eigenvalue;
+    a warm start from the previous basis gets closer to the top eigenvalues."""
+    need(impl)
+    F = psd(200, 200, seed=3, decay=0.97, dtype=dtype)
+    exact = torch.linalg.eigvalsh(F.double())
+    (d, Q), = ops.eigh_lowrank([F], [30], impl=impl)
+    d, Q = d.double(), Q.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert bool((d >= 0).all()) and bool((d <= exact[-30:] + tol * exact[-1]).all())
+    rest = F.double() - Q @ torch.diag(d) @ Q.T
+    assert float(torch.linalg.eigvalsh(rest).min()) >= -tol * float(exact[-1])
+    assert float(F.double().trace() - d.sum()) >= float(exact[-31]) - tol * float(exact[-1])
+    (d2, _), = ops.eigh_lowrank([F], [30], [Q.to(dtype)], impl=impl)
+    err = lambda v: float((v.double() - exact[-30:]).abs().max())  # noqa: E731
+    assert err(d2) < err(d)
+
+
+@pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
+def test_eigh_lowrank_batches_and_edge_cases(impl):
+    need(impl)
+    mats = [psd(9, 2, seed=1), torch.zeros(6, 6, dtype=DT), psd(5, 5, seed=2)]
+    out = ops.eigh_lowrank(mats, [2, 3, 5], impl=impl)
+    assert [tuple(Q.shape) for _, Q in out] == [(9, 2), (6, 3), (5, 5)]
+    assert float(out[1][0].abs().max()) < 1e-250
+    assert torch.allclose(out[1][1].T @ out[1][1], torch.eye(3, dtype=DT), atol=1e-12)
+    assert ops.eigh_lowrank([], [], impl=impl) == []
+    bad = psd(8, 2).clone()
+    bad[3, 1] = float("nan")
+    (d, Q), = ops.eigh_lowrank([bad], [2], impl=impl)
+    assert bool(torch.isnan(d).all()) and bool(torch.isnan(Q).all())
+
+
+def test_eigh_lowrank_checks_its_arguments():
+    F = psd(6, 2)
+    with pytest.raises(ValueError, match="ranks"):
+        ops.eigh_lowrank([F], [1, 2])
+    with pytest.raises(ValueError, match="ranks\\[0\\]"):
+        ops.eigh_lowrank([F], [7])
+    with pytest.raises(ValueError, match="bases\\[0\\]"):
+        ops.eigh_lowrank([F], [2], [torch.zeros(5, 2, dtype=DT)])
+    with pytest.raises(ValueError, match="square"):
+        ops.eigh_lowrank([torch.zeros(3, 4, dtype=DT)], [1])
+    with pytest.raises(ValueError, match="requires grad"):
+        ops.eigh_lowrank([F.requires_grad_()], [1])
