@@ -163,6 +163,7 @@ def _low_rank(states, todo: Dict[Tuple[str, str], int], impl, damping: float, in
         items = list(todo)
         results = ops.eigh_lowrank([states[name][key] for name, key in items], [todo[i] for i in items],
                                    [bases[i] for i in items], impl=impl, _trusted=True)
+        results = [_trimmed(d, Q) for d, Q in results]
         bounds = []
         for (name, key), (d, Q) in zip(items, results):
             st = states[name]
@@ -185,6 +186,17 @@ def _low_rank(states, todo: Dict[Tuple[str, str], int], impl, damping: float, in
                 nxt[item], bases[item] = 2 * todo[item], Q
         todo = nxt
     return done
+
+
+def _trimmed(d: Tensor, Q: Tensor) -> Tuple[Tensor, Tensor]:
+    """A low-rank decomposition without the pairs beyond twice the rank that holds all but 1e-6 of
+    its trace (at least the first rank), so that the next update, which starts from this rank, does
+    not keep a sketch wider than the factor needs; the certificate is taken after the trim."""
+    total = d.sum()
+    tail = torch.cumsum(d, 0)  # ascending: the mass below each index
+    k = int((tail > 1e-6 * total).sum())  # pairs needed to hold all but 1e-6 of the captured trace
+    r = min(d.shape[0], max(_FIRST_RANK, 2 * k))
+    return d[d.shape[0] - r:], Q[:, Q.shape[1] - r:]
 
 
 def _damped_inverses(states, names: List[str], impl, damping: float, bias_apart, new) -> set:

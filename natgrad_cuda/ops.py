@@ -257,8 +257,9 @@ def eigh_lowrank(mats: Sequence[torch.Tensor], ranks: Sequence[int], bases: Opti
     Nystrom approximation (Tropp, Yurtsever, Udell and Cevher 2017, with the stabilising shift)
     from a sketch of r + 10 columns: ``bases[i]`` (n, q), the previous eigenvectors, when given
     (warm start), filled up with Gaussian columns of a fixed seed, so that results are a function
-    of the inputs. Its cost is one (n, n) x (n, r + 10) product per matrix (torch's GEMM: cuBLAS on a
-    GPU) plus O(n r^2); the small eigendecompositions go through ``eigh_batched`` with this ``impl``.
+    of the inputs. Its cost is one (n, n) x (n, r + 10) product per matrix in float64 (torch's GEMM:
+    cuBLAS on a GPU) plus O(n r^2); the small eigendecompositions go through ``eigh_batched`` with
+    this ``impl``.
     The approximation F_r = Q diag(d) Q^T satisfies 0 <= F_r <= F, so that
     tr(F) - sum(d) >= 0 bounds every eigenvalue it leaves out: the caller's certificate. A matrix of
     rank <= r is recovered to rounding. Non-finite input gives NaN.
@@ -287,9 +288,11 @@ def eigh_lowrank(mats: Sequence[torch.Tensor], ranks: Sequence[int], bases: Opti
 
 
 def _nystrom(mats, ranks, bases, impl) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """The randomized Nystrom approximation of ``eigh_lowrank``: Y = F Omega in F's dtype (the only
-    O(n^2) work), everything after it on (n, s) and (s, s) matrices in float64."""
-    cores, parts = [], []
+    """The randomized Nystrom approximation of ``eigh_lowrank``, in float64: Y = F Omega (the only
+    O(n^2) work), then (n, s) and (s, s) matrices. The core
+    Omega^T Y is inverted through its eigendecomposition, so that a rank below s (a factor that
+    has seen few rows) drops out instead of failing a Cholesky factorisation."""
+    parts = []
     for F, r, B in zip(mats, ranks, bases):
         n = F.shape[0]
         s = min(n, r + 10)
@@ -299,19 +302,23 @@ def _nystrom(mats, ranks, bases, impl) -> List[Tuple[torch.Tensor, torch.Tensor]
             q = min(B.shape[1], s)
             omega[:, :q] = B[:, B.shape[1] - q:].to(torch.float64)  # the leading ones (ascending order)
         omega = torch.linalg.qr(omega).Q
-        Fs = F.tril() + F.tril(-1).mT
-        Y = (Fs @ omega.to(F.dtype)).to(torch.float64)
+        # in float64 whatever F's dtype: a float32 sketch's rounding (about s eps sqrt(n) |F| in the
+        # trace) would hide the tail the caller's certificate measures
+        Fs = F.to(torch.float64).tril()
+        Fs += Fs.tril(-1).mT
+        Y = Fs @ omega
         # the shift keeps the core positive definite whatever the rounding (Tropp et al., algorithm 3)
-        nu = torch.finfo(F.dtype).eps * max(float(torch.linalg.matrix_norm(Y)), 1e-300) * n ** 0.5
+        nu = torch.finfo(F.dtype).eps * torch.linalg.matrix_norm(Y)
         Y = Y + nu * omega
         core = omega.T @ Y
-        L, info = torch.linalg.cholesky_ex((core + core.T) / 2)
-        ok = int(info) == 0 and bool(torch.isfinite(L).all())
-        Bm = torch.linalg.solve_triangular(L, Y.T, upper=False).T if ok else torch.full_like(Y, float("nan"))
-        parts.append((F, r, Bm, nu))
-        cores.append(Bm.T @ Bm)  # (s, s): its eigenpairs give B's singular pairs
+        parts.append((F, r, Y, nu, (core + core.T) / 2))
+    # B = Y core^-1/2 (its columns of a core eigenvalue at rounding level dropped), then B's singular pairs
+    Bs = []
+    for (F, r, Y, nu, _), (m, V) in zip(parts, eigh_batched([p[4] for p in parts], impl=impl, _trusted=True)):
+        keep = m > m.max().clamp_min(0) * torch.finfo(torch.float64).eps * m.shape[0]
+        Bs.append((Y @ V) * torch.where(keep, m.clamp_min(1e-300).rsqrt(), 0.0))
     out = []
-    for (F, r, Bm, nu), (w, W) in zip(parts, eigh_batched(cores, impl=impl, _trusted=True)):
+    for (F, r, Y, nu, _), Bm, (w, W) in zip(parts, Bs, eigh_batched([B.T @ B for B in Bs], impl=impl, _trusted=True)):
         sigma = w.clamp_min(0).sqrt()
         U = (Bm @ W) / torch.where(sigma > 0, sigma, 1.0)
         d = (w - nu).clamp_min(0)
