@@ -67,7 +67,9 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=No
     if dist is not None:  # data parallel: every process computes its own, then shares
         local = {name: st for name, st in mine.items() if dist.owns(name)}
         new = _inverses(local, impl, damping, inverse, full_rank, bias_apart)
-        new.update(_share_inverses(states, new, [name for name in states if not dist.keeps(name)], dist))
+        # the layers with factors (the same on every process: their sums were reduced) whose results go to all
+        shared = [name for name, st in states.items() if not dist.keeps(name) and ("A" in st or "F" in st)]
+        new.update(_share_inverses(states, new, shared, dist))
     else:
         new = _inverses(mine, impl, damping, inverse, full_rank, bias_apart)
     for name, entries in new.items():
