@@ -72,7 +72,7 @@ VARIANTS = [
     ("kfac-tridiagonal-ddp", "KFAC", dict(fisher_type="type-2", structure="block-tridiagonal"), True),
     # low-rank wide factors beside full eigendecompositions and explicit inverses
     ("kfac-wide-eigen-hybrid-ddp", "KFAC", dict(fisher_type="type-2", inverse_sharing="hybrid", wide=True), True),
-    ("kfac-wide-factored-eigenbases-plain", "KFAC", dict(fisher_type="mc", inverse="factored", wide=True), False),
+    ("kfac-wide-factored-eigenbases-plain", "KFAC", dict(fisher_type="empirical", inverse="factored", wide=True), False),
 ]
 
 
