@@ -18,6 +18,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "cuda/grouped.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
@@ -187,6 +189,47 @@ void launch_stage(dev_ptr<const Gemm> table, int count, int64_t tiles, stream_t 
   const dim3 grid(static_cast<unsigned>(tiles)), block(kTile, kRows);
   NATGRAD_LAUNCH((grouped_gemm_kernel<a_t, c_t, x_t, acc_t>), grid, block, 0, stream, table, count);
   NATGRAD_KERNEL_LAUNCH_CHECK();
+}
+
+// The layers grouped by (gradient dtype, factor dtype), in order of first appearance: each group
+// is one set of launches (the kernel is templated on both).
+inline std::vector<std::vector<size_t>> dtype_groups(at::TensorList grads, at::TensorList factors) {
+  std::vector<std::vector<size_t>> groups;
+  std::vector<bool> done(grads.size(), false);
+  for (size_t first = 0; first < grads.size(); ++first) {
+    if (done[first]) continue;
+    groups.emplace_back();
+    for (size_t i = first; i < grads.size(); ++i) {
+      if (done[i] || grads[i].scalar_type() != grads[first].scalar_type() ||
+          factors[i].scalar_type() != factors[first].scalar_type())
+        continue;
+      done[i] = true;
+      groups.back().push_back(i);
+    }
+  }
+  return groups;
+}
+
+// S stages' tables (each with one entry per layer) in one upload, after checking that every
+// stage's grid fits; `table` keeps the upload alive until the launches are queued.
+struct StageTables {
+  at::Tensor table;
+  dev_ptr<const Gemm> base;
+  int per_stage;
+  dev_ptr<const Gemm> stage(int s) const { return base + s * per_stage; }
+};
+
+template <size_t S>
+StageTables upload_stages(const std::vector<Gemm> (&stage)[S], const int64_t (&tiles)[S], const at::Tensor& like,
+                          const char* op) {
+  for (const int64_t t : tiles) TORCH_CHECK(t < (int64_t(1) << 31), op, ": too many tiles");
+  std::vector<Gemm> all;
+  for (const auto& s : stage) all.insert(all.end(), s.begin(), s.end());
+  StageTables out;
+  out.table = upload(all.data(), all.size() * sizeof(Gemm), like);
+  out.base = device_ptr<const Gemm>(out.table);
+  out.per_stage = static_cast<int>(stage[0].size());
+  return out;
 }
 
 }  // namespace

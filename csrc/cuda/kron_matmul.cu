@@ -23,16 +23,12 @@ std::vector<at::Tensor> kron_matmul(at::TensorList grads, at::TensorList IA, at:
   const DeviceGuard guard(grads[0].device());
   const stream_t stream = current_stream();
 
-  std::vector<bool> done(count, false);
-  for (size_t first = 0; first < count; ++first) {
-    if (done[first]) continue;
-    const auto gdt = grads[first].scalar_type(), adt = IA[first].scalar_type();
-    std::vector<Gemm> stage[2];  // the two stages' tables, one after the other in one upload
+  for (const auto& group : dtype_groups(grads, IA)) {
+    const auto gdt = grads[group[0]].scalar_type(), adt = IA[group[0]].scalar_type();
+    std::vector<Gemm> stage[2];
     int64_t tiles[2] = {0, 0};
     std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
-    for (size_t i = first; i < count; ++i) {
-      if (done[i] || grads[i].scalar_type() != gdt || IA[i].scalar_type() != adt) continue;
-      done[i] = true;
+    for (const size_t i : group) {
       const at::Tensor& M = grads[i];
       out[i] = at::empty(M.sizes(), M.options());
       if (M.numel() == 0) continue;
@@ -42,18 +38,13 @@ std::vector<at::Tensor> kron_matmul(at::TensorList grads, at::TensorList IA, at:
       stage[1].push_back(entry(IG[i], false, T, false, out[i], &tiles[1]));
     }
     if (stage[0].empty()) continue;
-    TORCH_CHECK(tiles[0] < (int64_t(1) << 31), "kron_matmul: too many tiles");
-    std::vector<Gemm> all(stage[0]);
-    all.insert(all.end(), stage[1].begin(), stage[1].end());
-    const at::Tensor table = upload(all.data(), all.size() * sizeof(Gemm), grads[first]);
-    const dev_ptr<const Gemm> base = device_ptr<const Gemm>(table);
-    const int per_stage = static_cast<int>(stage[0].size());
+    const StageTables t = upload_stages(stage, tiles, grads[group[0]], "kron_matmul");
     AT_DISPATCH_FLOATING_TYPES(adt, "kron_matmul", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_SWITCH(gdt, "kron_matmul", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
         using g_t = scalar_t;
-        launch_stage<g_t, acc_t, acc_t, acc_t>(base, per_stage, tiles[0], stream);
-        launch_stage<acc_t, g_t, acc_t, acc_t>(base + per_stage, per_stage, tiles[1], stream);
+        launch_stage<g_t, acc_t, acc_t, acc_t>(t.stage(0), t.per_stage, tiles[0], stream);
+        launch_stage<acc_t, g_t, acc_t, acc_t>(t.stage(1), t.per_stage, tiles[1], stream);
       }));
     });
   }

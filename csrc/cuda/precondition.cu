@@ -31,17 +31,12 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
   const DeviceGuard guard(grads[0].device());
   const stream_t stream = current_stream();
 
-  std::vector<bool> done(count, false);
-  for (size_t first = 0; first < count; ++first) {
-    if (done[first]) continue;
-    const auto gdt = grads[first].scalar_type(), adt = QA[first].scalar_type();
-    // The four stages' tables, one after the other in one upload.
+  for (const auto& group : dtype_groups(grads, QA)) {
+    const auto gdt = grads[group[0]].scalar_type(), adt = QA[group[0]].scalar_type();
     std::vector<Gemm> stage[4];
     int64_t tiles[4] = {0, 0, 0, 0};
     std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
-    for (size_t i = first; i < count; ++i) {
-      if (done[i] || grads[i].scalar_type() != gdt || QA[i].scalar_type() != adt) continue;
-      done[i] = true;
+    for (const size_t i : group) {
       const at::Tensor& M = grads[i];
       out[i] = at::empty(M.sizes(), M.options());
       if (M.numel() == 0) continue;
@@ -92,24 +87,19 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
       }
     }
     if (stage[0].empty()) continue;
-    for (const int64_t t : tiles) TORCH_CHECK(t < (int64_t(1) << 31), "precondition: too many tiles");
-    std::vector<Gemm> all;
-    for (const auto& s : stage) all.insert(all.end(), s.begin(), s.end());
-    const at::Tensor table = upload(all.data(), all.size() * sizeof(Gemm), grads[first]);
-    const dev_ptr<const Gemm> base = device_ptr<const Gemm>(table);
-    const int per_stage = static_cast<int>(stage[0].size());
+    const StageTables t = upload_stages(stage, tiles, grads[group[0]], "precondition");
     // The matrices added in stages 2 and 4 (X): the gradient (g_t), or T of factored damping (acc_t).
     AT_DISPATCH_FLOATING_TYPES(adt, "precondition", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_SWITCH(gdt, "precondition", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
         using g_t = scalar_t;
-        launch_stage<g_t, acc_t, acc_t, acc_t>(base, per_stage, tiles[0], stream);
-        launch_stage<acc_t, acc_t, g_t, acc_t>(base + per_stage, per_stage, tiles[1], stream);
-        launch_stage<acc_t, acc_t, acc_t, acc_t>(base + 2 * per_stage, per_stage, tiles[2], stream);
+        launch_stage<g_t, acc_t, acc_t, acc_t>(t.stage(0), t.per_stage, tiles[0], stream);
+        launch_stage<acc_t, acc_t, g_t, acc_t>(t.stage(1), t.per_stage, tiles[1], stream);
+        launch_stage<acc_t, acc_t, acc_t, acc_t>(t.stage(2), t.per_stage, tiles[2], stream);
         if (factored)
-          launch_stage<acc_t, g_t, acc_t, acc_t>(base + 3 * per_stage, per_stage, tiles[3], stream);
+          launch_stage<acc_t, g_t, acc_t, acc_t>(t.stage(3), t.per_stage, tiles[3], stream);
         else
-          launch_stage<acc_t, g_t, g_t, acc_t>(base + 3 * per_stage, per_stage, tiles[3], stream);
+          launch_stage<acc_t, g_t, g_t, acc_t>(t.stage(3), t.per_stage, tiles[3], stream);
       }));
     });
   }
