@@ -173,10 +173,7 @@ def plot(results: dict, path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"KFAC on digits (MLP 64-{HIDDEN}-10): last iterate vs AveragedModel; median and min-max over "
                  f"{len(runs)} seeds", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"saved {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

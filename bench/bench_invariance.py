@@ -194,10 +194,7 @@ def plot(results: dict, steps: int, path: str) -> None:
     fig.suptitle(f"digits ({COMPONENTS} principal components), MLP {COMPONENTS}-{HIDDEN}-10 tanh, one-hot MSE, "
                  f"full batch ({N_TRAIN}), float64; inputs x vs B x + c, "
                  f"cond(B) = {COND:.0e}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"saved {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

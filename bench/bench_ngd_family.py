@@ -409,9 +409,7 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle("Exact NGD and its approximations on a tanh MLP 64-M-M-1, digits (odd/even), full batch, float64\n"
                  "solid lr = 1, dashed lr = 1/L, dotted lr = 1/gain (gain measured at init); GD: best lr of a grid; "
                  "o: stopped, diverged", fontsize=10)
-    fig.tight_layout(rect=(0, 0 if spare else 0.08 + 0.02 * (rows == 1), 1, 0.95))
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    common.save_figure(fig, path, rect=(0, 0 if spare else 0.08 + 0.02 * (rows == 1), 1, 0.95))
 
 
 def strict_json(obj):

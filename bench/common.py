@@ -58,3 +58,13 @@ def save_json(path: str, payload: dict) -> None:
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2)
     print(f"saved {path}")
+
+
+def save_figure(fig, path: str, **tight) -> None:
+    """A matplotlib figure laid out (``tight``: tight_layout's arguments), saved and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**tight)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"saved {path}")
