@@ -32,6 +32,9 @@ WIDE = 512
 # A low-rank factor may change its layer's damped inverse by at most this fraction of 1/damping (operator norm).
 LOW_RANK_TOLERANCE = 0.1
 _FIRST_RANK = 32
+# Explicit inverses only for damped factors whose condition number (bounded by (|F| + shift) / shift)
+# times their dtype's epsilon stays below this: the relative accuracy such an inverse can lose.
+INVERSE_KAPPA_EPS = 1e-3
 
 
 def has_inverse(st: Dict[str, Tensor]) -> bool:
@@ -51,7 +54,8 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=No
       doubles until certified, then starts there at the next update; past n/4 the factor is
       decomposed in full from then on;
     - explicit damped inverses by Cholesky (``ops.damped_inverse``): both factors of a layer under
-      ``inverse="factored"`` with neither low rank, so that preconditioning is two products; layers in
+      ``inverse="factored"`` with neither low rank and both damped factors conditioned well enough
+      for their dtype (``INVERSE_KAPPA_EPS``), so that preconditioning is two products; layers in
       ``bias_apart`` get their bias block's G inverse too (its own shift). A failed one falls back on
       an eigendecomposition;
     - eigendecompositions (``ops.eigh_batched``, eigenvalues clamped at zero) for the rest. A diagonal
@@ -204,9 +208,12 @@ def _trimmed(d: Tensor, Q: Tensor) -> Tuple[Tensor, Tensor]:
 def _damped_inverses(states, names: List[str], impl, damping: float, bias_apart, new) -> set:
     """The factored damping's explicit inverses (A + pi sqrt(damping) I)^-1 and
     (G + sqrt(damping)/pi I)^-1 of every layer in ``names`` (and a separate bias block's, whose A is
-    1), into ``new``, in one ``ops.damped_inverse`` call; the names of those that failed."""
+    1), into ``new``, in one ``ops.damped_inverse`` call; the names of those left to an
+    eigendecomposition: the ill-conditioned (an explicit inverse loses about kappa eps of its
+    accuracy, where the eigenbasis keeps a gradient's zero components zero: ``INVERSE_KAPPA``) and
+    the failed (with a warning)."""
     root = math.sqrt(damping)
-    mats, shifts, where = [], [], []
+    mats, shifts, where, kappas = [], [], [], []
     pis = {}
     for name in names:
         st = states[name]
@@ -219,11 +226,19 @@ def _damped_inverses(states, names: List[str], impl, damping: float, bias_apart,
             entries.append(("IGb", st["G"], root / pi_b))
         for key, F, shift in entries:
             mats.append(F), shifts.append(shift), where.append((name, key))
-    shifts = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in shifts]).tolist()  # one host sync
-    results = ops.damped_inverse(mats, shifts, impl=impl, _trusted=True)
-    ok = torch.stack([torch.isfinite(I).all() for I in results]).tolist()
+            # a bound on the damped factor's condition number, relative to what its dtype can afford
+            kappas.append((_norm_bound(F) + shift) / shift * torch.finfo(F.dtype).eps / INVERSE_KAPPA_EPS)
+    device = mats[0].device
+    values = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in shifts + kappas]
+                         ).tolist()  # one host sync
+    shifts, kappas = values[:len(shifts)], values[len(shifts):]
+    ill = {name for (name, _), k in zip(where, kappas) if not k <= 1.0}
+    todo = [i for i, (name, _) in enumerate(where) if name not in ill]
+    results = ops.damped_inverse([mats[i] for i in todo], [shifts[i] for i in todo], impl=impl, _trusted=True)
+    ok = torch.stack([torch.isfinite(I).all() for I in results]).tolist() if results else []
     failed = set()
-    for (name, key), I, good in zip(where, results, ok):
+    for i, I, good in zip(todo, results, ok):
+        name, key = where[i]
         if not good:
             failed.add(name)
         new[name][key] = I
@@ -233,10 +248,10 @@ def _damped_inverses(states, names: List[str], impl, damping: float, bias_apart,
                 new[name].pop(key, None)
             warn_user(f"K-FAC: the Cholesky factorisation of the damped factors of layer {name!r} failed in "
                       "float32 and float64; it uses an eigendecomposition instead")
-        elif name in pis:
+        elif name in pis and name not in ill:
             pi_b = pis[name]
             new[name]["IAb"] = (1.0 / (1.0 + pi_b * root)).reshape(1, 1).to(states[name]["A"].dtype)
-    return failed
+    return failed | ill
 
 
 def _share_inverses(states, new, shared: List[str], dist) -> Dict[str, Dict[str, Tensor]]:

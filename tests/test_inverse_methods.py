@@ -137,6 +137,23 @@ def test_failed_cholesky_falls_back_on_an_eigendecomposition(monkeypatch):
                           atol=1e-13)
 
 
+def test_ill_conditioned_damped_factors_use_the_eigenbasis():
+    """At a damping far below the factors (kappa eps > 1e-3 for float64), an explicit inverse would
+    lose the gradient's structure: those layers are eigendecomposed, and the step is still the
+    factored damping's."""
+    model, lam = model_of([5, 7, 3]), 1e-28
+    x, y = batch(12, 5, 3)
+    opt = ng.KFAC(model, lr=0.7, momentum=0.0, kl_clip=None, damping=lam, loss="cross_entropy",
+                  fisher_type="type-2", inverse="factored", backend="reference")
+    step(model, opt, x, y)
+    layers = opt.state_dict()["kfac"]["layers"]
+    assert all({"QA", "QG"} <= set(st) and "IA" not in st for st in layers.values())
+    opt.param_groups[0]["damping"] = 0.05  # well conditioned again: explicit inverses at the next step
+    grads, delta = step(model, opt, x, y)
+    assert all({"IA", "IG"} <= set(st) for st in opt.state_dict()["kfac"]["layers"].values())
+    assert torch.allclose(delta, expected_delta(model, opt, grads, 0.05, factored_oracle, 0.7), rtol=1e-9, atol=1e-13)
+
+
 # ---- wide factors: certified low rank ----------------------------------------------------------------
 
 
