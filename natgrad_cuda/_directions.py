@@ -145,16 +145,11 @@ def _norm_bound(F: Tensor) -> Tensor:
     return torch.minimum(F.diagonal().sum(), F.abs().sum(dim=1).max())
 
 
-def _traces(st: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-    """tr A / dim A and tr G / dim G."""
-    A, G = st["A"], st["G"]
-    ta = A.mean() if A.dim() == 1 else A.diagonal().mean()
-    return ta, G.diagonal().mean()
-
-
-def _pi(ta: Tensor, tg: Tensor) -> Tensor:
-    ok = (ta > 0) & (tg > 0)
-    return torch.where(ok, (ta / torch.where(ok, tg, 1.0)).sqrt(), torch.ones_like(ta))
+def _layer_pi(st: Dict[str, Tensor]) -> Tensor:
+    """The factored damping's pi of a layer from its factors' traces (their diagonals' means are
+    the eigenvalues' means ``reference.factored_pi`` takes)."""
+    A = st["A"] if st["A"].dim() == 1 else st["A"].diagonal()
+    return reference.factored_pi(A, st["G"].diagonal())
 
 
 def _low_rank(states, todo: Dict[Tuple[str, str], int], impl, damping: float, inverse: str
@@ -178,8 +173,7 @@ def _low_rank(states, todo: Dict[Tuple[str, str], int], impl, damping: float, in
             if inverse == "eigen":
                 bounds.append(tail * _norm_bound(other) / damping)
             else:
-                ta, tg = _traces(st)
-                pi = _pi(ta, tg)
+                pi = _layer_pi(st)
                 shift = pi * math.sqrt(damping) if key == "A" else math.sqrt(damping) / pi
                 bounds.append(tail / shift)
         certified = (torch.stack(bounds) <= LOW_RANK_TOLERANCE / 2).tolist()  # one host sync per round
@@ -217,11 +211,10 @@ def _damped_inverses(states, names: List[str], impl, damping: float, bias_apart,
     pis = {}
     for name in names:
         st = states[name]
-        ta, tg = _traces(st)
-        pi = _pi(ta, tg)
+        pi = _layer_pi(st)
         entries = [("IA", st["A"], pi * root), ("IG", st["G"], root / pi)]
         if name in bias_apart:  # the bias block: A = 1, so pi from G alone
-            pi_b = _pi(torch.ones_like(tg), tg)
+            pi_b = reference.factored_pi(st["G"].new_ones(1), st["G"].diagonal())
             pis[name] = pi_b
             entries.append(("IGb", st["G"], root / pi_b))
         for key, F, shift in entries:
