@@ -308,7 +308,7 @@ def _nystrom(mats, ranks, bases, impl) -> List[Tuple[torch.Tensor, torch.Tensor]
         Fs += Fs.tril(-1).mT
         Y = Fs @ omega
         # the shift keeps the core positive definite whatever the rounding (Tropp et al., algorithm 3)
-        nu = torch.finfo(F.dtype).eps * torch.linalg.matrix_norm(Y)
+        nu = torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(Y)  # the sketch's own precision
         Y = Y + nu * omega
         core = omega.T @ Y
         parts.append((F, r, Y, nu, (core + core.T) / 2))
