@@ -244,6 +244,15 @@ def test_saved_inverses_are_validated():
     with pytest.raises(ValueError, match="incomplete"):
         opt.load_state_dict(bad)
     opt.load_state_dict(sd)  # the good one still loads
+    bad = copy.deepcopy(sd)
+    bad["kfac"]["inverse_damping"] = "0.1"
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="inverse_damping"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()  # the refused call changed nothing
+    assert after["kfac"]["inverse_damping"] == before["kfac"]["inverse_damping"]
+    assert all(torch.equal(after["kfac"]["layers"][n][k], v) for n, st in before["kfac"]["layers"].items()
+               for k, v in st.items())
 
 
 # ---- the op: ops.eigh_lowrank -----------------------------------------------------------------------
