@@ -2,7 +2,7 @@
 inverse-phase issue: every step, amortised, and with natgrad_cuda's defaults against SGD.
 
     .venv/bin/pip install "natgrad_cuda[bench]"    # or: pip install asdfghjkl==0.1a5
-    .venv/bin/python bench/bench_asdl.py [--reps 3] [--models autoencoder,mlp12,cnn4096]
+    .venv/bin/python bench/bench_asdl.py [--reps 3] [--models autoencoder,mlp12,cnn4096] [--inverse-phase-only]
 
 ASDL is an optional benchmark extra, never a dependency of the package: without it this prints a
 message and measures natgrad_cuda against SGD only. Models (float32, batch 128, damping 1e-3, lr 1e-4 (a step that stays finite on a fixed batch), on
@@ -19,7 +19,8 @@ a block holds its inverse updates; for the CNN 2 and 10 for "every step" and "de
 figure is the median over repetitions of the block time divided by the steps, and ratios are
 medians of per-repetition ratios. ASDL's KFAC runs through KfacGradientMaker (its MC Fisher, its
 exact damping: the closest to natgrad_cuda's inverse="eigen") followed by torch.optim.SGD; natgrad_cuda
-runs KFAC (MC Fisher, kl_clip off, momentum 0) with inverse "eigen" and "factored". Prints a table
+runs KFAC (MC Fisher, kl_clip off, momentum 0) with inverse "eigen" and "factored". Then the inverse
+phase alone (see ``inverse_phase``). Prints a table
 and saves bench/results/asdl.json.
 """
 from __future__ import annotations
@@ -138,10 +139,49 @@ def measure(name: str, config: str, kinds, reps: int) -> dict:
     return times
 
 
+def inverse_phase(name: str, reps: int) -> dict:
+    """The inverse update alone on the factors of a few every-step K-FAC steps: natgrad_cuda's (the
+    per-factor methods, warm-started as in training, for both ``inverse``) against a loop of
+    torch.linalg.eigh over the factors and against ops.eigh_batched, the eigendecomposition part of
+    bench_floor's bound (the faster of the two). Medians of ``reps`` round-robin repetitions, ms."""
+    from natgrad_cuda import ops
+    from natgrad_cuda._directions import decompose  # the optimizer's inverse update, called alone
+
+    torch.manual_seed(0)
+    model = make(name)
+    x, y = data(name)
+    states = {}
+    for inverse in ("eigen", "factored"):
+        opt = ng.KFAC(model, lr=1e-4, momentum=0.0, damping=DAMPING, kl_clip=None, factor_update_freq=1,
+                      inv_update_freq=1, loss="mse" if name == "autoencoder" else "cross_entropy", inverse=inverse,
+                      seed=0)
+        for _ in range(3):
+            opt.zero_grad()
+            out = model(x)
+            opt.backward(loss_of(name)(out, y), out)
+            opt.step()
+        states[inverse] = opt.state_dict()["kfac"]["layers"]
+    factors = [st[k] for st in states["eigen"].values() for k in ("A", "G") if st[k].dim() == 2]
+
+    def ours(inverse):
+        return lambda: decompose({n: dict(st) for n, st in states[inverse].items()}, None, damping=DAMPING,
+                                 inverse=inverse)
+
+    fns = {"torch.linalg.eigh loop": lambda: [torch.linalg.eigh(F) for F in factors],
+           "ops.eigh_batched": lambda: ops.eigh_batched(factors),
+           "natgrad eigen": ours("eigen"), "natgrad factored": ours("factored")}
+    times = common.interleaved(fns, reps, warmup=1)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    bound = min(ms["torch.linalg.eigh loop"], ms["ops.eigh_batched"])
+    return {"model": name, "ms": ms, "ratio_to_floor_eigendecompositions": {k: v / bound for k, v in ms.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="autoencoder,mlp12,cnn4096")
+    ap.add_argument("--inverse-phase-only", action="store_true",
+                    help="measure the inverse phase alone and update that part of the saved results")
     args = ap.parse_args()
     import importlib.util
 
@@ -150,7 +190,7 @@ def main() -> None:
         print("ASDL (pip install asdfghjkl==0.1a5) is not installed: natgrad_cuda against SGD only")
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
-    for name in args.models.split(","):
+    for name in args.models.split(",") if not args.inverse_phase_only else []:
         for config in CONFIGS:
             kinds = ["natgrad-eigen", "natgrad-factored"]
             kinds += ["sgd"] if config == "defaults" else (["asdl"] if have_asdl else [])
@@ -168,10 +208,24 @@ def main() -> None:
             ms = ", ".join(f"{k} {v:.1f}" for k, v in row["ms_per_step"].items())
             ratios = ", ".join(f"{k} {v:.2f}x" for k, v in row.get("ratio_to_" + str(base), {}).items())
             print(f"{name:12s} {config:11s} ms/step: {ms}; ratio to {base}: {ratios}", flush=True)
+    phase = []
+    for name in args.models.split(","):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            phase.append(inverse_phase(name, args.reps))
+        print(f"{name:12s} inverse phase alone, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in phase[-1]["ms"].items()),
+              flush=True)
     path = os.path.join(HERE, "results", "asdl.json")
+    saved = {}
+    if args.inverse_phase_only and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    saved.update({"environment": common.environment(), "reps": args.reps, "batch": BATCH, "damping": DAMPING,
+                  "asdl": have_asdl, "inverse_phase": phase})
+    if not args.inverse_phase_only:
+        saved["rows"] = rows
     with open(path, "w") as f:
-        json.dump({"environment": common.environment(), "reps": args.reps, "batch": BATCH, "damping": DAMPING,
-                   "asdl": have_asdl, "rows": rows}, f, indent=1)
+        json.dump(saved, f, indent=1)
     print("saved", path)
 
 
