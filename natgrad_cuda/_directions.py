@@ -35,6 +35,11 @@ _FIRST_RANK = 32
 # Explicit inverses only for damped factors whose condition number (bounded by (|F| + shift) / shift)
 # times their dtype's epsilon stays below this: the relative accuracy such an inverse can lose.
 INVERSE_KAPPA_EPS = 1e-3
+# A factor at least this wide keeps its previous eigenbasis while that basis still diagonalises it to
+# within WARM_TOLERANCE (``_warm``): checking costs two (n, n) products, under half a decomposition
+# from this width on (bench/bench_warm.py).
+WARM_MIN = 128
+WARM_TOLERANCE = 0.01
 
 
 def has_inverse(st: Dict[str, Tensor]) -> bool:
@@ -58,6 +63,11 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=No
       for their dtype (``INVERSE_KAPPA_EPS``), so that preconditioning is two products; layers in
       ``bias_apart`` get their bias block's G inverse too (its own shift). A failed one falls back on
       an eigendecomposition;
+    - the previous eigenbasis, kept (``ops.eigh_refine``, eigenvalues diag(Q^T F Q)): a factor at least
+      ``WARM_MIN`` wide, decomposed in full last time, whose trace moved by at most the damping it
+      meets since, when the certificate of that basis against the same damping is at most
+      ``WARM_TOLERANCE`` (the layer's damped curvature then within a factor (1 +- 0.01)^2 of the
+      approximation, in the Loewner order; ``_warm``);
     - eigendecompositions (``ops.eigh_batched``, eigenvalues clamped at zero) for the rest. A diagonal
       A (a vector) is its own eigenvalues in the standard basis. The per-unit blocks of a layer kept
       per unit are decomposed by torch's batched solver (a norm's are 2 x 2 at most: nothing for a
@@ -120,6 +130,8 @@ def _inverses(states, impl, damping, inverse, full_rank, bias_apart) -> Dict[str
             else:
                 eig.append((name, key))
     if eig:
+        eig = _warm(states, eig, impl, damping, inverse, bias_apart, new)
+    if eig:
         results = ops.eigh_batched([states[name][key] for name, key in eig], impl=impl, _trusted=True)
         ok = torch.stack([torch.isfinite(d).all() for d, _ in results]).tolist()
         bad = set()
@@ -135,6 +147,60 @@ def _inverses(states, impl, damping, inverse, full_rank, bias_apart) -> Dict[str
         for name in bad:
             del new[name]
     return new
+
+
+def _warm(states, eig: List[Tuple[str, str]], impl, damping: float, inverse: str, bias_apart, new
+          ) -> List[Tuple[str, str]]:
+    """The factors of ``eig`` whose previous eigenbasis still holds: kept, with the eigenvalues
+    diag(Q^T F Q) (``ops.eigh_refine`` with no iteration), when its certificate against the damping
+    the factor meets in its layer is at most WARM_TOLERANCE; the others, returned, to decompose.
+
+    Only factors at least WARM_MIN wide with a previous full eigendecomposition are tried, and only
+    when their trace moved by at most that damping since (a factor fed new data moves by far more,
+    and its basis would fail the certificate at the cost of half a decomposition). The damping a
+    factor meets: under exact damping, damping / tr(other factor) (at most the smallest shift it sees in the
+    Kronecker product, damping / |other factor|; a certificate at a smaller shift holds at a larger
+    one); under factored damping its own shift (the smaller of its layer's and bias block's, when
+    apart)."""
+    tries, shifts, moves = [], [], []
+    root = math.sqrt(damping)
+    for name, key in eig:
+        st = states[name]
+        F, Q, d = st[key], st.get("Q" + key), st.get("d" + key)
+        if F.dim() != 2 or F.shape[0] < WARM_MIN or Q is None or Q.shape != F.shape or Q.dtype != F.dtype:
+            continue
+        if inverse == "eigen":
+            other = st["G" if key == "A" else "A"]  # its trace bounds its norm at O(n) cost
+            shift = damping / (other.sum() if other.dim() == 1 else other.diagonal().sum()).clamp_min(
+                torch.finfo(F.dtype).tiny)
+        else:
+            pi = _layer_pi(st)
+            shift = pi * root if key == "A" else root / pi
+            if key == "G" and name in bias_apart:
+                pi_b = reference.factored_pi(F.new_ones(1), F.diagonal())
+                shift = torch.minimum(torch.as_tensor(shift), root / pi_b)
+        tries.append((name, key))
+        shifts.append(torch.as_tensor(shift, dtype=torch.float64, device=F.device))
+        moves.append((F.diagonal().sum() - d.sum()).abs().to(torch.float64))
+    if not tries:
+        return eig
+    values = torch.stack(shifts + moves).tolist()  # one host sync
+    shifts, moves = values[:len(tries)], values[len(tries):]
+    picked = [i for i, (s, m) in enumerate(zip(shifts, moves)) if s > 0 and m <= s]
+    if not picked:
+        return eig
+    results = ops.eigh_refine([states[tries[i][0]][tries[i][1]] for i in picked],
+                              [states[tries[i][0]]["Q" + tries[i][1]] for i in picked],
+                              [shifts[i] for i in picked], tol=WARM_TOLERANCE, iterations=0, impl=impl,
+                              _trusted=True)
+    kept = torch.stack([k for _, _, k in results]).tolist()  # one host sync
+    held = set()
+    for i, (d, Q, _), k in zip(picked, results, kept):
+        if k <= WARM_TOLERANCE:
+            name, key = tries[i]
+            new[name]["d" + key], new[name]["Q" + key] = d.clamp_min(0), Q
+            held.add(tries[i])
+    return [item for item in eig if item not in held]
 
 
 def _norm_bound(F: Tensor) -> Tensor:

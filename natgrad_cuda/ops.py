@@ -24,7 +24,7 @@ import torch.nn.functional as nnf
 from . import _ext, emulation, reference
 from ._checks import check_bool, check_number
 
-__all__ = ["factor_update_", "ConvPatches", "eigh_batched", "eigh_lowrank", "damped_inverse", "precondition",
+__all__ = ["factor_update_", "ConvPatches", "eigh_batched", "eigh_lowrank", "eigh_refine", "damped_inverse", "precondition",
            "kron_matmul", "kfac_update_", "IMPLS"]
 
 IMPLS = (None, "reference", "native", "emulated")
@@ -333,6 +333,108 @@ def _nystrom(mats, ranks, bases, impl) -> List[Tuple[torch.Tensor, torch.Tensor]
         U = (Qr * torch.where(R.diagonal() < 0, -1.0, 1.0)).flip(1)
         out.append((d.to(F.dtype), U.to(F.dtype)))
     return out
+
+
+def eigh_refine(mats: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], shifts: Sequence[float],
+                tol: float = 0.05, iterations: int = 2, impl: Optional[str] = None, *, _trusted: bool = False
+                ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """[(eigenvalues ascending, eigenvectors as columns, certificate)] of every symmetric positive
+    semi-definite matrix (lower triangle read), refined from ``bases[i]``, an orthonormal (n, n)
+    basis close to its eigenvectors (the previous decomposition of a slowly changing factor),
+    instead of decomposed from scratch. One call for all.
+
+    With V the basis and S = V^T F V, the eigenvalues returned are diag(S) and the certificate is
+    kappa = || (D + tau)^-1/2 (S - D) (D + tau)^-1/2 ||_F, D = diag(S), tau = ``shifts[i]`` > 0:
+    it bounds the relative error of the approximation in the Loewner order,
+    (1 - kappa) (V D V^T + tau I) <= F + tau I <= (1 + kappa) (V D V^T + tau I), so the damped
+    inverse (F + tau I)^-1 applied to any vector is within kappa / (1 - kappa) of the approximation's,
+    in the approximation's norm. A basis is refined while its certificate exceeds ``tol``, at most
+    ``iterations`` times: every pair of columns is turned by its Jacobi angle, all pairs at once
+    (V <- V (I + E), E skew-symmetric, E_ij the tangent of the angle that diagonalises the 2 x 2 block
+    of S), and V is orthonormalised again by a Cholesky QR. Near the eigenvectors this converges
+    quadratically. Each iteration is about five (n, n) products and a Cholesky factorisation (torch's
+    BLAS, cuBLAS and cuSOLVER on a GPU), against the tridiagonal reduction and back-transformation of a
+    full decomposition; it is the same composition on every backend (``impl`` only chooses the
+    device checks), and its oracle in the tests is the certificate recomputed in float64.
+    ``iterations=0`` only measures the certificate of the basis given. A certificate that is not finite
+    (a non-finite matrix, a rounding-negative diagonal below -tau) is infinity.
+    """
+    mats, bases, shifts = list(mats), list(bases), list(shifts)
+    if _trusted:
+        device = mats[0].device if mats else None
+    else:
+        device = _check_square_list("eigh_refine", "mats", mats)
+        _check_square_list("eigh_refine", "bases", bases)
+        if len(bases) != len(mats) or len(shifts) != len(mats):
+            raise ValueError(f"eigh_refine: bases and shifts must have {len(mats)} entries (one per matrix)")
+        for i, (B, M) in enumerate(zip(bases, mats)):
+            if B.shape != M.shape or B.dtype != M.dtype or B.device != M.device:
+                raise ValueError(f"eigh_refine: bases[{i}] must have mats[{i}]'s shape, dtype and device "
+                                 f"({tuple(M.shape)}, {M.dtype}, {M.device}), got {tuple(B.shape)}, {B.dtype}, "
+                                 f"{B.device}")
+        shifts = [check_number(f"shifts[{i}]", s, low=0.0, low_open=True) for i, s in enumerate(shifts)]
+        tol = check_number("tol", tol, low=0.0)
+        iterations = check_number("iterations", iterations, low=0, integer=True)
+    if not mats:
+        return []
+    _resolve_impl(impl, device)
+    return _refine(mats, bases, shifts, tol, iterations)
+
+
+def _refine(mats, bases, shifts, tol, iterations) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``eigh_refine``'s iteration, all matrices together (one host synchronisation per iteration)."""
+    sym = []
+    for F in mats:
+        L = F.tril()
+        sym.append(L + L.tril(-1).mT)
+    V = [B.clone() for B in bases]
+    S = [None] * len(mats)
+    kappa = [None] * len(mats)
+    todo = list(range(len(mats)))
+    for it in range(iterations + 1):
+        for i in todo:
+            P = V[i].mT @ (sym[i] @ V[i])
+            S[i] = (P + P.mT) / 2
+            kappa[i] = _refine_certificate(S[i], shifts[i])
+        if it == iterations or not todo:
+            break
+        over = torch.stack([kappa[i] > tol for i in todo]).tolist()  # one host sync per iteration
+        todo = [i for i, o in zip(todo, over) if o]
+        for i in todo:
+            V[i] = _jacobi_step(V[i], S[i])
+    out = []
+    for i, F in enumerate(mats):
+        d = S[i].diagonal()
+        order = torch.argsort(d)
+        out.append((d[order], V[i][:, order], kappa[i]))
+    return out
+
+
+def _refine_certificate(S: torch.Tensor, tau: float) -> torch.Tensor:
+    """|| (D + tau)^-1/2 (S - D) (D + tau)^-1/2 ||_F in float64, D = diag(S); infinity when D + tau has
+    an entry <= 0 or S is not finite."""
+    S = S.to(torch.float64)
+    w = S.diagonal() + tau
+    scale = w.clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+    K = S * scale[:, None] * scale[None, :]
+    K.diagonal().zero_()
+    k = torch.linalg.matrix_norm(K)
+    bad = (w <= 0).any() | ~torch.isfinite(k)
+    return torch.where(bad, torch.full_like(k, float("inf")), k)
+
+
+def _jacobi_step(V: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """V (I + E), E_ij (i < j) the tangent of the Jacobi angle of S's (i, j) block (|E_ij| <= 1),
+    E_ji = -E_ij, orthonormalised by a Cholesky QR. I + E with E skew-symmetric has every singular value
+    >= 1, so the factorisation cannot fail on a finite S."""
+    d = S.diagonal()
+    half = (d[None, :] - d[:, None]) / 2
+    root = torch.sqrt(half * half + S * S)
+    t = S / (half + torch.where(half >= 0, root, -root))  # the smaller root of t^2 + 2 t half / S - 1 = 0
+    E = torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).triu(1)  # 0 / 0: a zero entry needs no turn
+    X = V + V @ (E - E.mT)
+    L = torch.linalg.cholesky(X.mT @ X)
+    return torch.linalg.solve_triangular(L, X.mT, upper=False).mT
 
 
 def _check_square_list(op: str, name: str, mats) -> Optional[torch.device]:

@@ -1,6 +1,7 @@
 """The inverse phase's methods, chosen per factor by cost: explicit damped inverses by Cholesky for
 the factored damping, certified low-rank eigendecompositions of wide factors (``ops.eigh_lowrank``),
-full eigendecompositions for the rest. Each against its dense float64 oracle, on every backend.
+previous eigenbases kept while certified (``ops.eigh_refine``), full eigendecompositions for the
+rest. Each against its dense float64 oracle (or its certified bound), on every backend.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad_cuda as ng
-from natgrad_cuda import _ext, emulation, ops, reference
+from natgrad_cuda import _directions, _ext, emulation, ops, reference
 
 DT = torch.float64
 BACKENDS = ["reference", "native", "emulated"]
@@ -327,3 +328,74 @@ def test_eigh_lowrank_checks_its_arguments():
         ops.eigh_lowrank([torch.zeros(3, 4, dtype=DT)], [1])
     with pytest.raises(ValueError, match="requires grad"):
         ops.eigh_lowrank([F.requires_grad_()], [1])
+
+
+# ---- warm-started eigenbases (_directions._warm, ops.eigh_refine) ----
+
+class Kept:
+    """Counts the factors whose previous basis the optimizer kept (certificate within tolerance)."""
+
+    def __init__(self, monkeypatch):
+        self.tried = self.kept = 0
+        real = ops.eigh_refine
+
+        def counting(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.tried += len(out)
+            self.kept += sum(float(k) <= _directions.WARM_TOLERANCE for _, _, k in out)
+            return out
+
+        monkeypatch.setattr(ops, "eigh_refine", counting)
+
+
+def warm_run(monkeypatch, warm: bool, inverse="eigen", backend="auto", steps=6):
+    if not warm:
+        monkeypatch.setattr(_directions, "WARM_MIN", 10 ** 9)
+    if inverse == "factored":  # every damped factor "ill-conditioned": through the eigenbasis, not Cholesky
+        monkeypatch.setattr(_directions, "INVERSE_KAPPA_EPS", 1e-300)
+    model = model_of([130, 140, 3])
+    x, y = batch(40, 130, 3)  # one batch throughout: the factors settle
+    opt = ng.KFAC(model, lr=1e-3, momentum=0.0, kl_clip=None, damping=1e-3, loss="cross_entropy",
+                  fisher_type="type-2", inverse=inverse, factor_update_freq=1, inv_update_freq=1, backend=backend)
+    deltas = [step(model, opt, x, y)[1] for _ in range(steps)]
+    monkeypatch.undo()
+    return deltas, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inverse", ["eigen", "factored"])
+def test_settled_factors_keep_their_eigenbasis_within_the_tolerance(monkeypatch, backend, inverse):
+    need(backend)
+    kept = Kept(monkeypatch)
+    warm, _ = warm_run(monkeypatch, True, inverse, backend)
+    assert kept.kept > 0 and kept.tried <= 3 * 5  # A 131, G 140, A 141 wide, from the second update on
+    cold, _ = warm_run(monkeypatch, False, inverse, backend)
+    assert torch.equal(warm[0], cold[0])  # the first update decomposes in full
+    for w, c in zip(warm[1:], cold[1:]):  # within the certified relative error (each factor 0.01)
+        assert float((w - c).norm() / c.norm()) <= 0.05
+
+
+def test_a_factor_whose_basis_no_longer_holds_is_decomposed_afresh(monkeypatch):
+    _, opt = warm_run(monkeypatch, True, steps=2)
+    states = {n: dict(st) for n, st in opt.state_dict()["kfac"]["layers"].items()}
+    st = states["0"]
+    n = st["A"].shape[0]
+    R = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=torch.Generator().manual_seed(3)))[0]
+    st["A"] = R @ st["A"] @ R.T  # the same trace (the gate passes), another eigenbasis
+    kept = Kept(monkeypatch)
+    _directions.decompose(states, None, damping=1e-3)
+    assert kept.tried >= 1 and kept.kept < kept.tried
+    d, Q = torch.linalg.eigh(st["A"])
+    assert torch.allclose(st["dA"], d.clamp_min(0), atol=1e-12)
+    assert torch.allclose(st["QA"] @ torch.diag(st["dA"]) @ st["QA"].T, st["A"], atol=1e-10)
+
+
+def test_a_factor_fed_new_data_is_not_tried(monkeypatch):
+    _, opt = warm_run(monkeypatch, True, steps=2)
+    states = {n: dict(st) for n, st in opt.state_dict()["kfac"]["layers"].items()}
+    for st in states.values():
+        st["A"] = st["A"] * 1.5  # traces moved by far more than the damping
+        st["G"] = st["G"] * 1.5
+    kept = Kept(monkeypatch)
+    _directions.decompose(states, None, damping=1e-3)
+    assert kept.tried == 0
