@@ -175,6 +175,9 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = globals()["scenario_" + scenario](rank, world, arg)
+        # every process past its last collective before any tears the group down (gloo's threads
+        # otherwise can abort a process that exits while its peer still receives)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
