@@ -15,6 +15,7 @@ inline constexpr const char* kOpSchemas[] = {
     "kron_matmul(Tensor[] grads, Tensor[] IA, Tensor[] IG) -> Tensor[]",
     "precondition(Tensor[] grads, Tensor[] QA, Tensor[] dA, Tensor[] QG, Tensor[] dG, float damping, "
     "bool factored) -> Tensor[]",
+    "ekfac_precondition(Tensor[] grads, Tensor[] QA, Tensor[] QG, Tensor[] S, float damping) -> Tensor[]",
     "kfac_update_(Tensor(a!)[] params, Tensor[] directions, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "bool[] clipped, float lr, float momentum, float weight_decay, float kl_clip) -> Tensor",
 };

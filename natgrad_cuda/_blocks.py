@@ -35,6 +35,7 @@ class Layer(Tap):
         # structure="block-tridiagonal": (in, out) of the next layer of the chain, whose cross
         # factors with this one (AC, GC) this layer keeps; None for the chain's last layer
         self.next_dims: Optional[Tuple[int, int]] = None
+        self.ekfac = False  # inverse="ekfac" rescales this layer: it keeps the scaling S (out, in[+1])
 
     def has_factors(self, st: Dict[str, Tensor]) -> bool:
         return self.factor_keys[0] in st
@@ -56,6 +57,8 @@ class Layer(Tap):
             shapes.update(IAb=(1, 1), IGb=(g, g))
         if self.next_dims is not None:
             shapes.update(AC=(a, self.next_dims[0]), GC=(g, self.next_dims[1]))
+        if self.ekfac:  # EKFAC's scaling in the eigenbasis of its A and G
+            shapes["S"] = (g, a)
         return shapes
 
     def blocks(self) -> List[Tuple[List[Tensor], bool]]:

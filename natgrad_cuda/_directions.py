@@ -349,6 +349,8 @@ def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], 
     out: BlockDirections = {}
     Ms, QA, dA, QG, dG, keys = [], [], [], [], [], []
     Mi, IA, IG, ikeys = [], [], [], []
+    Me, QAe, QGe, Se, ekeys = [], [], [], [], []  # EKFAC's rescaled layers
+    ekfac, inverse = inverse == "ekfac", "eigen" if inverse == "ekfac" else inverse  # the others: K-FAC's own
     for layer in layers:
         st = states[layer.name]
         if not has_inverse(st):
@@ -364,6 +366,9 @@ def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], 
             elif "IG" in st:  # the factored damping's explicit inverses
                 Mi.append(M), IA.append(st["IAb" if is_bias else "IA"]), IG.append(st["IGb" if is_bias else "IG"])
                 ikeys.append((layer.name, i))
+            elif ekfac and "S" in st and st["QA"].shape[0] == st["QA"].shape[1] and st["QG"].shape[0] == st["QG"].shape[1]:
+                Me.append(M), QAe.append(st["QA"]), QGe.append(st["QG"]), Se.append(st["S"])
+                ekeys.append((layer.name, i))
             else:
                 if is_bias:
                     one = torch.ones(1, 1, dtype=st["QA"].dtype, device=M.device)
@@ -376,6 +381,8 @@ def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], 
         out.update(zip(keys, ops.precondition(Ms, QA, dA, QG, dG, float(damping), inverse, impl=impl, _trusted=True)))
     if Mi:
         out.update(zip(ikeys, ops.kron_matmul(Mi, IA, IG, impl=impl, _trusted=True)))
+    if Me:
+        out.update(zip(ekeys, ops.ekfac_precondition(Me, QAe, QGe, Se, float(damping), impl=impl, _trusted=True)))
     return out
 
 

@@ -37,7 +37,10 @@ from .curvature import _layers
 from .curvature._losses import LOSS_NAMES, REDUCTIONS, LossSpec
 from .curvature.kfac import FISHER_TYPES, KFAC_APPROXES, STRUCTURES, is_joint
 from .curvature.rules import rule_for
-from .reference import INVERSES
+from .reference import INVERSES as KFAC_INVERSES
+
+# The optimizer's ``inverse``: the ops' two K-FAC inverses, and EKFAC's scaling in the K-FAC eigenbasis.
+INVERSES = KFAC_INVERSES + ("ekfac",)
 
 __all__ = ["Engine", "BACKENDS"]
 
@@ -111,6 +114,8 @@ class Engine:
                 raise ValueError(f"layer {name!r}: K-FAC needs its weight trainable (a frozen weight with a "
                                  "trainable bias is not supported)")
         self.unsupported = unsupported
+        if inverse == "ekfac":
+            _check_ekfac(self.dist, structure, fisher_type, separate_weight_and_bias)
         slots, _ = _layers.parameter_slots(inner, found)
         self.layers = []
         unit_wise = structure == "unit-wise"
@@ -144,6 +149,8 @@ class Engine:
         self.last_rho: Optional[float] = None
         self.factors = Factors(self.layers, hyper, self.impl, owner)
         self.factors.inverse = inverse
+        if inverse == "ekfac":
+            self.factors.ekfac = _ekfac_layers(self.layers, owner)
         self.recorder = Recorder(model, self.layers, spec=self.spec, fisher_type=fisher_type, kfac_approx=kfac_approx,
                                  mc_samples=self.mc_samples, owner=owner, factor_step_due=self.factor_step_due,
                                  generator=self._mc_generator, flush=self.factors.flush,
@@ -438,11 +445,12 @@ class Engine:
                     if self.dist.keeps(name) and not self.dist.owns(name):
                         for key in INVERSE_KEYS:
                             st.pop(key, None)
-            if self.inverse == "eigen":  # a factored run's explicit inverses: eigendecompositions at the next step
+            if self.inverse != "factored":  # a factored run's explicit inverses: eigendecompositions at the next step
                 for st in loaded.values():
                     if "IG" in st:
                         for key in INVERSE_KEYS:
                             st.pop(key, None)
+            self.factors.settle_scalings(loaded)
             self.factors.state = loaded
             self.factors.inverse_damping = None if inverse_damping is None else float(inverse_damping)
             self.steps, self.skipped_steps = counters["steps"], counters["skipped_steps"]
@@ -486,3 +494,32 @@ class Engine:
 
     def remove(self) -> None:
         self.recorder.remove()
+
+
+def _check_ekfac(dist, structure: str, fisher_type: str, separate_weight_and_bias: bool) -> None:
+    """ValueError for what inverse="ekfac" does not cover (yet): its scaling pairs each row of A with
+    the G rows of the same data point, which the curvature passes give per forward."""
+    if dist is not None:
+        raise ValueError("inverse='ekfac' is not supported under torch.distributed yet (its scalings would need "
+                         "their own all-reduce); use inverse='eigen' or a single process")
+    if structure != "block-diagonal":
+        raise ValueError(f"inverse='ekfac' rescales the block-diagonal K-FAC eigenbasis; structure={structure!r} "
+                         "has none")
+    if fisher_type not in ("type-2", "mc"):
+        raise ValueError(f"inverse='ekfac' needs fisher_type 'type-2' or 'mc' (its scaling pairs each input row with "
+                         f"the curvature pass's output gradients of the same data point), got {fisher_type!r}")
+    if separate_weight_and_bias:
+        raise ValueError("inverse='ekfac' scales the joint weight-and-bias block: use separate_weight_and_bias=False")
+
+
+def _ekfac_layers(layers: List[Layer], owner: str) -> set:
+    """The layers EKFAC rescales: nn.Linear ones (their input rows pair one to one with their output
+    gradients' rows); the others keep K-FAC's own scaling, with a warning naming them."""
+    mine = {layer.name for layer in layers if isinstance(layer.module, nn.Linear) and not layer.per_unit}
+    others = [f"{layer.name!r} ({type(layer.module).__name__})" for layer in layers if layer.name not in mine]
+    if others:
+        warn_user(f"{owner}: inverse='ekfac' rescales nn.Linear layers only; layers {', '.join(others)} keep K-FAC's "
+                  "own scaling (inverse='eigen')")
+    for layer in layers:
+        layer.ekfac = layer.name in mine
+    return mine

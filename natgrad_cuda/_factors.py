@@ -47,6 +47,10 @@ class Factors:
         # layers with a separate bias block (whose factored inverse of G has its own shift)
         self.bias_apart = {layer.name for layer in layers
                            if not layer.per_unit and not layer.joint and layer.bias is not None}
+        # inverse="ekfac": the layers rescaled (their scaling S, a moving average like A and G, of the
+        # squared per-example gradients in the eigenbasis)
+        self.ekfac: set = set()
+        self._ekfac_warned: set = set()
         self.reset()
 
     def reset(self) -> None:
@@ -67,11 +71,57 @@ class Factors:
             seen.add(item[0])
         for key, _, _ in fresh:
             self._sums[key] = self._buffer(*key)
+        if self.ekfac:
+            self._scaling_sums(rows)
         accumulate_rows(self._sums, fresh, self._append_ones, self.impl, decay=0.0, trusted=True)
         accumulate_rows(self._sums, more, self._append_ones, self.impl, trusted=True)
         if self.chain:
             for key, C in cross_rows(rows, self.chain, self._append_ones):
                 self._sums[key] = self._sums[key] + C if key in self._sums else C
+
+    def _scaling_sums(self, rows) -> None:
+        """EKFAC: this step's sum of squared per-example gradients in each rescaled layer's current
+        eigenbasis, from the rows of one forward: sum over data points r and output-gradient rows k of
+        R s_A s_G (QG^T g_kr)^2 (QA^T a_r)^T^2 (R the rows of A; ``_step_sums`` divides by N and G's
+        divisor, so that for independent a and g it is diag(QG^T G QG) diag(QA^T A QA)^T, K-FAC's own
+        scaling). A layer with no full eigenbasis yet adds nothing; one that ran more than once in the
+        forward (its rows cannot be paired) adds nothing this step, with a warning."""
+        items: Dict[str, Tuple[list, list]] = {}
+        for key, X, scale in rows:
+            if key[1] in self.ekfac and key[0] in ("A", "G"):
+                items.setdefault(key[1], ([], []))[key[0] == "G"].append((X, scale))
+        for name, (a_items, g_items) in items.items():
+            st = self.state[name]
+            QA, QG = st.get("QA"), st.get("QG")
+            if QA is None or QG is None or QA.shape[0] != QA.shape[1] or QG.shape[0] != QG.shape[1] or not g_items:
+                continue
+            if len(a_items) != 1:
+                if name not in self._ekfac_warned:
+                    self._ekfac_warned.add(name)
+                    warn_user(f"{self.owner}: layer {name!r} ran {len(a_items)} times in one forward: EKFAC cannot pair "
+                              "its input rows with its output gradients, and keeps its scaling from other steps")
+                continue
+            X, s_a = a_items[0]
+            X = X.to(QA.dtype)
+            if self._append_ones[("A", name)]:
+                X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+            A2 = (X @ QA).square_()
+            total = None
+            for g, s_g in g_items:
+                part = (g.to(QG.dtype) @ QG).square_().mT @ A2
+                total = part * s_g if total is None else total.add_(part, alpha=s_g)
+            total *= X.shape[0] * s_a
+            key = ("S", name)
+            self._sums[key] = self._sums[key] + total if key in self._sums else total
+
+    def settle_scalings(self, states: Dict[str, Dict[str, Tensor]]) -> None:
+        """EKFAC: a rescaled layer with a full eigenbasis and no scaling (a K-FAC state loaded) starts
+        from K-FAC's own, dG dA^T; a layer not rescaled holds none."""
+        for name, st in states.items():
+            if name not in self.ekfac:
+                st.pop("S", None)
+            elif "S" not in st and "QA" in st and "QG" in st and st["QA"].shape[0] == st["QA"].shape[1]:
+                st["S"] = torch.outer(st["dG"], st["dA"])
 
     def layout(self) -> List[Tuple[Tuple[str, str], tuple, torch.dtype, torch.device]]:
         """(key, shape, dtype, device) of every sum a step can have, in a fixed order (the same on
@@ -105,7 +155,8 @@ class Factors:
 
     def stage(self, n: int, g_div: float, forward_only: bool, inverses_due: bool) -> None:
         """This step's factors from its sums (N data points, G's divisor; ``n`` 0: none this step)
-        and, when due or missing, the inverses of the new moving averages, staged for ``accept``."""
+        and, when due or missing, the inverses of the new moving averages, staged for ``accept``
+        (EKFAC's scalings too, which this step's directions use even between inverse updates)."""
         self._new = self._step_sums(n, g_div, forward_only) if n else None
         have = {layer.name for layer in self.layers if layer.has_factors(self.state[layer.name])}
         have |= set(self._new[0] if self._new else ())
@@ -119,9 +170,19 @@ class Factors:
             staged = {name: dict(st) for name, st in self.state.items()}
             if self._new:
                 self._average(staged, *self._new, in_place=False)
-            decompose(staged, self.impl, self.dist, damping=damping, inverse=self.inverse, full_rank=set(self.chain),
-                      bias_apart=self.bias_apart)
+            decompose(staged, self.impl, self.dist, damping=damping,
+                      inverse="eigen" if self.inverse == "ekfac" else self.inverse,
+                      full_rank=set(self.chain) | self.ekfac, bias_apart=self.bias_apart)
+            for name in self.ekfac:  # a new eigenbasis: the scaling starts again from K-FAC's own in it
+                st, old = staged[name], self.state[name]
+                if "QA" in st and (st["QA"] is not old.get("QA") or st["QG"] is not old.get("QG")):
+                    st["S"] = torch.outer(st["dG"], st["dA"])
             self._staged, self._staged_damping = staged, damping
+        elif self._new and any("S" in sums for sums in self._new[0].values()):
+            # EKFAC between inverse updates: this step's directions use the scalings with its estimate in
+            staged = {name: dict(st) for name, st in self.state.items()}
+            self._average(staged, *self._new, in_place=False)
+            self._staged, self._staged_damping = staged, self.inverse_damping
 
     def current(self) -> Dict[str, Dict[str, Tensor]]:
         """The state this step's directions use: staged, or the committed one."""
@@ -159,7 +220,7 @@ class Factors:
                  else self._sums.get(("G", layer.name)))
             if G is not None:  # None: no backward reached it
                 new[layer.name] = {"A": first, "G": G}
-                for key in ("AC", "GC"):
+                for key in ("AC", "GC", "S"):
                     if (key, layer.name) in self._sums:
                         new[layer.name][key] = self._sums[(key, layer.name)]
         self._note_unrecorded(new)
@@ -172,7 +233,7 @@ class Factors:
             warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
                       "averages keep their previous values")
             return None
-        scales = {"A": 1.0 / n, "G": 1.0 / g_div, "F": 1.0 / (n if forward_only else g_div)}
+        scales = {"A": 1.0 / n, "G": 1.0 / g_div, "F": 1.0 / (n if forward_only else g_div), "S": 1.0 / (n * g_div)}
         if self.chain:
             scales.update(AC=1.0 / n, GC=1.0 / g_div)
         return new, scales
@@ -219,6 +280,8 @@ class Factors:
         where = f"state_dict: layer {layer.name!r}"
         if not isinstance(saved, dict):
             raise ValueError(f"{where}: its state must be a dict, got {type(saved).__name__}")
+        if not layer.ekfac:  # an EKFAC run's scaling, loaded by an optimizer that does not rescale this layer
+            saved = {k: v for k, v in saved.items() if k != "S"}
         out, shapes = {}, layer.shapes()
         unknown = set(saved) - set(shapes)
         if unknown:
@@ -235,6 +298,8 @@ class Factors:
                 pairs += [(("QA",), ("dA",)), (("dA",), ("QA",)), (explicit, explicit)]
                 if keys & {"QA", "QG"} and keys & set(explicit):
                     raise ValueError(f"{where}: entries {sorted(keys)} mix eigendecompositions and explicit inverses")
+                if layer.ekfac:  # a scaling belongs to an eigenbasis
+                    pairs.append((("QA", "QG"), ("S",)))
         for need, having in pairs:
             if keys & set(having) and not set(need) <= keys:
                 raise ValueError(f"{where}: entries {sorted(keys)} are incomplete (missing "
@@ -259,6 +324,8 @@ class Factors:
                 raise ValueError(f"{where} entry {key!r} is not finite")
             if key.startswith("d") and bool((t < 0).any()):
                 raise ValueError(f"{where} entry {key!r}: eigenvalues must be >= 0")
+            if key == "S" and bool((t < 0).any()):
+                raise ValueError(f"{where} entry 'S': EKFAC's scaling (mean squares) must be >= 0")
             if key.startswith("Q"):  # (n, r), or (P, k, k) per entry
                 eye = torch.eye(t.shape[-1], dtype=t.dtype, device=device)
                 tol = 1e-3 if t.dtype == torch.float32 else 1e-8

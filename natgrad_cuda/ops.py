@@ -25,7 +25,7 @@ from . import _ext, emulation, reference
 from ._checks import check_bool, check_number
 
 __all__ = ["factor_update_", "ConvPatches", "eigh_batched", "eigh_lowrank", "eigh_refine", "damped_inverse", "precondition",
-           "kron_matmul", "kfac_update_", "IMPLS"]
+           "ekfac_precondition", "kron_matmul", "kfac_update_", "IMPLS"]
 
 IMPLS = (None, "reference", "native", "emulated")
 _FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -589,6 +589,65 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
     return list(op(grads, QA, dA, QG, dG, damping, inverse == "factored"))
 
 
+def _check_ekfac_precondition_args(grads, QA, QG, S, damping):
+    n = len(grads)
+    for name, seq in (("QA", QA), ("QG", QG), ("S", S)):
+        if len(seq) != n:
+            raise ValueError(f"ekfac_precondition: {name} has {len(seq)} entries but grads has {n}")
+    damping = check_number("damping", damping, low=0.0, low_open=True)
+    device = None
+    for i in range(n):
+        tensors = {"grads": grads[i], "QA": QA[i], "QG": QG[i], "S": S[i]}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"ekfac_precondition: {name}[{i}] must be a tensor, got {type(t).__name__}")
+        M = grads[i]
+        if M.dim() != 2:
+            raise ValueError(f"ekfac_precondition: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+        o, k = M.shape
+        for q, d in (("QA", k), ("QG", o)):  # the scaling S covers the whole rotated space: no low rank
+            if tuple(tensors[q].shape) != (d, d):
+                raise ValueError(f"ekfac_precondition: {q}[{i}] must be a full ({d}, {d}) eigenbasis for grads[{i}] "
+                                 f"of shape {(o, k)} (low-rank bases are not supported), got "
+                                 f"{tuple(tensors[q].shape)}")
+        if tuple(S[i].shape) != (o, k):
+            raise ValueError(f"ekfac_precondition: S[{i}] must have grads[{i}]'s shape {(o, k)}, got "
+                             f"{tuple(S[i].shape)}")
+        if QA[i].dtype not in _FACTOR_DTYPES or any(t.dtype != QA[i].dtype for t in (QG[i], S[i])):
+            raise ValueError(f"ekfac_precondition: QA[{i}], QG[{i}] and S[{i}] must share one dtype, float32 or "
+                             f"float64, got {QA[i].dtype}, {QG[i].dtype} and {S[i].dtype}")
+        if M.dtype not in _INPUT_DTYPES:
+            raise ValueError(f"ekfac_precondition: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
+        device = M.device if device is None else device
+        if any(t.device != device for t in tensors.values()):
+            raise ValueError(f"ekfac_precondition: the tensors of layer {i} must all be on {device}")
+    _refuse_autograd("ekfac_precondition", grads=grads, QA=QA, QG=QG, S=S)
+    return device, damping
+
+
+def ekfac_precondition(grads, QA, QG, S, damping: float, impl: Optional[str] = None, *,
+                       _trusted: bool = False) -> List[torch.Tensor]:
+    """EKFAC (George et al. 2018) for every layer i at once: the (out, in) matrix M = grads[i] rescaled
+    in the eigenbases of the Kronecker factors, QG [(QG^T M QA) / (S + damping)] QA^T (elementwise
+    division). QA (in, in) and QG (out, out) are full orthonormal eigenbases; S (out, in), of any
+    strides, holds the scaling of every eigendirection (entries >= 0, e.g. running second moments of
+    QG^T M QA). QA, QG, S share one dtype, float32 or float64, which sets the accumulation dtype;
+    damping is finite and > 0. Returns new tensors in the gradients' dtypes.
+    """
+    grads, QA, QG, S = (list(x) for x in (grads, QA, QG, S))
+    if _trusted:
+        device = grads[0].device if grads else None
+    else:
+        device, damping = _check_ekfac_precondition_args(grads, QA, QG, S, damping)
+    if not grads:
+        return []
+    impl = _resolve_impl(impl, device)
+    if impl == "reference":
+        return reference.ekfac_precondition(grads, QA, QG, S, damping)
+    op = torch.ops.natgrad.ekfac_precondition if impl == "native" else torch.ops.natgrad_emu.ekfac_precondition
+    return list(op(grads, QA, QG, S, float(damping)))
+
+
 def _check_kfac_update_args(params, directions, grads, momentum_buffers, clipped, lr, momentum, weight_decay,
                             kl_clip):
     n = len(params)
@@ -680,6 +739,12 @@ if _ext.loaded():
 
     torch.library.register_fake("natgrad::precondition")(_precondition_fake)
     torch.library.register_fake("natgrad_emu::precondition")(_precondition_fake)
+
+    def _ekfac_precondition_fake(grads, QA, QG, S, damping):
+        return [M.new_empty(M.shape) for M in grads]
+
+    torch.library.register_fake("natgrad::ekfac_precondition")(_ekfac_precondition_fake)
+    torch.library.register_fake("natgrad_emu::ekfac_precondition")(_ekfac_precondition_fake)
 
     def _damped_inverse_fake(mats, shifts):
         return [M.new_empty(M.shape) for M in mats]

@@ -7,9 +7,12 @@ One K-FAC step (Martens and Grosse 2015; docs/curvature.md for the conventions):
    the true gradients for "empirical"), into exponential moving averages with ``factor_decay``;
 2. inverses, every ``inv_update_freq`` steps, per factor by cost (``_directions.decompose``):
    explicit damped inverses by Cholesky (``inverse="factored"``), certified low-rank
-   eigendecompositions of wide factors, full eigendecompositions (eigenvalues clamped at zero);
-3. preconditioning: (G (x) A + damping I)^-1 applied exactly in the eigenbases (``inverse="eigen"``)
-   or the factored Tikhonov inverse with the pi correction (``inverse="factored"``);
+   eigendecompositions of wide factors, a settled factor's previous eigenbasis while certified,
+   full eigendecompositions (eigenvalues clamped at zero);
+3. preconditioning: (G (x) A + damping I)^-1 applied exactly in the eigenbases (``inverse="eigen"``),
+   the factored Tikhonov inverse with the pi correction (``inverse="factored"``), or EKFAC's
+   QG [(QG^T M QA) / (S + damping)] QA^T with S the per-example gradients' mean squares in the
+   eigenbasis (``inverse="ekfac"``);
 4. trust region: the K-FAC directions scaled by nu = min(1, sqrt(kl_clip / (lr^2 sum <P, g>)));
 5. ``KFAC`` only: weight decay, momentum and the update, like torch.optim.SGD, for every parameter;
    parameters outside supported layers follow the same momentum SGD with their plain gradient; and
@@ -108,9 +111,13 @@ class KFAC(torch.optim.Optimizer):
       lr, momentum, weight_decay: as torch.optim.SGD (weight decay is added to the preconditioned
         direction, so it is not preconditioned).
       damping: lambda in (F + lambda I)^-1; the main knob after lr.
-      inverse: "eigen" (exact damping in the eigenbasis, default) or "factored" (Tikhonov damping
+      inverse: "eigen" (exact damping in the eigenbasis, default), "factored" (Tikhonov damping
         split between the factors with the pi correction: explicit inverses of the damped factors,
-        redone when the damping changes, two products per layer and step).
+        redone when the damping changes, two products per layer and step) or "ekfac"
+        (eigenvalue-corrected K-FAC, George et al. 2018: in K-FAC's eigenbasis, the scaling S of
+        nn.Linear layers is re-estimated at every factor step from the per-example gradients, a
+        moving average restarted from K-FAC's dG dA^T at each new eigenbasis; other layers keep
+        K-FAC's; fisher_type "type-2" or "mc", joint weight and bias, one process).
       factor_decay: the moving average's decay of A and G; factor_update_freq, inv_update_freq:
         steps between factor updates and between eigendecompositions.
       kl_clip: the trust region kappa (None disables it).

@@ -10,8 +10,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["factor_update_", "eigh_batched", "eigh_lowrank", "damped_inverse", "precondition", "kron_matmul",
-           "kfac_update_", "kl_nu", "accumulation_dtype", "INVERSES"]
+__all__ = ["factor_update_", "eigh_batched", "eigh_lowrank", "damped_inverse", "precondition",
+           "ekfac_precondition", "kron_matmul", "kfac_update_", "kl_nu", "accumulation_dtype", "INVERSES"]
 
 INVERSES = ("eigen", "factored")
 
@@ -159,6 +159,27 @@ def precondition(
             T = M / ga + ((M @ qa) * (1.0 / (da + ga) - 1.0 / ga)) @ qa.T
             P = T / gg + qg @ ((qg.T @ T) * (1.0 / (dg + gg) - 1.0 / gg)[:, None])
         out.append(P.to(grad.dtype))
+    return out
+
+
+def ekfac_precondition(
+    grads: Sequence[torch.Tensor],
+    QA: Sequence[torch.Tensor],
+    QG: Sequence[torch.Tensor],
+    S: Sequence[torch.Tensor],
+    damping: float,
+) -> List[torch.Tensor]:
+    """EKFAC (George et al. 2018): every layer's (out, in) gradient matrix M rescaled in the Kronecker
+    eigenbasis, QG [(QG^T M QA) / (S + damping)] QA^T (elementwise division).
+
+    QA (in, in) and QG (out, out) are full orthonormal eigenbases of A and G; S (out, in) holds the
+    scaling of each eigendirection (the second moments of the rotated gradients, where K-FAC would
+    take dG dA^T). Computed in the factors' dtype and returned in the gradient's.
+    """
+    out = []
+    for grad, qa, qg, s in zip(grads, QA, QG, S):
+        V = qg.T @ grad.to(qa.dtype) @ qa
+        out.append((qg @ (V / (s + damping)) @ qa.T).to(grad.dtype))
     return out
 
 

@@ -1,7 +1,8 @@
-// The grouped GEMM kernel of precondition and kron_matmul: C = A B (+ an epilogue) for many layers
-// in one launch. Each layer's tiles are laid end to end in the grid (cuda/grouped.cuh); a block
-// computes one 32x32 tile of C, staging 32-deep slabs of A and B in shared memory, accumulating in
-// acc_t. Transposes are strides: the kernel takes any (row, column) strides of A, B, C and X.
+// The grouped GEMM kernel of precondition, ekfac_precondition and kron_matmul: C = A B (+ an
+// epilogue) for many layers in one launch. Each layer's tiles are laid end to end in the grid
+// (cuda/grouped.cuh); a block computes one 32x32 tile of C, staging 32-deep slabs of A and B in
+// shared memory, accumulating in acc_t. Transposes are strides: the kernel takes any (row, column)
+// strides of A, B, C and X.
 //
 // Epilogues (per table entry, so one launch mixes them), on v = (A B)[i][j]:
 //   kStore                v
@@ -9,8 +10,10 @@
 //   kExactLowRank         v (1/(dG_i dA_j + lambda) - 1/lambda)
 //   kColumnsLowRank       v (1/(dA_j + gA) - 1/gA)     (factored damping's shifts gA, gG)
 //   kRowsLowRank          v (1/(dG_i + gG) - 1/gG)
-// then, unless add is kNoAdd, + X[i][j] / (lambda, gA or gG). The factored shifts come from pi,
-// which each block computes from all of the layer's eigenvalues (sums over dimA and dimG).
+//   kOverScale            v / (X[i][j] + lambda), X the EKFAC scaling S (x_t; ekfac_precondition.h)
+// then, unless add is kNoAdd, + X[i][j] / (lambda, gA or gG) (kOverScale reads X itself, so takes no
+// add). The factored shifts come from pi, which each block computes from all of the layer's
+// eigenvalues (sums over dimA and dimG).
 //
 // Included by several .cu files: everything is in an anonymous namespace inside NATGRAD_KERNEL_NS,
 // so that each translation unit (and the CUDA and emulated builds) has its own copy, no ODR clash.
@@ -23,6 +26,7 @@
 #include "cuda/grouped.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
+#include "ekfac_precondition.h"
 #include "precondition.h"
 
 namespace natgrad {
@@ -40,13 +44,14 @@ enum Epilogue : int {
   kExactLowRank = 3,
   kColumnsLowRank = 4,
   kRowsLowRank = 5,
+  kOverScale = 6,
 };
 enum Add : int { kNoAdd = 0, kAddOverDamping = 1, kAddOverGA = 2, kAddOverGG = 3 };
 
 struct Gemm {  // C (m x n) = A (m x k) B (k x n); X[i][j] at i * x0 + j * x1
   dev_ptr<const char> A, B;
   dev_ptr<char> C;
-  dev_ptr<const char> X;       // the matrix added (C's shape, x_t); unused for kNoAdd
+  dev_ptr<const char> X;       // the matrix added, or kOverScale's S (C's shape, x_t); else unused
   dev_ptr<const char> dG, dA;  // the layer's eigenvalues (nG, nA); unused for kStore without add
   int64_t m, n, k;
   int64_t a0, a1, b0, b1, c0, c1, x0, x1;
@@ -60,7 +65,7 @@ struct Gemm {  // C (m x n) = A (m x k) B (k x n); X[i][j] at i * x0 + j * x1
 struct EpilogueArgs {
   int epilogue = kStore;
   int add = kNoAdd;
-  const at::Tensor* X = nullptr;
+  const at::Tensor* X = nullptr;   // any strides (the kernel reads it through them)
   const at::Tensor* dG = nullptr;  // dense (the kernel indexes them directly)
   const at::Tensor* dA = nullptr;
   int64_t dimG = 0, dimA = 0;
@@ -138,6 +143,9 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
         break;
       case kRowsLowRank:
         v *= precondition::shift_weight(dG[i], damp.gG);
+        break;
+      case kOverScale:
+        v /= ekfac_precondition::denominator(static_cast<acc_t>(x[i * G.x0 + j * G.x1]), G.damping);
         break;
       default:
         break;

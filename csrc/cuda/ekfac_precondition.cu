@@ -1,0 +1,74 @@
+// ekfac_precondition on CUDA: P = QG [(QG^T M QA) / (S + lambda)] QA^T for every layer in four
+// launches of the grouped GEMM kernel (cuda/grouped_gemm.cuh; per pair of gradient and factor
+// dtypes), whatever the number of layers, as precondition's full-rank path:
+//   1. T = M QA                      (reads the gradient in its own dtype; no conversion pass)
+//   2. V = (QG^T T) / (S + lambda)   (the epilogue kOverScale reads S through its strides: no copy
+//                                     of S and no separate elementwise pass)
+//   3. T = V QA^T
+//   4. P = QG T                      (written in the gradient's dtype)
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "cuda/grouped_gemm.cuh"
+#include "cuda/runtime.h"
+#include "ekfac_precondition.h"
+
+namespace natgrad {
+namespace NATGRAD_KERNEL_NS {
+namespace {
+
+std::vector<at::Tensor> ekfac_precondition_op(at::TensorList grads, at::TensorList QA, at::TensorList QG,
+                                              at::TensorList S, double damping) {
+  ekfac_precondition::check_args(grads, QA, QG, S, damping);
+  const size_t count = grads.size();
+  std::vector<at::Tensor> out(count);
+  if (count == 0) return out;
+  const DeviceGuard guard(grads[0].device());
+  const stream_t stream = current_stream();
+
+  for (const auto& group : dtype_groups(grads, QA)) {
+    const auto gdt = grads[group[0]].scalar_type(), adt = QA[group[0]].scalar_type();
+    std::vector<Gemm> stage[4];
+    int64_t tiles[4] = {0, 0, 0, 0};
+    std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
+    for (const size_t i : group) {
+      const at::Tensor& M = grads[i];
+      out[i] = at::empty(M.sizes(), M.options());
+      if (M.numel() == 0) continue;
+      const int64_t o = M.size(0), k = M.size(1);
+      const at::Tensor T = at::empty({o, k}, QA[i].options()), V = at::empty({o, k}, QA[i].options());
+      keep.insert(keep.end(), {T, V});
+      EpilogueArgs e;
+      e.epilogue = kOverScale;
+      e.X = &S[i];
+      e.damping = damping;
+      stage[0].push_back(entry(M, false, QA[i], false, T, &tiles[0]));
+      stage[1].push_back(entry(QG[i], true, T, false, V, &tiles[1], e));
+      stage[2].push_back(entry(V, false, QA[i], true, T, &tiles[2]));
+      stage[3].push_back(entry(QG[i], false, T, false, out[i], &tiles[3]));
+    }
+    if (stage[0].empty()) continue;
+    const StageTables t = upload_stages(stage, tiles, grads[group[0]], "ekfac_precondition");
+    // X (read in stage 2 only) is S, in the factors' dtype.
+    AT_DISPATCH_FLOATING_TYPES(adt, "ekfac_precondition", [&] {
+      using acc_t = scalar_t;
+      AT_DISPATCH_SWITCH(gdt, "ekfac_precondition", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
+        using g_t = scalar_t;
+        launch_stage<g_t, acc_t, acc_t, acc_t>(t.stage(0), t.per_stage, tiles[0], stream);
+        launch_stage<acc_t, acc_t, acc_t, acc_t>(t.stage(1), t.per_stage, tiles[1], stream);
+        launch_stage<acc_t, acc_t, acc_t, acc_t>(t.stage(2), t.per_stage, tiles[2], stream);
+        launch_stage<acc_t, g_t, acc_t, acc_t>(t.stage(3), t.per_stage, tiles[3], stream);
+      }));
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+NATGRAD_CUDA_IMPL(natgrad, m) { m.impl("ekfac_precondition", &ekfac_precondition_op); }
+
+}  // namespace NATGRAD_KERNEL_NS
+}  // namespace natgrad
