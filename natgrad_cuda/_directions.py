@@ -40,6 +40,7 @@ INVERSE_KAPPA_EPS = 1e-3
 # from this width on (bench/bench_warm.py).
 WARM_MIN = 128
 WARM_TOLERANCE = 0.01
+WARM_GATE = 0.01  # the trace move, as a fraction of the damping, that lets a factor be checked
 
 
 def has_inverse(st: Dict[str, Tensor]) -> bool:
@@ -64,8 +65,8 @@ def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=No
       ``bias_apart`` get their bias block's G inverse too (its own shift). A failed one falls back on
       an eigendecomposition;
     - the previous eigenbasis, kept (``ops.eigh_refine``, eigenvalues diag(Q^T F Q)): a factor at least
-      ``WARM_MIN`` wide, decomposed in full last time, whose trace moved by at most the damping it
-      meets since, when the certificate of that basis against the same damping is at most
+      ``WARM_MIN`` wide, decomposed in full last time, whose trace moved by at most ``WARM_GATE`` times
+      the damping it meets since, when the certificate of that basis against the same damping is at most
       ``WARM_TOLERANCE`` (the layer's damped curvature then within a factor (1 +- 0.01)^2 of the
       approximation, in the Loewner order; ``_warm``);
     - eigendecompositions (``ops.eigh_batched``, eigenvalues clamped at zero) for the rest. A diagonal
@@ -156,8 +157,10 @@ def _warm(states, eig: List[Tuple[str, str]], impl, damping: float, inverse: str
     the factor meets in its layer is at most WARM_TOLERANCE; the others, returned, to decompose.
 
     Only factors at least WARM_MIN wide with a previous full eigendecomposition are tried, and only
-    when their trace moved by at most that damping since (a factor fed new data moves by far more,
-    and its basis would fail the certificate at the cost of half a decomposition). The damping a
+    when their trace moved by at most ``WARM_GATE`` times that damping since (a factor fed new data
+    moves by far more, and its basis would fail the certificate at the cost of 0.4 of a
+    decomposition; with a gate of the whole damping, the checks of factors fed sampled gradients
+    mostly failed: README, "Warm-started eigenbases"). The damping a
     factor meets: under exact damping, damping / tr(other factor) (at most the smallest shift it sees in the
     Kronecker product, damping / |other factor|; a certificate at a smaller shift holds at a larger
     one); under factored damping its own shift (the smaller of its layer's and bias block's, when
@@ -186,7 +189,7 @@ def _warm(states, eig: List[Tuple[str, str]], impl, damping: float, inverse: str
         return eig
     values = torch.stack(shifts + moves).tolist()  # one host sync
     shifts, moves = values[:len(tries)], values[len(tries):]
-    picked = [i for i, (s, m) in enumerate(zip(shifts, moves)) if s > 0 and m <= s]
+    picked = [i for i, (s, m) in enumerate(zip(shifts, moves)) if s > 0 and m <= WARM_GATE * s]
     if not picked:
         return eig
     results = ops.eigh_refine([states[tries[i][0]][tries[i][1]] for i in picked],
