@@ -163,8 +163,8 @@ def _warm(states, eig: List[Tuple[str, str]], impl, damping: float, inverse: str
     mostly failed: README, "Warm-started eigenbases"). The damping a
     factor meets: under exact damping, damping / tr(other factor) (at most the smallest shift it sees in the
     Kronecker product, damping / |other factor|; a certificate at a smaller shift holds at a larger
-    one); under factored damping its own shift (the smaller of its layer's and bias block's, when
-    apart)."""
+    one; a separate bias block's G meets the damping itself); under factored damping its own shift
+    (the smaller of its layer's and bias block's, when apart)."""
     tries, shifts, moves = [], [], []
     root = math.sqrt(damping)
     for name, key in eig:
@@ -176,6 +176,8 @@ def _warm(states, eig: List[Tuple[str, str]], impl, damping: float, inverse: str
             other = st["G" if key == "A" else "A"]  # its trace bounds its norm at O(n) cost
             shift = damping / (other.sum() if other.dim() == 1 else other.diagonal().sum()).clamp_min(
                 torch.finfo(F.dtype).tiny)
+            if key == "G" and name in bias_apart:  # the bias block's A is 1: G meets the damping itself
+                shift = shift.clamp_max(damping)
         else:
             pi = _layer_pi(st)
             shift = pi * root if key == "A" else root / pi

@@ -116,7 +116,7 @@ class KFAC(torch.optim.Optimizer):
         redone when the damping changes, two products per layer and step) or "ekfac"
         (eigenvalue-corrected K-FAC, George et al. 2018: in K-FAC's eigenbasis, the scaling S of
         nn.Linear layers is re-estimated at every factor step from the per-example gradients, a
-        moving average restarted from K-FAC's dG dA^T at each new eigenbasis; other layers keep
+        moving average restarted from K-FAC's dG dA^T at each inverse update; other layers keep
         K-FAC's; fisher_type "type-2" or "mc", joint weight and bias, one process).
       factor_decay: the moving average's decay of A and G; factor_update_freq, inv_update_freq:
         steps between factor updates and between eigendecompositions.

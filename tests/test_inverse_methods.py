@@ -399,3 +399,25 @@ def test_a_factor_fed_new_data_is_not_tried(monkeypatch):
     kept = Kept(monkeypatch)
     _directions.decompose(states, None, damping=1e-3)
     assert kept.tried == 0
+
+
+def test_a_separate_bias_blocks_g_is_checked_at_the_damping_itself(monkeypatch):
+    """Under exact damping G meets damping / |A| in the weight block and the damping itself in a
+    separate bias block (A = 1): a small A (trace below 1) must not loosen G's certificate."""
+    model = model_of([130, 140, 3])
+    opt = ng.KFAC(model, lr=1e-3, momentum=0.0, kl_clip=None, damping=1e-3, loss="cross_entropy",
+                  fisher_type="type-2", separate_weight_and_bias=True, factor_update_freq=1, inv_update_freq=1)
+    x, y = batch(40, 130, 3)
+    step(model, opt, x * 1e-3, y)  # inputs so small that tr(A) of the first layer is below 1
+    states = {n: dict(st) for n, st in opt.state_dict()["kfac"]["layers"].items()}
+    assert float(states["0"]["A"].diagonal().sum()) < 1
+    seen = []
+    real = ops.eigh_refine
+
+    def spy(mats, bases, shifts, **kw):
+        seen.extend(s for M, s in zip(mats, shifts) if M is states["0"]["G"])
+        return real(mats, bases, shifts, **kw)
+
+    monkeypatch.setattr(ops, "eigh_refine", spy)
+    _directions.decompose(states, None, damping=1e-3, bias_apart={"0", "2"})
+    assert seen == [1e-3]  # not damping / tr(A), which is larger here
