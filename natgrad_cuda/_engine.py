@@ -115,7 +115,7 @@ class Engine:
                                  "trainable bias is not supported)")
         self.unsupported = unsupported
         if inverse == "ekfac":
-            _check_ekfac(self.dist, structure, fisher_type, separate_weight_and_bias)
+            _check_ekfac(self.dist, inverse_sharing, structure, fisher_type, separate_weight_and_bias)
         slots, _ = _layers.parameter_slots(inner, found)
         self.layers = []
         unit_wise = structure == "unit-wise"
@@ -496,12 +496,15 @@ class Engine:
         self.recorder.remove()
 
 
-def _check_ekfac(dist, structure: str, fisher_type: str, separate_weight_and_bias: bool) -> None:
+def _check_ekfac(dist, inverse_sharing: str, structure: str, fisher_type: str, separate_weight_and_bias: bool
+                 ) -> None:
     """ValueError for what inverse="ekfac" does not cover (yet): its scaling pairs each row of A with
-    the G rows of the same data point, which the curvature passes give per forward."""
-    if dist is not None:
-        raise ValueError("inverse='ekfac' is not supported under torch.distributed yet (its scalings would need "
-                         "their own all-reduce); use inverse='eigen' or a single process")
+    the G rows of the same data point, which the curvature passes give per forward, and every process
+    sums its rows' share in the eigenbasis, which it must hold."""
+    if dist is not None and inverse_sharing != "eigenbases":
+        raise ValueError(f"inverse='ekfac' under torch.distributed needs every layer's eigenbasis on every process "
+                         f"(each sums its share of the scaling in it): use inverse_sharing='eigenbases', not "
+                         f"{inverse_sharing!r}")
     if structure != "block-diagonal":
         raise ValueError(f"inverse='ekfac' rescales the block-diagonal K-FAC eigenbasis; structure={structure!r} "
                          "has none")

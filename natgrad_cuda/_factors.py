@@ -81,11 +81,14 @@ class Factors:
 
     def _scaling_sums(self, rows) -> None:
         """EKFAC: this step's sum of squared per-example gradients in each rescaled layer's current
-        eigenbasis, from the rows of one forward: sum over data points r and output-gradient rows k of
-        R s_A s_G (QG^T g_kr)^2 (QA^T a_r)^T^2 (R the rows of A; ``_step_sums`` divides by N and G's
-        divisor, so that for independent a and g it is diag(QG^T G QG) diag(QA^T A QA)^T, K-FAC's own
-        scaling). A layer with no full eigenbasis yet adds nothing; one that ran more than once in the
-        forward (its rows cannot be paired) adds nothing this step, with a warning."""
+        eigenbasis, from the rows of one forward: the sum over A's rows r and output-gradient rows k
+        of s_G (QG^T g_kr)^2 ((QA^T a_r)^2)^T. ``_step_sums`` divides it by G's divisor: an nn.Linear's
+        A is s_A / N times its rows' sum with s_A R = N (the forward's data points, R its rows:
+        positions or sequences per data point, s_A their inverse), so for independent a and g this is
+        diag(QG^T G QG) diag(QA^T A QA)^T, K-FAC's own scaling, and a data-parallel sum of the
+        processes' shares is the global batch's. A layer with no full eigenbasis yet adds nothing; one
+        that ran more than once in the forward (its rows cannot be paired) adds nothing this step,
+        with a warning."""
         items: Dict[str, Tuple[list, list]] = {}
         for key, X, scale in rows:
             if key[1] in self.ekfac and key[0] in ("A", "G"):
@@ -101,7 +104,7 @@ class Factors:
                     warn_user(f"{self.owner}: layer {name!r} ran {len(a_items)} times in one forward: EKFAC cannot pair "
                               "its input rows with its output gradients, and keeps its scaling from other steps")
                 continue
-            X, s_a = a_items[0]
+            X, _ = a_items[0]
             X = X.to(QA.dtype)
             if self._append_ones[("A", name)]:
                 X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
@@ -110,7 +113,6 @@ class Factors:
             for g, s_g in g_items:
                 part = (g.to(QG.dtype) @ QG).square_().mT @ A2
                 total = part * s_g if total is None else total.add_(part, alpha=s_g)
-            total *= X.shape[0] * s_a
             key = ("S", name)
             self._sums[key] = self._sums[key] + total if key in self._sums else total
 
@@ -129,7 +131,7 @@ class Factors:
         out = []
         for layer in self.layers:
             shapes = layer.shapes()
-            for which in (*layer.factor_keys, *(k for k in ("AC", "GC") if k in shapes)):
+            for which in (*layer.factor_keys, *(k for k in ("AC", "GC", "S") if k in shapes)):
                 out.append(((which, layer.name), shapes[which], layer.factor_dtype, layer.weight.device))
         return out
 
@@ -233,7 +235,7 @@ class Factors:
             warn_user("K-FAC: this step's factors are not finite (an overflow in the curvature pass?); the moving "
                       "averages keep their previous values")
             return None
-        scales = {"A": 1.0 / n, "G": 1.0 / g_div, "F": 1.0 / (n if forward_only else g_div), "S": 1.0 / (n * g_div)}
+        scales = {"A": 1.0 / n, "G": 1.0 / g_div, "F": 1.0 / (n if forward_only else g_div), "S": 1.0 / g_div}
         if self.chain:
             scales.update(AC=1.0 / n, GC=1.0 / g_div)
         return new, scales

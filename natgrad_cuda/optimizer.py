@@ -117,7 +117,8 @@ class KFAC(torch.optim.Optimizer):
         (eigenvalue-corrected K-FAC, George et al. 2018: in K-FAC's eigenbasis, the scaling S of
         nn.Linear layers is re-estimated at every factor step from the per-example gradients, a
         moving average restarted from K-FAC's dG dA^T at each inverse update; other layers keep
-        K-FAC's; fisher_type "type-2" or "mc", joint weight and bias, one process).
+        K-FAC's; fisher_type "type-2" or "mc", joint weight and bias, data parallel with
+        inverse_sharing="eigenbases").
       factor_decay: the moving average's decay of A and G; factor_update_freq, inv_update_freq:
         steps between factor updates and between eigendecompositions.
       kl_clip: the trust region kappa (None disables it).

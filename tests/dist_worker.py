@@ -73,6 +73,8 @@ VARIANTS = [
     # low-rank wide factors beside full eigendecompositions and explicit inverses
     ("kfac-wide-eigen-hybrid-ddp", "KFAC", dict(fisher_type="type-2", inverse_sharing="hybrid", wide=True), True),
     ("kfac-wide-factored-eigenbases-plain", "KFAC", dict(fisher_type="empirical", inverse="factored", wide=True), False),
+    # EKFAC: each process sums its rows' share of the scalings in the shared eigenbases
+    ("kfac-type2-ekfac-eigenbases-ddp", "KFAC", dict(fisher_type="type-2", inverse="ekfac"), True),
 ]
 
 

@@ -172,6 +172,12 @@ def test_what_ekfac_does_not_cover_is_refused():
             ng.KFAC(mlp(), loss="cross_entropy", inverse="ekfac", **kw)
     with pytest.raises(ValueError, match="inverse must be one of"):
         ng.KFAC(mlp(), loss="cross_entropy", inverse="ekfc")
+    from natgrad_cuda._engine import _check_ekfac  # data parallel: no process group in this test
+
+    for sharing in ("directions", "hybrid"):
+        with pytest.raises(ValueError, match="inverse_sharing='eigenbases'"):
+            _check_ekfac(object(), sharing, "block-diagonal", "type-2", False)
+    _check_ekfac(object(), "eigenbases", "block-diagonal", "type-2", False)
 
 
 def test_other_layers_keep_kfac_scaling_with_a_warning():
