@@ -36,8 +36,8 @@ _FIRST_RANK = 32
 # times their dtype's epsilon stays below this: the relative accuracy such an inverse can lose.
 INVERSE_KAPPA_EPS = 1e-3
 # A factor at least this wide keeps its previous eigenbasis while that basis still diagonalises it to
-# within WARM_TOLERANCE (``_warm``): checking costs two (n, n) products, under half a decomposition
-# from this width on (bench/bench_warm.py).
+# within WARM_TOLERANCE (``_warm``): checking costs two (n, n) products, which below this width are
+# no cheaper than a decomposition (README, "Warm-started eigenbases").
 WARM_MIN = 128
 WARM_TOLERANCE = 0.01
 WARM_GATE = 0.01  # the trace move, as a fraction of the damping, that lets a factor be checked
@@ -158,7 +158,7 @@ def _warm(states, eig: List[Tuple[str, str]], impl, damping: float, inverse: str
 
     Only factors at least WARM_MIN wide with a previous full eigendecomposition are tried, and only
     when their trace moved by at most ``WARM_GATE`` times that damping since (a factor fed new data
-    moves by far more, and its basis would fail the certificate at the cost of 0.4 of a
+    moves by far more, and its basis would fail the certificate at the cost of most of a
     decomposition; with a gate of the whole damping, the checks of factors fed sampled gradients
     mostly failed: README, "Warm-started eigenbases"). The damping a
     factor meets: under exact damping, damping / tr(other factor) (at most the smallest shift it sees in the
