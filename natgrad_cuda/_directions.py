@@ -13,7 +13,7 @@ from ._blocks import Layer
 from ._chain import chain_directions
 from ._checks import warn_user
 
-__all__ = ["decompose", "directions", "has_inverse", "INVERSE_KEYS"]
+__all__ = ["decompose", "directions", "has_inverse", "full_eigenbases", "INVERSE_KEYS"]
 
 # Per block: (layer, params, gradient matrix M, A of the block, G, direction matrix P); M, A and G
 # for the quadratic model (a scale-and-shift layer: its blocks F as A, G None), P for the
@@ -45,6 +45,11 @@ WARM_GATE = 0.01  # the trace move, as a fraction of the damping, that lets a fa
 
 def has_inverse(st: Dict[str, Tensor]) -> bool:
     return ("dA" in st and "QG" in st) or "QF" in st or "IG" in st
+
+
+def full_eigenbases(st: Dict[str, Tensor]) -> bool:
+    """Whether a layer holds square QA and QG (not low rank, not a diagonal A): EKFAC's scalings live there."""
+    return all(k in st and st[k].dim() == 2 and st[k].shape[0] == st[k].shape[1] for k in ("QA", "QG"))
 
 
 def decompose(states: Dict[str, Dict[str, Tensor]], impl: Optional[str], dist=None, *, damping: float = 1.0,
@@ -371,7 +376,7 @@ def block_directions(layers: List[Layer], states: Dict[str, Dict[str, Tensor]], 
             elif "IG" in st:  # the factored damping's explicit inverses
                 Mi.append(M), IA.append(st["IAb" if is_bias else "IA"]), IG.append(st["IGb" if is_bias else "IG"])
                 ikeys.append((layer.name, i))
-            elif ekfac and "S" in st and st["QA"].shape[0] == st["QA"].shape[1] and st["QG"].shape[0] == st["QG"].shape[1]:
+            elif ekfac and "S" in st and full_eigenbases(st):
                 Me.append(M), QAe.append(st["QA"]), QGe.append(st["QG"]), Se.append(st["S"])
                 ekeys.append((layer.name, i))
             else:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ._blocks import Layer
 from ._chain import cross_rows
 from ._checks import warn_user
-from ._directions import decompose, has_inverse
+from ._directions import decompose, full_eigenbases, has_inverse
 from ._finite import all_finite
 from .curvature.kfac import accumulate_rows, drop_cross_terms
 from .reference import accumulation_dtype
@@ -95,9 +95,9 @@ class Factors:
                 items.setdefault(key[1], ([], []))[key[0] == "G"].append((X, scale))
         for name, (a_items, g_items) in items.items():
             st = self.state[name]
-            QA, QG = st.get("QA"), st.get("QG")
-            if QA is None or QG is None or QA.shape[0] != QA.shape[1] or QG.shape[0] != QG.shape[1] or not g_items:
+            if not full_eigenbases(st) or not g_items:
                 continue
+            QA, QG = st["QA"], st["QG"]
             if len(a_items) != 1:
                 if name not in self._ekfac_warned:
                     self._ekfac_warned.add(name)
@@ -118,11 +118,10 @@ class Factors:
 
     def settle_scalings(self, states: Dict[str, Dict[str, Tensor]]) -> None:
         """EKFAC: a rescaled layer with a full eigenbasis and no scaling (a K-FAC state loaded) starts
-        from K-FAC's own, dG dA^T; a layer not rescaled holds none."""
-        for name, st in states.items():
-            if name not in self.ekfac:
-                st.pop("S", None)
-            elif "S" not in st and "QA" in st and "QG" in st and st["QA"].shape[0] == st["QA"].shape[1]:
+        from K-FAC's own, dG dA^T (``checked_layer_state`` drops the others' scalings)."""
+        for name in self.ekfac:
+            st = states[name]
+            if "S" not in st and full_eigenbases(st):
                 st["S"] = torch.outer(st["dG"], st["dA"])
 
     def layout(self) -> List[Tuple[Tuple[str, str], tuple, torch.dtype, torch.device]]:
@@ -168,10 +167,15 @@ class Factors:
         damping = self.hyper()["damping"]
         stale = self.inverse == "factored" and damping != self.inverse_damping  # explicit inverses of another damping
         self._staged = None
-        if have and (inverses_due or missing or stale):
-            staged = {name: dict(st) for name, st in self.state.items()}
-            if self._new:
-                self._average(staged, *self._new, in_place=False)
+        decomposing = bool(have) and (inverses_due or missing or stale)
+        # EKFAC between inverse updates too: this step's directions use the scalings with its estimate in
+        scaling = bool(self._new) and any("S" in sums for sums in self._new[0].values())
+        if not (decomposing or scaling):
+            return
+        staged = {name: dict(st) for name, st in self.state.items()}
+        if self._new:
+            self._average(staged, *self._new, in_place=False)
+        if decomposing:
             decompose(staged, self.impl, self.dist, damping=damping,
                       inverse="eigen" if self.inverse == "ekfac" else self.inverse,
                       full_rank=set(self.chain) | self.ekfac, bias_apart=self.bias_apart)
@@ -179,12 +183,7 @@ class Factors:
                 st, old = staged[name], self.state[name]
                 if "QA" in st and (st["QA"] is not old.get("QA") or st["QG"] is not old.get("QG")):
                     st["S"] = torch.outer(st["dG"], st["dA"])
-            self._staged, self._staged_damping = staged, damping
-        elif self._new and any("S" in sums for sums in self._new[0].values()):
-            # EKFAC between inverse updates: this step's directions use the scalings with its estimate in
-            staged = {name: dict(st) for name, st in self.state.items()}
-            self._average(staged, *self._new, in_place=False)
-            self._staged, self._staged_damping = staged, self.inverse_damping
+        self._staged, self._staged_damping = staged, damping if decomposing else self.inverse_damping
 
     def current(self) -> Dict[str, Dict[str, Tensor]]:
         """The state this step's directions use: staged, or the committed one."""

@@ -403,7 +403,7 @@ def _refine(mats, bases, shifts, tol, iterations) -> List[Tuple[torch.Tensor, to
         for i in todo:
             V[i] = _jacobi_step(V[i], S[i])
     out = []
-    for i, F in enumerate(mats):
+    for i in range(len(mats)):
         d = S[i].diagonal()
         order = torch.argsort(d)
         out.append((d[order], V[i][:, order], kappa[i]))
@@ -499,65 +499,57 @@ def kron_matmul(grads, IA, IG, impl: Optional[str] = None, *, _trusted: bool = F
     return list(op(grads, IA, IG))
 
 
-def _check_kron_matmul_args(grads, IA, IG):
+def _check_layer_lists(op: str, grads, named: dict) -> Optional[torch.device]:
+    """The checks every per-layer op shares: one entry per layer in each list of ``named``, tensors
+    only, (out, in) gradients of an input dtype, each layer's tensors on the first one's device, none
+    requiring grad; that device."""
     n = len(grads)
-    for name, seq in (("IA", IA), ("IG", IG)):
+    for name, seq in named.items():
         if len(seq) != n:
-            raise ValueError(f"kron_matmul: {name} has {len(seq)} entries but grads has {n}")
-    _refuse_autograd("kron_matmul", grads=grads, IA=IA, IG=IG)
+            raise ValueError(f"{op}: {name} has {len(seq)} entries but grads has {n}")
     device = None
-    for i, (M, ia, ig) in enumerate(zip(grads, IA, IG)):
-        for name, t in (("grads", M), ("IA", ia), ("IG", ig)):
+    for i, M in enumerate(grads):
+        layer = {"grads": M, **{name: seq[i] for name, seq in named.items()}}
+        for name, t in layer.items():
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"kron_matmul: {name}[{i}] must be a tensor, got {type(t).__name__}")
+                raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
         if M.dim() != 2:
-            raise ValueError(f"kron_matmul: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+            raise ValueError(f"{op}: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+        if M.dtype not in _INPUT_DTYPES:
+            raise ValueError(f"{op}: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
+        device = M.device if device is None else device
+        if any(t.device != device for t in layer.values()):
+            raise ValueError(f"{op}: the tensors of layer {i} must all be on {device}")
+    _refuse_autograd(op, grads=grads, **named)
+    return device
+
+
+def _check_kron_matmul_args(grads, IA, IG):
+    device = _check_layer_lists("kron_matmul", grads, {"IA": IA, "IG": IG})
+    for i, (M, ia, ig) in enumerate(zip(grads, IA, IG)):
         o, k = M.shape
         if tuple(ia.shape) != (k, k) or tuple(ig.shape) != (o, o):
             raise ValueError(f"kron_matmul: IA[{i}] must be {(k, k)} and IG[{i}] {(o, o)} for grads[{i}] of shape "
                              f"{(o, k)}, got {tuple(ia.shape)} and {tuple(ig.shape)}")
         if ia.dtype not in _FACTOR_DTYPES or ig.dtype != ia.dtype:
             raise ValueError(f"kron_matmul: IA[{i}] and IG[{i}] must share one dtype, float32 or float64")
-        if M.dtype not in _INPUT_DTYPES:
-            raise ValueError(f"kron_matmul: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
-        device = M.device if device is None else device
-        if any(t.device != device for t in (M, ia, ig)):
-            raise ValueError(f"kron_matmul: the tensors of layer {i} must all be on {device}")
     return device
 
 
 def _check_precondition_args(grads, QA, dA, QG, dG, damping, inverse):
-    n = len(grads)
-    for name, seq in (("QA", QA), ("dA", dA), ("QG", QG), ("dG", dG)):
-        if len(seq) != n:
-            raise ValueError(f"precondition: {name} has {len(seq)} entries but grads has {n}")
+    device = _check_layer_lists("precondition", grads, {"QA": QA, "dA": dA, "QG": QG, "dG": dG})
     damping = check_number("damping", damping, low=0.0, low_open=True)
     if inverse not in reference.INVERSES:
         raise ValueError(f"inverse must be one of {reference.INVERSES}, got {inverse!r}")
-    device = None
-    for i in range(n):
-        tensors = {"grads": grads[i], "QA": QA[i], "dA": dA[i], "QG": QG[i], "dG": dG[i]}
-        for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"precondition: {name}[{i}] must be a tensor, got {type(t).__name__}")
-        M = grads[i]
-        if M.dim() != 2:
-            raise ValueError(f"precondition: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+    for i, M in enumerate(grads):
         o, k = M.shape
-        for q, d, n in (("QA", "dA", k), ("QG", "dG", o)):  # (n, r) with r <= n: low rank
-            Q, ev = tensors[q], tensors[d]
+        for q, d, ev, Q, n in (("QA", "dA", dA[i], QA[i], k), ("QG", "dG", dG[i], QG[i], o)):  # (n, r), r <= n: low rank
             if Q.dim() != 2 or Q.shape[0] != n or Q.shape[1] > n or ev.shape != (Q.shape[1],):
                 raise ValueError(f"precondition: {q}[{i}] must have shape ({n}, r) with r <= {n} and {d}[{i}] shape "
                                  f"(r,) for grads[{i}] of shape {(o, k)}, got {tuple(Q.shape)} and {tuple(ev.shape)}")
         if QA[i].dtype not in _FACTOR_DTYPES or any(t.dtype != QA[i].dtype for t in (dA[i], QG[i], dG[i])):
             raise ValueError(f"precondition: QA[{i}], dA[{i}], QG[{i}], dG[{i}] must share one dtype, float32 or "
                              "float64")
-        if M.dtype not in _INPUT_DTYPES:
-            raise ValueError(f"precondition: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
-        device = M.device if device is None else device
-        if any(t.device != device for t in tensors.values()):
-            raise ValueError(f"precondition: the tensors of layer {i} must all be on {device}")
-    _refuse_autograd("precondition", grads=grads, QA=QA, dA=dA, QG=QG, dG=dG)
     return device, damping
 
 
@@ -590,38 +582,20 @@ def precondition(grads, QA, dA, QG, dG, damping: float, inverse: str = "eigen", 
 
 
 def _check_ekfac_precondition_args(grads, QA, QG, S, damping):
-    n = len(grads)
-    for name, seq in (("QA", QA), ("QG", QG), ("S", S)):
-        if len(seq) != n:
-            raise ValueError(f"ekfac_precondition: {name} has {len(seq)} entries but grads has {n}")
+    device = _check_layer_lists("ekfac_precondition", grads, {"QA": QA, "QG": QG, "S": S})
     damping = check_number("damping", damping, low=0.0, low_open=True)
-    device = None
-    for i in range(n):
-        tensors = {"grads": grads[i], "QA": QA[i], "QG": QG[i], "S": S[i]}
-        for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"ekfac_precondition: {name}[{i}] must be a tensor, got {type(t).__name__}")
-        M = grads[i]
-        if M.dim() != 2:
-            raise ValueError(f"ekfac_precondition: grads[{i}] must be 2-D (out, in), got shape {tuple(M.shape)}")
+    for i, M in enumerate(grads):
         o, k = M.shape
-        for q, d in (("QA", k), ("QG", o)):  # the scaling S covers the whole rotated space: no low rank
-            if tuple(tensors[q].shape) != (d, d):
+        for q, Q, d in (("QA", QA[i], k), ("QG", QG[i], o)):  # the scaling S covers the whole rotated space: no low rank
+            if tuple(Q.shape) != (d, d):
                 raise ValueError(f"ekfac_precondition: {q}[{i}] must be a full ({d}, {d}) eigenbasis for grads[{i}] "
-                                 f"of shape {(o, k)} (low-rank bases are not supported), got "
-                                 f"{tuple(tensors[q].shape)}")
+                                 f"of shape {(o, k)} (low-rank bases are not supported), got {tuple(Q.shape)}")
         if tuple(S[i].shape) != (o, k):
             raise ValueError(f"ekfac_precondition: S[{i}] must have grads[{i}]'s shape {(o, k)}, got "
                              f"{tuple(S[i].shape)}")
         if QA[i].dtype not in _FACTOR_DTYPES or any(t.dtype != QA[i].dtype for t in (QG[i], S[i])):
             raise ValueError(f"ekfac_precondition: QA[{i}], QG[{i}] and S[{i}] must share one dtype, float32 or "
                              f"float64, got {QA[i].dtype}, {QG[i].dtype} and {S[i].dtype}")
-        if M.dtype not in _INPUT_DTYPES:
-            raise ValueError(f"ekfac_precondition: grads[{i}] must be fp32, fp64, bf16 or fp16, got {M.dtype}")
-        device = M.device if device is None else device
-        if any(t.device != device for t in tensors.values()):
-            raise ValueError(f"ekfac_precondition: the tensors of layer {i} must all be on {device}")
-    _refuse_autograd("ekfac_precondition", grads=grads, QA=QA, QG=QG, S=S)
     return device, damping
 
 
