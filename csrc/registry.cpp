@@ -10,7 +10,7 @@
 #include <sstream>
 #include <string>
 
-#include "emu/counters.h"
+#include "emu/control.h"
 #include "schemas.h"
 
 namespace py = pybind11;
@@ -107,4 +107,11 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, "Kernel launches and library calls made by the emulated CUDA backend since the last reset");
   m.def("reset_emulation_counters", &natgrad::emu::reset_counters);
+  m.def("emulation_checks", [] {
+    const natgrad::emu::Checks c = natgrad::emu::checks();
+    return py::make_tuple(c.schedule, c.seed, c.races);
+  }, "The emulated launches' schedule, its seed, and whether races are detected");
+  m.def("set_emulation_checks", [](const std::string& schedule, uint64_t seed, bool races) {
+    natgrad::emu::set_checks(natgrad::emu::Checks{schedule, seed, races});
+  }, py::arg("schedule"), py::arg("seed"), py::arg("races"));
 }

@@ -31,6 +31,14 @@ inline constexpr const char* kTestingSchemas[] = {
     "read_at(Tensor x, int offset) -> Tensor",
     "shared_read_at(Tensor x, int offset) -> Tensor",
     "gemm(Tensor a, Tensor b, bool miswire) -> Tensor",
+    "lost_update(Tensor like, int threads) -> Tensor",
+    "missing_barrier(Tensor x) -> Tensor",
+    "block_race(Tensor like, int blocks) -> Tensor",
+    "uninitialized_shared(Tensor like) -> Tensor",
+    "unwritten_output(Tensor like, int n) -> Tensor",
+    "dynamic_shared(Tensor like, int bytes, bool opt_in) -> Tensor",
+    "static_shared_overflow(Tensor like) -> Tensor",
+    "misaligned_read(Tensor like) -> Tensor",
 };
 
 }  // namespace natgrad

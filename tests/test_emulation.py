@@ -1,9 +1,14 @@
 """The CUDA emulation layer: each CUDA feature our kernels use, run through csrc/cuda/testing_kernels.cu
-compiled for the CPU, and the two bugs it must report (a divergent barrier, out-of-bounds reads)."""
+compiled for the CPU, and the bugs it must report or expose, each planted in a test kernel: a
+divergent barrier, out-of-bounds and misaligned reads, races (a lost update, a missing barrier, two
+blocks writing one element), reads of memory nobody wrote, and shared memory beyond the limits."""
+import os
+
 import pytest
 import torch
 
 import natgrad_cuda as ng
+from natgrad_cuda.emulation import checked as emulation_checked
 
 pytestmark = pytest.mark.skipif(not ng.emulation.available(), reason="emulated backend not built")
 
@@ -89,7 +94,7 @@ def test_out_of_bounds_global_read_is_reported(T):
 def test_out_of_bounds_shared_read_is_reported(T):
     x = torch.arange(32, dtype=torch.float32)
     assert torch.equal(T.shared_read_at(x, 0), x)
-    with pytest.raises(RuntimeError, match=r"index 32 out of bounds for type 'float \[32\]'"):
+    with pytest.raises(RuntimeError, match=r"shared_read_at_kernel.*thread \(31, 0, 0\).*out-of-bounds shared memory"):
         T.shared_read_at(x, 1)
 
 
@@ -128,3 +133,83 @@ def test_emulated_cublas_rejects_a_wrong_leading_dimension(T):
     a, b = torch.randn(9, 4), torch.randn(4, 6)
     with pytest.raises(RuntimeError, match="cuBLAS status 7"):
         T.gemm(a, b, True)
+
+
+# ---- planted bugs: races, unwritten memory, limits ----------------------------------------------
+
+def _race(kind, message):
+    return pytest.raises(RuntimeError, match=f"{kind}.*data race on {message}")
+
+
+def test_lost_update_is_reported_and_shows_under_preemption(T):
+    with emulation_checked("forward", races=True), _race("lost_update_kernel", r"shared memory: thread \(1, 0, 0\).*"
+                                                          r"reads an element that thread \(0, 0, 0\).*wrote "
+                                                          r"with no __syncthreads\(\) between.*testing_kernels.cu:"):
+        T.lost_update(torch.empty(0), 64)
+    # Without the detector the bug is invisible in index order and loses updates when threads are
+    # switched at memory accesses.
+    with emulation_checked("forward", races=False):
+        assert T.lost_update(torch.empty(0), 64).item() == 64
+    with emulation_checked("preempt", seed=1, races=False):
+        assert T.lost_update(torch.empty(0), 64).item() < 64
+
+
+def test_missing_barrier_is_reported_and_shows_in_reverse_order(T):
+    x = torch.arange(1, 65, dtype=torch.float32)
+    expected = torch.cat([torch.zeros(1), x[:-1]])
+    with emulation_checked("forward", races=False):
+        assert torch.equal(T.missing_barrier(x), expected)  # lower threads happen to run first
+    with emulation_checked("reverse", races=False):
+        assert T.missing_barrier(x)[1:].isnan().all()  # the poison the producer had not replaced yet
+    for schedule in ("forward", "reverse", "shuffle"):
+        with emulation_checked(schedule, races=True), _race("missing_barrier_kernel", "shared memory.*"
+                                                            r"no __syncthreads\(\) between them \(both after the "
+                                                            r"block's start\); accesses at testing_kernels.cu:\d+ and "
+                                                            r"testing_kernels.cu:\d+"):
+            T.missing_barrier(x)
+
+
+def test_blocks_writing_one_element_are_reported(T):
+    with emulation_checked("forward", races=True), _race("block_race_kernel", r"global memory: thread \(0, 0, 0\) "
+                                                          r"of block \(1, 0, 0\) writes an element that thread "
+                                                          r"\(0, 0, 0\) of block \(0, 0, 0\) wrote in another block"):
+        T.block_race(torch.empty(0), 4)
+    with emulation_checked("forward", races=False):
+        first = T.block_race(torch.empty(0), 4).item()
+    with emulation_checked("reverse", races=False):
+        assert (first, T.block_race(torch.empty(0), 4).item()) == (3.0, 0.0)  # the last block to run wins
+
+
+def test_shared_memory_starts_as_nan(T):
+    out = T.uninitialized_shared(torch.empty(0))
+    assert torch.equal(out[:32], torch.arange(32, dtype=torch.float32)) and out[32:].isnan().all()
+
+
+def test_unwritten_output_memory_is_nan(T):
+    out = T.unwritten_output(torch.empty(0), 10)
+    assert torch.equal(out[:5], torch.ones(5)) and out[5:].isnan().all()
+
+
+def test_dynamic_shared_memory_beyond_48_kib_needs_the_opt_in(T):
+    assert T.dynamic_shared(torch.empty(0), 48 * 1024, False).item() == 12 * 1024
+    with pytest.raises(RuntimeError, match=r"49156 bytes of dynamic shared memory need an opt-in.*set_max_dynamic_shared"):
+        T.dynamic_shared(torch.empty(0), 48 * 1024 + 4, False)
+    assert T.dynamic_shared(torch.empty(0), 100 * 1024, True).item() == 25 * 1024
+    with pytest.raises(RuntimeError, match="exceed the 227 KiB"):
+        T.dynamic_shared(torch.empty(0), 228 * 1024, True)
+
+
+def test_static_shared_memory_beyond_48_kib_is_reported(T):
+    with pytest.raises(RuntimeError, match=r"static_shared_overflow_kernel.*static __shared__ arrays take 57344 bytes"):
+        T.static_shared_overflow(torch.empty(0))
+
+
+def test_misaligned_access_is_reported(T):
+    with pytest.raises(RuntimeError, match=r"misaligned_read_kernel.*misaligned dynamic shared memory access: a 8-byte "
+                                           r"element at byte offset 4.*8-byte alignment"):
+        T.misaligned_read(torch.empty(0))
+
+
+@pytest.mark.skipif("NATGRAD_EMU_RACES" in os.environ, reason="the environment sets the race detection")
+def test_race_detection_is_on_by_default():
+    assert ng.emulation.checks()["races"] is True

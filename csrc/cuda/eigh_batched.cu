@@ -44,8 +44,8 @@ __global__ void eigh_jacobi_kernel(dev_ptr<const Job> jobs) {
   dev_ptr<T> A = smem;               // n x n
   dev_ptr<T> V = smem + n * n;       // n x n
   dev_ptr<T> cs = smem + 2 * n * n;  // (c, s) of each of the m / 2 pairs of a round
-  __shared__ T scratch[32];
-  __shared__ int done;
+  NATGRAD_SHARED(T, scratch, [32]);
+  NATGRAD_SHARED(int, done, [1]);
   const dev_ptr<const T> in = ptr_cast<const T>(J.in);
 
   for (int e = tid; e < n * n; e += nt) {  // symmetric from the lower triangle
@@ -68,18 +68,18 @@ __global__ void eigh_jacobi_kernel(dev_ptr<const Job> jobs) {
     if (tid == 0) {
       if (sweep == 0) scratch[31] = all;  // ||A||_F^2 is invariant under the rotations
       // converged, a sweep budget spent, or not finite (no rotation will mend that)
-      done = !(off > std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon() * scratch[31]) ||
+      done[0] = !(off > std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon() * scratch[31]) ||
              sweep == kMaxSweeps || !(all <= std::numeric_limits<T>::max());
     }
     __syncthreads();
     total = scratch[31];
-    if (done) break;  // uniform: every thread reads the same flag
+    if (done[0]) break;  // uniform: every thread reads the same flag
     for (int r = 0; r < m - 1; ++r) {
       for (int k = tid; k < m / 2; k += nt) {
         int p, q;
         eigh_batched::round_robin_pair(r, k, m, &p, &q);
         T c = T(1), s = T(0);
-        if (p < n && q < n) eigh_batched::jacobi_rotation(A[p * n + p], A[q * n + q], A[p * n + q], &c, &s);
+        if (p < n && q < n) eigh_batched::jacobi_rotation<T>(A[p * n + p], A[q * n + q], A[p * n + q], &c, &s);
         cs[2 * k] = c;
         cs[2 * k + 1] = s;
       }
@@ -135,7 +135,7 @@ cudaDataType solver_type(at::ScalarType t) { return t == at::kDouble ? CUDA_R_64
 std::tuple<at::Tensor, at::Tensor> solver_eigh(const at::Tensor& stacked) {
   const int64_t batch = stacked.size(0), n = stacked.size(1);
   at::Tensor A = stacked.contiguous().clone();
-  at::Tensor W = at::empty({batch, n}, A.options());
+  at::Tensor W = uninitialized({batch, n}, A.options());
   at::Tensor info = at::zeros({batch}, A.options().dtype(at::kInt));
   const cudaDataType t = solver_type(A.scalar_type());
   const SolverParams params;
@@ -186,8 +186,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
       const at::Tensor& M = mats[i];
       if (M.scalar_type() != dt || M.size(0) > kJacobiMax) continue;
       const int64_t n = M.size(0);
-      evals[i] = at::empty({n}, M.options());
-      evecs[i] = at::empty({n, n}, M.options()).t();  // column-major: the kernel writes column after column
+      evals[i] = uninitialized({n}, M.options());
+      evecs[i] = uninitialized({n, n}, M.options()).t();  // column-major: the kernel writes column after column
       if (n == 0) continue;
       jobs.push_back(Job{device_ptr<const char>(M), device_ptr<char>(evals[i]), device_ptr<char>(evecs[i]), n,
                          M.stride(0), M.stride(1)});

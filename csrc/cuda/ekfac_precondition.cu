@@ -35,10 +35,10 @@ std::vector<at::Tensor> ekfac_precondition_op(at::TensorList grads, at::TensorLi
     std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
     for (const size_t i : group) {
       const at::Tensor& M = grads[i];
-      out[i] = at::empty(M.sizes(), M.options());
+      out[i] = uninitialized(M.sizes(), M.options());
       if (M.numel() == 0) continue;
       const int64_t o = M.size(0), k = M.size(1);
-      const at::Tensor T = at::empty({o, k}, QA[i].options()), V = at::empty({o, k}, QA[i].options());
+      const at::Tensor T = uninitialized({o, k}, QA[i].options()), V = uninitialized({o, k}, QA[i].options());
       keep.insert(keep.end(), {T, V});
       EpilogueArgs e;
       e.epilogue = kOverScale;

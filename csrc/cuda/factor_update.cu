@@ -41,8 +41,8 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
   const dev_ptr<const scalar_t> x = ptr_cast<const scalar_t>(L.X);
   const bool ones = L.dim > L.d;
 
-  __shared__ acc_t As[kChunk][kTile + 1];  // +1: no bank conflicts on the transposed read
-  __shared__ acc_t Bs[kChunk][kTile + 1];
+  NATGRAD_SHARED(acc_t, As, [kChunk][kTile + 1]);  // +1: no bank conflicts on the transposed read
+  NATGRAD_SHARED(acc_t, Bs, [kChunk][kTile + 1]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   acc_t acc[kTile / kRows];
 #pragma unroll
@@ -70,15 +70,10 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
   for (int q = 0; q < kTile / kRows; ++q) {
     const int64_t i = i0 + ty + q * kRows;
     if (i >= L.dim || j >= L.dim) continue;
-    if (ti == tj) {
-      // Diagonal tile: every (i, j) and its mirror lie in this tile, computed with the same sums.
-      acc_t& f = F[i * L.fs0 + j * L.fs1];
-      f = factor_update::decayed(decay, f) + scale * acc[q];
-    } else {
-      const acc_t v = factor_update::decayed(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q];
-      F[i * L.fs0 + j * L.fs1] = v;
-      F[j * L.fs0 + i * L.fs1] = v;
-    }
+    const acc_t v = factor_update::decayed<acc_t>(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q];
+    F[i * L.fs0 + j * L.fs1] = v;
+    // A diagonal tile holds every (i, j) and its mirror, computed with the same sums.
+    if (ti != tj) F[j * L.fs0 + i * L.fs1] = v;
   }
 }
 

@@ -20,9 +20,10 @@ __device__ __forceinline__ int entry_of_block(const dev_ptr<const Entry>& table,
 
 // The inner product of a staged slab pair: acc[q] += sum over r of As[r][ty + q * kRows] * Bs[r][tx],
 // the thread (tx, ty) owning rows ty, ty + kRows, ... of column tx of a kTile x kTile output tile.
-template <int kChunk, int kTile, int kRows, typename acc_t>
-__device__ __forceinline__ void slab_multiply(const acc_t (&As)[kChunk][kTile + 1], const acc_t (&Bs)[kChunk][kTile + 1],
-                                              acc_t (&acc)[kTile / kRows], int tx, int ty) {
+// As and Bs are kChunk x (kTile + 1) __shared__ arrays (NATGRAD_SHARED).
+template <int kChunk, int kTile, int kRows, typename acc_t, typename Slab>
+__device__ __forceinline__ void slab_multiply(const Slab& As, const Slab& Bs, acc_t (&acc)[kTile / kRows], int tx,
+                                              int ty) {
 #pragma unroll 8
   for (int r = 0; r < kChunk; ++r) {
     const acc_t bv = Bs[r][tx];

@@ -87,9 +87,9 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
   const dev_ptr<const acc_t> b = ptr_cast<const acc_t>(G.B);
   const int tx = threadIdx.x, ty = threadIdx.y;
 
-  __shared__ acc_t As[kChunk][kTile + 1];  // As[r][x] = A[i0 + x][k0 + r]
-  __shared__ acc_t Bs[kChunk][kTile + 1];  // Bs[r][x] = B[k0 + r][j0 + x]
-  __shared__ acc_t scratch[32];
+  NATGRAD_SHARED(acc_t, As, [kChunk][kTile + 1]);  // As[r][x] = A[i0 + x][k0 + r]
+  NATGRAD_SHARED(acc_t, Bs, [kChunk][kTile + 1]);  // Bs[r][x] = B[k0 + r][j0 + x]
+  NATGRAD_SHARED(acc_t, scratch, [32]);
   acc_t acc[kTile / kRows];
 #pragma unroll
   for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);

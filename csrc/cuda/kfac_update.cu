@@ -31,7 +31,7 @@ struct Chunk {
 template <typename scalar_t>
 __global__ void kl_dot_kernel(dev_ptr<const Chunk> chunks, dev_ptr<double> vg) {
   const Chunk C = chunks[blockIdx.x];
-  __shared__ double scratch[32];
+  NATGRAD_SHARED(double, scratch, [32]);
   const dev_ptr<const scalar_t> d = ptr_cast<const scalar_t>(C.d), g = ptr_cast<const scalar_t>(C.g);
   double s = 0.0;
   if (C.clipped)

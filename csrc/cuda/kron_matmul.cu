@@ -30,9 +30,9 @@ std::vector<at::Tensor> kron_matmul(at::TensorList grads, at::TensorList IA, at:
     std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
     for (const size_t i : group) {
       const at::Tensor& M = grads[i];
-      out[i] = at::empty(M.sizes(), M.options());
+      out[i] = uninitialized(M.sizes(), M.options());
       if (M.numel() == 0) continue;
-      const at::Tensor T = at::empty(M.sizes(), IA[i].options());
+      const at::Tensor T = uninitialized(M.sizes(), IA[i].options());
       keep.push_back(T);
       stage[0].push_back(entry(M, false, IA[i], false, T, &tiles[0]));
       stage[1].push_back(entry(IG[i], false, T, false, out[i], &tiles[1]));

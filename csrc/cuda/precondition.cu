@@ -38,7 +38,7 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
     std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
     for (const size_t i : group) {
       const at::Tensor& M = grads[i];
-      out[i] = at::empty(M.sizes(), M.options());
+      out[i] = uninitialized(M.sizes(), M.options());
       if (M.numel() == 0) continue;
       // The epilogues index the eigenvalues densely: a strided (or stride-0) view is copied first.
       const at::Tensor da = dA[i].contiguous(), dg = dG[i].contiguous();
@@ -52,7 +52,7 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
       e.dimA = k;
       e.damping = damping;
       if (!precondition::low_rank(QA[i], QG[i])) {
-        const at::Tensor T = at::empty({o, k}, acc), V = at::empty({o, k}, acc);
+        const at::Tensor T = uninitialized({o, k}, acc), V = uninitialized({o, k}, acc);
         keep.insert(keep.end(), {T, V});
         e.epilogue = factored ? kFactored : kExact;
         stage[0].push_back(entry(M, false, QA[i], false, T, &tiles[0]));
@@ -60,7 +60,7 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
         stage[2].push_back(entry(V, false, QA[i], true, T, &tiles[2]));
         stage[3].push_back(entry(QG[i], false, T, false, out[i], &tiles[3]));
       } else if (!factored) {
-        const at::Tensor T = at::empty({o, ra}, acc), V = at::empty({rg, ra}, acc), T2 = at::empty({rg, k}, acc);
+        const at::Tensor T = uninitialized({o, ra}, acc), V = uninitialized({rg, ra}, acc), T2 = uninitialized({rg, k}, acc);
         keep.insert(keep.end(), {T, V, T2});
         EpilogueArgs w = e, add = e;
         w.epilogue = kExactLowRank;
@@ -71,7 +71,7 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
         stage[2].push_back(entry(V, false, QA[i], true, T2, &tiles[2]));
         stage[3].push_back(entry(QG[i], false, T2, false, out[i], &tiles[3], add));
       } else {
-        const at::Tensor U = at::empty({o, ra}, acc), T = at::empty({o, k}, acc), Y = at::empty({rg, k}, acc);
+        const at::Tensor U = uninitialized({o, ra}, acc), T = uninitialized({o, k}, acc), Y = uninitialized({rg, k}, acc);
         keep.insert(keep.end(), {U, T, Y});
         EpilogueArgs cols = e, add_a = e, rows = e, add_g = e;
         cols.epilogue = kColumnsLowRank;

@@ -7,9 +7,11 @@
 //   ptr_cast<U>(p)             reinterpret a dev_ptr
 //   NATGRAD_LAUNCH((kernel), grid, block, smem, stream, args...)   kernel launch (the kernel in
 //                              parentheses, so template arguments may hold commas); counted in emulation
+//   NATGRAD_SHARED(T, name, [n] or [n][m])                 a static __shared__ array (rank 1 or 2)
 //   NATGRAD_DYNAMIC_SHARED(T, name)                        dynamic shared memory as dev_ptr<T>
 //   current_stream(), DeviceGuard, upload(host bytes, like) stream, device and host-to-device copy
 //   set_max_dynamic_shared(kernel, bytes)                  opt in to more than 48 KiB of it
+//   uninitialized(sizes, options)                          at::empty (NaN-filled in emulation)
 //   NATGRAD_CUDA_IMPL(ns, m)   TORCH_LIBRARY_IMPL for ns/CUDA, or ns_emu/CPU in emulation
 //   NATGRAD_KERNEL_NS          namespace for the entry points, distinct in the two builds
 #pragma once
@@ -60,12 +62,13 @@ dev_ptr<T> device_ptr(const at::Tensor& t) {
 }
 #define NATGRAD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::natgrad::emu::launch(#kernel, NATGRAD_UNPAREN kernel, grid, block, smem, __VA_ARGS__)
+#define NATGRAD_SHARED(T, name, ...) static thread_local ::natgrad::emu::shared_array<T __VA_ARGS__> name
 #define NATGRAD_DYNAMIC_SHARED(T, name)                                                             \
   ::natgrad::dev_ptr<T> name(static_cast<T*>(::natgrad::emu::dynamic_shared_base()),                \
                              ::natgrad::emu::dynamic_shared_base(),                                 \
                              static_cast<char*>(::natgrad::emu::dynamic_shared_base()) +            \
                                  ::natgrad::emu::dynamic_shared_bytes(),                            \
-                             "dynamic shared")
+                             "dynamic shared", ::natgrad::emu::Space::Shared)
 #define NATGRAD_CUDA_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns##_emu, CPU, m)
 #define NATGRAD_KERNEL_LAUNCH_CHECK()
 #else
@@ -85,6 +88,7 @@ dev_ptr<T> device_ptr(const at::Tensor& t) {
 }
 #define NATGRAD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   NATGRAD_UNPAREN kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define NATGRAD_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
 #define NATGRAD_DYNAMIC_SHARED(T, name)                 \
   extern __shared__ unsigned char natgrad_dyn_smem_[]; \
   T* name = reinterpret_cast<T*>(natgrad_dyn_smem_)
@@ -93,17 +97,26 @@ dev_ptr<T> device_ptr(const at::Tensor& t) {
 #endif
 
 // Opt a kernel in to more than the default 48 KiB of dynamic shared memory (up to the 227 KiB of an
-// H100 block); the emulator enforces the 227 KiB itself.
+// H100 block); the emulator rejects a launch above 48 KiB without it, as a GPU does.
 template <typename Kernel>
 inline void set_max_dynamic_shared(Kernel kernel, size_t bytes) {
 #ifdef NATGRAD_EMULATE
-  (void)kernel;
-  (void)bytes;
+  emu::set_max_dynamic_shared(emu::kernel_id(kernel), bytes);
 #else
   if (bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 #endif
+}
+
+// Memory a kernel is to fill: at::empty on a GPU. In emulation every byte is 0xFF (NaN for floating
+// types), so that an element the kernel leaves unwritten shows in the tests.
+inline at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#ifdef NATGRAD_EMULATE
+  if (out.numel() > 0) std::memset(out.data_ptr(), 0xFF, out.numel() * out.element_size());
+#endif
+  return out;
 }
 
 // Host bytes (a table of per-layer descriptors, say) as a device tensor like `like`, copied

@@ -1,7 +1,9 @@
 // Kernels that exercise the CUDA features our kernels rely on: thread and block indices, static
-// and dynamic shared memory, barriers, warp shuffles and votes, atomics, and two deliberate bugs
-// (a divergent barrier, out-of-bounds reads) that the emulation must report. Registered as
-// natgrad_testing (CUDA) and natgrad_testing_emu (the same source run on the CPU); tests only.
+// and dynamic shared memory, barriers, warp shuffles and votes, atomics; and deliberate bugs that
+// the emulation must report or expose: a divergent barrier, out-of-bounds and misaligned reads,
+// races (a lost update, a missing barrier, blocks writing one element), reads of memory nobody
+// wrote, and shared memory beyond the limits. Registered as natgrad_testing (CUDA) and
+// natgrad_testing_emu (the same source run on the CPU); tests only.
 #include <vector>
 
 #include "cuda/blas.h"
@@ -39,7 +41,7 @@ at::Tensor thread_indices(const at::Tensor& like, at::IntArrayRef grid_v, at::In
 
 // Grid-stride sum: block reduction through static shared memory and shuffles, then one atomic per block.
 __global__ void block_sum_kernel(dev_ptr<const float> x, int64_t n, dev_ptr<float> out) {
-  __shared__ float scratch[32];
+  NATGRAD_SHARED(float, scratch, [32]);
   float v = 0.f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     v += x[i];
@@ -163,7 +165,7 @@ at::Tensor read_at(const at::Tensor& x, int64_t offset) {
 
 // The same through a static __shared__ array of 32 floats.
 __global__ void shared_read_at_kernel(dev_ptr<const float> x, int64_t offset, dev_ptr<float> out) {
-  __shared__ float tile[32];
+  NATGRAD_SHARED(float, tile, [32]);
   tile[threadIdx.x] = x[threadIdx.x];
   __syncthreads();
   out[threadIdx.x] = tile[threadIdx.x + offset];
@@ -175,6 +177,147 @@ at::Tensor shared_read_at(const at::Tensor& x, int64_t offset) {
   NATGRAD_LAUNCH((shared_read_at_kernel), dim3(1), dim3(32), 0, current_stream(), device_ptr<const float>(x),
                  offset, device_ptr<float>(out));
   NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate race: every thread increments one shared counter without an atomic (a lost update).
+__global__ void lost_update_kernel(dev_ptr<float> out) {
+  NATGRAD_SHARED(float, counter, [1]);
+  if (threadIdx.x == 0) counter[0] = 0.f;
+  __syncthreads();
+  counter[0] += 1.f;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = counter[0];
+}
+
+at::Tensor lost_update(const at::Tensor& like, int64_t threads) {
+  at::Tensor out = at::zeros({1}, like.options().dtype(at::kFloat));
+  NATGRAD_LAUNCH((lost_update_kernel), dim3(1), dim3(static_cast<unsigned>(threads)), 0, current_stream(),
+                 device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate race: thread t reads what thread t - 1 wrote to shared memory, with the barrier
+// between them missing. It works when lower threads happen to run first.
+__global__ void missing_barrier_kernel(dev_ptr<const float> x, dev_ptr<float> out) {
+  NATGRAD_SHARED(float, buf, [1024]);
+  const int t = threadIdx.x;
+  buf[t] = x[t];
+  // __syncthreads() belongs here
+  out[t] = t > 0 ? buf[t - 1] : 0.f;
+}
+
+at::Tensor missing_barrier(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 1 && x.numel() >= 1 && x.numel() <= 1024, "missing_barrier: x must hold 1 to 1024 values");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::zeros_like(xc);
+  NATGRAD_LAUNCH((missing_barrier_kernel), dim3(1), dim3(static_cast<unsigned>(x.numel())), 0, current_stream(),
+                 device_ptr<const float>(xc), device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate race between blocks: each block's first thread writes its index to one element.
+__global__ void block_race_kernel(dev_ptr<float> out) {
+  if (threadIdx.x == 0) out[0] = static_cast<float>(blockIdx.x);
+}
+
+at::Tensor block_race(const at::Tensor& like, int64_t blocks) {
+  at::Tensor out = at::zeros({1}, like.options().dtype(at::kFloat));
+  NATGRAD_LAUNCH((block_race_kernel), dim3(static_cast<unsigned>(blocks)), dim3(32), 0, current_stream(),
+                 device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate bug: the upper half of a shared tile is read without ever being written.
+__global__ void uninitialized_shared_kernel(dev_ptr<float> out) {
+  NATGRAD_SHARED(float, tile, [64]);
+  const int t = threadIdx.x;
+  if (t < 32) tile[t] = static_cast<float>(t);
+  __syncthreads();
+  out[t] = tile[t];
+}
+
+at::Tensor uninitialized_shared(const at::Tensor& like) {
+  at::Tensor out = at::zeros({64}, like.options().dtype(at::kFloat));
+  NATGRAD_LAUNCH((uninitialized_shared_kernel), dim3(1), dim3(64), 0, current_stream(), device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate bug: the kernel fills only the first half of a fresh output.
+__global__ void fill_half_kernel(dev_ptr<float> out, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n / 2; i += blockDim.x) out[i] = 1.f;
+}
+
+at::Tensor unwritten_output(const at::Tensor& like, int64_t n) {
+  at::Tensor out = uninitialized({n}, like.options().dtype(at::kFloat));
+  NATGRAD_LAUNCH((fill_half_kernel), dim3(1), dim3(64), 0, current_stream(), device_ptr<float>(out), n);
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// `bytes` of dynamic shared memory, every float of it written and summed; opted in or not.
+__global__ void dynamic_shared_kernel(dev_ptr<float> out, int64_t floats) {
+  NATGRAD_DYNAMIC_SHARED(float, buf);
+  NATGRAD_SHARED(float, scratch, [32]);
+  for (int64_t i = threadIdx.x; i < floats; i += blockDim.x) buf[i] = 1.f;
+  __syncthreads();
+  float v = 0.f;
+  for (int64_t i = threadIdx.x; i < floats; i += blockDim.x) v += buf[i];
+  v = block_reduce_sum(v, scratch);
+  if (threadIdx.x == 0) out[0] = v;
+}
+
+at::Tensor dynamic_shared(const at::Tensor& like, int64_t bytes, bool opt_in) {
+  at::Tensor out = at::zeros({1}, like.options().dtype(at::kFloat));
+  if (opt_in) set_max_dynamic_shared((dynamic_shared_kernel), static_cast<size_t>(bytes));
+  NATGRAD_LAUNCH((dynamic_shared_kernel), dim3(1), dim3(256), static_cast<size_t>(bytes), current_stream(),
+                 device_ptr<float>(out), bytes / static_cast<int64_t>(sizeof(float)));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Deliberate bug: a double read from dynamic shared memory at a 4-byte offset.
+__global__ void misaligned_read_kernel(dev_ptr<float> out) {
+  NATGRAD_DYNAMIC_SHARED(float, buf);
+  buf[threadIdx.x] = 0.f;
+  buf[threadIdx.x + 32] = 0.f;
+  __syncthreads();
+  const dev_ptr<double> d = ptr_cast<double>(buf + 1);
+  out[threadIdx.x] = static_cast<float>(d[0]);
+}
+
+at::Tensor misaligned_read(const at::Tensor& like) {
+  at::Tensor out = at::zeros({32}, like.options().dtype(at::kFloat));
+  NATGRAD_LAUNCH((misaligned_read_kernel), dim3(1), dim3(32), 64 * sizeof(float), current_stream(),
+                 device_ptr<float>(out));
+  NATGRAD_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+#ifdef NATGRAD_EMULATE
+// Deliberate bug: 56 KiB of static shared memory, over the 48 KiB limit (ptxas rejects it, so it
+// exists in the emulated build only).
+__global__ void static_shared_overflow_kernel(dev_ptr<float> out) {
+  NATGRAD_SHARED(float, a, [7168]);
+  NATGRAD_SHARED(float, b, [7168]);
+  a[threadIdx.x] = 1.f;
+  b[threadIdx.x] = 2.f;
+  __syncthreads();
+  out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
+}
+#endif
+
+at::Tensor static_shared_overflow(const at::Tensor& like) {
+  at::Tensor out = at::zeros({32}, like.options().dtype(at::kFloat));
+#ifdef NATGRAD_EMULATE
+  NATGRAD_LAUNCH((static_shared_overflow_kernel), dim3(1), dim3(32), 0, current_stream(), device_ptr<float>(out));
+#else
+  TORCH_CHECK(false, "static_shared_overflow: this deliberate bug exists in the emulated build only");
+#endif
   return out;
 }
 
@@ -221,6 +364,14 @@ NATGRAD_CUDA_IMPL(natgrad_testing, m) {
   m.impl("divergent_barrier", &divergent_barrier);
   m.impl("read_at", &read_at);
   m.impl("shared_read_at", &shared_read_at);
+  m.impl("lost_update", &lost_update);
+  m.impl("missing_barrier", &missing_barrier);
+  m.impl("block_race", &block_race);
+  m.impl("uninitialized_shared", &uninitialized_shared);
+  m.impl("unwritten_output", &unwritten_output);
+  m.impl("dynamic_shared", &dynamic_shared);
+  m.impl("static_shared_overflow", &static_shared_overflow);
+  m.impl("misaligned_read", &misaligned_read);
 }
 
 }  // namespace NATGRAD_KERNEL_NS
