@@ -7,7 +7,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "common.h"
 
@@ -35,20 +38,36 @@ NATGRAD_HOST_DEVICE inline void round_robin_pair(int r, int k, int m, int* p, in
   *q = at(m - 1 - k);
 }
 
+// The row stride of the Jacobi kernel's matrices in shared memory: odd, so that a warp reading down
+// a column touches 32 different banks.
+NATGRAD_HOST_DEVICE inline int jacobi_ld(int n) { return n | 1; }
+
 // The Jacobi rotation (c, s) that zeroes a_pq when applied as A <- J^T A J with
 // (J^T A)[p,:] = c A[p,:] - s A[q,:], (J^T A)[q,:] = s A[p,:] + c A[q,:] (and likewise on columns):
 // t = s / c is the smaller root of t^2 + 2 theta t - 1 = 0, theta = (a_qq - a_pp) / (2 a_pq).
+// Returns false, with the identity, when a_pq is negligible: |a_pq| <= eps sqrt(|a_pp a_qq|), the
+// rule under which Jacobi's eigenvalues have small relative errors (Demmel and Veselic 1992); a
+// sweep without a rotation has converged.
 template <typename T>
-NATGRAD_HOST_DEVICE inline void jacobi_rotation(T app, T aqq, T apq, T* c, T* s) {
-  if (apq == T(0)) {
-    *c = T(1);
-    *s = T(0);
-    return;
-  }
+NATGRAD_HOST_DEVICE inline bool jacobi_rotation(T app, T aqq, T apq, T* c, T* s) {
+  *c = T(1);
+  *s = T(0);
+  if (!(std::fabs(apq) > std::numeric_limits<T>::epsilon() * std::sqrt(std::fabs(app) * std::fabs(aqq))))
+    return false;
   const T theta = (aqq - app) / (T(2) * apq);
   const T t = (theta >= T(0) ? T(1) : T(-1)) / (std::fabs(theta) + std::sqrt(theta * theta + T(1)));
   *c = T(1) / std::sqrt(t * t + T(1));
   *s = t * *c;
+  return true;
+}
+
+// How many matrices of order n each cusolverDnXsyevBatched call takes, for `count` of them: as many
+// as keep batch * n^2 within `limit` elements, at least one per call.
+inline std::vector<int64_t> solver_batches(int64_t count, int64_t n, int64_t limit) {
+  const int64_t per_call = std::max<int64_t>(1, limit / std::max<int64_t>(1, n * n));
+  std::vector<int64_t> calls;
+  for (int64_t left = count; left > 0; left -= per_call) calls.push_back(std::min(left, per_call));
+  return calls;
 }
 
 }  // namespace eigh_batched

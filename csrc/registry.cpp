@@ -103,6 +103,7 @@ PYBIND11_MODULE(_C, m) {
     py::dict out;
     out["launches"] = c.launches;
     out["library_calls"] = c.library_calls;
+    out["barriers"] = c.barriers;
     out["by_name"] = by_name;
     return out;
   }, "Kernel launches and library calls made by the emulated CUDA backend since the last reset");

@@ -39,6 +39,7 @@ inline constexpr const char* kTestingSchemas[] = {
     "dynamic_shared(Tensor like, int bytes, bool opt_in) -> Tensor",
     "static_shared_overflow(Tensor like) -> Tensor",
     "misaligned_read(Tensor like) -> Tensor",
+    "solver_batches(Tensor like, int count, int n, int limit) -> int[]",
 };
 
 }  // namespace natgrad

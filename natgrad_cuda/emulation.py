@@ -51,7 +51,8 @@ def _require():
 
 
 def counters() -> dict:
-    """Launches and library calls since the last reset: {"launches", "library_calls", "by_name"}."""
+    """Launches, library calls and block barriers passed since the last reset: {"launches",
+    "library_calls", "barriers", "by_name"}."""
     _require()
     return dict(_ext._C.emulation_counters())
 
@@ -65,6 +66,7 @@ def reset_counters() -> None:
 class Count:
     launches: int = 0
     library_calls: int = 0
+    barriers: int = 0  # __syncthreads() passed, summed over blocks (a kernel's loop trips)
     by_name: Dict[str, int] = field(default_factory=dict)
 
     @property
@@ -83,6 +85,7 @@ def count():
         after = counters()
         result.launches = after["launches"] - before["launches"]
         result.library_calls = after["library_calls"] - before["library_calls"]
+        result.barriers = after["barriers"] - before["barriers"]
         result.by_name = {k: v - before["by_name"].get(k, 0) for k, v in after["by_name"].items()
                           if v != before["by_name"].get(k, 0)}
 

@@ -213,3 +213,23 @@ def test_misaligned_access_is_reported(T):
 @pytest.mark.skipif("NATGRAD_EMU_RACES" in os.environ, reason="the environment sets the race detection")
 def test_race_detection_is_on_by_default():
     assert ng.emulation.checks()["races"] is True
+
+
+def test_barriers_are_counted(T):
+    x = torch.arange(64, dtype=torch.float32)
+    with ng.emulation.count() as c:
+        T.reverse_blocks(x, 32)  # two blocks, one barrier each
+        T.block_sum(x, 64)  # one block, block_reduce_sum's two barriers
+    assert c.barriers == 4
+
+
+@pytest.mark.parametrize("count,n,limit,expected", [
+    (10, 512, 2 ** 31 - 1, [10]),
+    (10000, 512, 2 ** 31 - 1, [8191, 1809]),  # 8192 matrices of 512 pass cuSOLVER's 32-bit batch index
+    (7, 3, 20, [2, 2, 2, 1]),
+    (3, 100, 50, [1, 1, 1]),  # one matrix over the limit still gets its own call
+    (0, 5, 100, []),
+])
+def test_batched_eigensolver_calls_are_split_at_the_32_bit_limit(T, count, n, limit, expected):
+    calls = T.solver_batches(torch.empty(0), count, n, limit)
+    assert calls == expected and sum(calls) == count

@@ -1,7 +1,8 @@
 // eigh_batched on CUDA: the eigendecompositions of all factors of a step in a handful of calls.
 //   n <= kJacobiMax: one launch of a one-block-per-matrix cyclic Jacobi kernel for all of them
 //                    (per dtype), the matrix and its rotations in shared memory;
-//   larger, >= 2 of one size and dtype, n <= kBatchedMax: one cusolverDnXsyevBatched call per group;
+//   larger, >= 2 of one size and dtype, n <= kBatchedMax: one cusolverDnXsyevBatched call per group
+//                    (split where batch * n^2 would pass cuSOLVER's 32-bit limit);
 //   otherwise: cusolverDnXsyevd per matrix.
 // Results that are not finite (or that cuSOLVER reports as failed) are redone in float64 with
 // syevd and cast back; deciding that costs one host synchronisation per call, none per matrix.
@@ -24,6 +25,8 @@ namespace {
 
 constexpr int kJacobiMax = 64;     // largest n for the Jacobi kernel (2 n^2 values in shared memory)
 constexpr int kBatchedMax = 512;   // largest n for cusolverDnXsyevBatched
+// cusolverDnXsyevBatched indexes the batch with 32-bit ints: batch * n * n must stay below 2^31.
+constexpr int64_t kSolverBatchElements = (int64_t(1) << 31) - 1;
 constexpr int kThreads = 256;
 constexpr int kMaxSweeps = 30;
 
@@ -39,47 +42,55 @@ __global__ void eigh_jacobi_kernel(dev_ptr<const Job> jobs) {
   const Job J = jobs[blockIdx.x];
   const int n = static_cast<int>(J.n);
   const int m = n + (n & 1);  // even: an odd n gets a dummy index that pairs with nothing
+  const int ld = eigh_batched::jacobi_ld(n);
   const int tid = threadIdx.x, nt = blockDim.x;
   NATGRAD_DYNAMIC_SHARED(T, smem);
-  dev_ptr<T> A = smem;               // n x n
-  dev_ptr<T> V = smem + n * n;       // n x n
-  dev_ptr<T> cs = smem + 2 * n * n;  // (c, s) of each of the m / 2 pairs of a round
+  dev_ptr<T> A = smem;                // n x n, rows ld apart
+  dev_ptr<T> V = smem + n * ld;       // n x n, rows ld apart
+  dev_ptr<T> cs = smem + 2 * n * ld;  // (c, s) of each of the m / 2 pairs of a round
   NATGRAD_SHARED(T, scratch, [32]);
   NATGRAD_SHARED(int, done, [1]);
   const dev_ptr<const T> in = ptr_cast<const T>(J.in);
 
   for (int e = tid; e < n * n; e += nt) {  // symmetric from the lower triangle
     const int i = e / n, j = e % n;
-    A[e] = i >= j ? in[i * J.s0 + j * J.s1] : in[j * J.s0 + i * J.s1];
-    V[e] = i == j ? T(1) : T(0);
+    A[i * ld + j] = i >= j ? in[i * J.s0 + j * J.s1] : in[j * J.s0 + i * J.s1];
+    V[i * ld + j] = i == j ? T(1) : T(0);
   }
   __syncthreads();
 
   T total = T(0);
+  T rotations = T(0);  // rotations this thread applied in the last sweep
   for (int sweep = 0; sweep <= kMaxSweeps; ++sweep) {
     T off = T(0), all = T(0);
     for (int e = tid; e < n * n; e += nt) {
-      const T a2 = A[e] * A[e];
+      const int i = e / n, j = e % n;
+      const T a2 = A[i * ld + j] * A[i * ld + j];
       all += a2;
-      if (e / n != e % n) off += a2;
+      if (i != j) off += a2;
     }
     off = block_reduce_sum(off, scratch);
     all = block_reduce_sum(all, scratch);
+    rotations = block_reduce_sum(rotations, scratch);
     if (tid == 0) {
       if (sweep == 0) scratch[31] = all;  // ||A||_F^2 is invariant under the rotations
-      // converged, a sweep budget spent, or not finite (no rotation will mend that)
+      // converged (no off-diagonal mass, or a whole sweep found every pair negligible), a sweep
+      // budget spent, or not finite (no rotation will mend that)
       done[0] = !(off > std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon() * scratch[31]) ||
-             sweep == kMaxSweeps || !(all <= std::numeric_limits<T>::max());
+                (sweep > 0 && rotations == T(0)) || sweep == kMaxSweeps || !(all <= std::numeric_limits<T>::max());
     }
     __syncthreads();
     total = scratch[31];
     if (done[0]) break;  // uniform: every thread reads the same flag
+    rotations = T(0);
     for (int r = 0; r < m - 1; ++r) {
       for (int k = tid; k < m / 2; k += nt) {
         int p, q;
         eigh_batched::round_robin_pair(r, k, m, &p, &q);
         T c = T(1), s = T(0);
-        if (p < n && q < n) eigh_batched::jacobi_rotation<T>(A[p * n + p], A[q * n + q], A[p * n + q], &c, &s);
+        if (p < n && q < n &&
+            eigh_batched::jacobi_rotation<T>(A[p * ld + p], A[q * ld + q], A[p * ld + q], &c, &s))
+          rotations += T(1);
         cs[2 * k] = c;
         cs[2 * k + 1] = s;
       }
@@ -89,23 +100,23 @@ __global__ void eigh_jacobi_kernel(dev_ptr<const Job> jobs) {
         int p, q;
         eigh_batched::round_robin_pair(r, k, m, &p, &q);
         if (p >= n || q >= n) continue;
-        const T c = cs[2 * k], s = cs[2 * k + 1], a = A[p * n + j], b = A[q * n + j];
-        A[p * n + j] = c * a - s * b;
-        A[q * n + j] = s * a + c * b;
+        const T c = cs[2 * k], s = cs[2 * k + 1], a = A[p * ld + j], b = A[q * ld + j];
+        A[p * ld + j] = c * a - s * b;
+        A[q * ld + j] = s * a + c * b;
       }
       __syncthreads();
-      for (int e = tid; e < (m / 2) * n; e += nt) {  // columns: A <- A J, V <- V J
+      for (int e = tid; e < (m / 2) * n; e += nt) {  // columns: A <- A J, V <- V J (rows ld apart: no bank conflicts)
         const int k = e / n, i = e % n;
         int p, q;
         eigh_batched::round_robin_pair(r, k, m, &p, &q);
         if (p >= n || q >= n) continue;
         const T c = cs[2 * k], s = cs[2 * k + 1];
-        const T a = A[i * n + p], b = A[i * n + q];
-        A[i * n + p] = c * a - s * b;
-        A[i * n + q] = s * a + c * b;
-        const T u = V[i * n + p], w = V[i * n + q];
-        V[i * n + p] = c * u - s * w;
-        V[i * n + q] = s * u + c * w;
+        const T a = A[i * ld + p], b = A[i * ld + q];
+        A[i * ld + p] = c * a - s * b;
+        A[i * ld + q] = s * a + c * b;
+        const T u = V[i * ld + p], w = V[i * ld + q];
+        V[i * ld + p] = c * u - s * w;
+        V[i * ld + q] = s * u + c * w;
       }
       __syncthreads();
     }
@@ -116,15 +127,15 @@ __global__ void eigh_jacobi_kernel(dev_ptr<const Job> jobs) {
   const dev_ptr<T> W = ptr_cast<T>(J.W), out = ptr_cast<T>(J.V);
   const bool finite = total <= std::numeric_limits<T>::max();
   for (int i = tid; i < n; i += nt) {
-    const T d = A[i * n + i];
+    const T d = A[i * ld + i];
     int rank = 0;
     for (int j = 0; j < n; ++j) {
-      const T dj = A[j * n + j];
+      const T dj = A[j * ld + j];
       rank += (dj < d || (dj == d && j < i)) ? 1 : 0;
     }
     if (!finite) rank = i;
     W[rank] = finite ? d : std::numeric_limits<T>::quiet_NaN();
-    for (int r = 0; r < n; ++r) out[rank * n + r] = finite ? V[r * n + i] : std::numeric_limits<T>::quiet_NaN();
+    for (int r = 0; r < n; ++r) out[rank * n + r] = finite ? V[r * ld + i] : std::numeric_limits<T>::quiet_NaN();
   }
 }
 
@@ -198,7 +209,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
     const at::Tensor table = upload(jobs.data(), jobs.size() * sizeof(Job), mats[which[0]]);
     const dev_ptr<const Job> table_ptr = device_ptr<const Job>(table);
     AT_DISPATCH_FLOATING_TYPES(dt, "eigh_batched", [&] {
-      const size_t smem = static_cast<size_t>(2 * max_n * max_n + max_n + 1) * sizeof(scalar_t);
+      const size_t smem = static_cast<size_t>(2 * max_n * eigh_batched::jacobi_ld(static_cast<int>(max_n)) + max_n + 1) *
+                          sizeof(scalar_t);
       set_max_dynamic_shared((eigh_jacobi_kernel<scalar_t>), smem);
       NATGRAD_LAUNCH((eigh_jacobi_kernel<scalar_t>), dim3(static_cast<unsigned>(jobs.size())), dim3(kThreads), smem,
                      stream, table_ptr);
@@ -211,16 +223,19 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
   for (size_t i = 0; i < count; ++i)
     if (mats[i].size(0) > kJacobiMax) groups[{mats[i].size(0), static_cast<int>(mats[i].scalar_type())}].push_back(i);
   for (const auto& [key, idx] : groups) {
-    const bool batch_ok = idx.size() > 1 && key.first <= kBatchedMax;
-    const size_t step = batch_ok ? idx.size() : 1;
-    for (size_t b = 0; b < idx.size(); b += step) {
+    const int64_t n = key.first, size = static_cast<int64_t>(idx.size());
+    const std::vector<int64_t> calls = n <= kBatchedMax ? eigh_batched::solver_batches(size, n, kSolverBatchElements)
+                                                        : std::vector<int64_t>(size, 1);
+    int64_t b = 0;
+    for (const int64_t step : calls) {
       std::vector<at::Tensor> part;
-      for (size_t k = b; k < b + step; ++k) part.push_back(mats[idx[k]]);
+      for (int64_t k = b; k < b + step; ++k) part.push_back(mats[idx[k]]);
       auto [W, V] = solver_eigh(at::stack(part));
-      for (size_t k = b; k < b + step; ++k) {
+      for (int64_t k = b; k < b + step; ++k) {
         evals[idx[k]] = W[k - b];
         evecs[idx[k]] = V[k - b];  // column-major, as on every path
       }
+      b += step;
     }
   }
 

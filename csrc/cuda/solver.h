@@ -10,6 +10,8 @@
 // factorisation fails where float32 rounding makes the matrix indefinite.
 #pragma once
 
+#include <limits>
+
 #include "cuda/runtime.h"
 
 #ifdef NATGRAD_EMULATE
@@ -69,6 +71,8 @@ void syev_one(cusolverEigMode_t jobz, cublasFillMode_t uplo, int64_t n, T* A, in
 inline cusolverStatus_t syev_checks(int64_t n, int64_t lda, cudaDataType ta, cudaDataType tw, cudaDataType tc,
                                     int64_t batch) {
   if (n < 0 || lda < std::max<int64_t>(1, n) || batch < 1 || ta != tw || ta != tc) return CUSOLVER_STATUS_INVALID_VALUE;
+  // The batched solver indexes its batch with 32-bit ints.
+  if (batch > 1 && batch * lda * n > std::numeric_limits<int32_t>::max()) return CUSOLVER_STATUS_INVALID_VALUE;
   return CUSOLVER_STATUS_SUCCESS;
 }
 

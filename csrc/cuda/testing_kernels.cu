@@ -9,6 +9,7 @@
 #include "cuda/blas.h"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
+#include "eigh_batched.h"
 
 namespace natgrad {
 namespace NATGRAD_KERNEL_NS {
@@ -321,6 +322,11 @@ at::Tensor static_shared_overflow(const at::Tensor& like) {
   return out;
 }
 
+// eigh_batched's split of `count` matrices of order n into batched solver calls.
+std::vector<int64_t> solver_batches(const at::Tensor& like, int64_t count, int64_t n, int64_t limit) {
+  return eigh_batched::solver_batches(count, n, limit);
+}
+
 // Row-major a @ b through column-major cuBLAS: C^T = B^T A^T, i.e. gemm on the same buffers with the
 // operands swapped. `miswire` passes them in row-major order instead, a wiring mistake that cuBLAS
 // (and its emulation) must reject through the leading dimensions.
@@ -372,6 +378,7 @@ NATGRAD_CUDA_IMPL(natgrad_testing, m) {
   m.impl("dynamic_shared", &dynamic_shared);
   m.impl("static_shared_overflow", &static_shared_overflow);
   m.impl("misaligned_read", &misaligned_read);
+  m.impl("solver_batches", &solver_batches);
 }
 
 }  // namespace NATGRAD_KERNEL_NS

@@ -12,6 +12,7 @@ namespace emu {
 struct Counters {
   int64_t launches = 0;
   int64_t library_calls = 0;
+  int64_t barriers = 0;  // __syncthreads() passed, summed over blocks: a kernel's loop trips, e.g. sweeps
   std::map<std::string, int64_t> by_name;  // kernel or library function -> calls
 };
 Counters counters();  // a snapshot

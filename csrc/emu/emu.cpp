@@ -218,6 +218,10 @@ void release_block_barrier(Block& b) {
                  " thread(s) exited without it (linear ids " + ids + ")");
   }
   for (Fiber& f : b.fibers) f.state = State::Ready;
+  {
+    std::lock_guard<std::mutex> lock(g_counters_mutex);
+    g_counters.barriers += 1;
+  }
   ++b.epoch;  // accesses on either side of a barrier are ordered
   b.epoch_file = first->bar_file;
   b.epoch_line = first->bar_line;
