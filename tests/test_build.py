@@ -1,5 +1,6 @@
 """The build: what build_info() reports, and the NATGRAD_CUDA switch of the CMake configure step."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -55,3 +56,22 @@ def test_configure_switch(tmp_path):
     off = _configure(tmp_path, "OFF")
     assert off.returncode == 0, off.stderr
     assert "CUDA kernels not built: NATGRAD_CUDA=OFF" in off.stdout
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_the_two_builds_of_the_cuda_sources_keep_their_own_symbols():
+    # The CUDA sources are linked into one module twice (nvcc, and the host compiler for the
+    # emulator), with different bodies for their host helpers and library entry points. A helper
+    # defined under one name in both would let the linker bind the GPU path to the emulated code
+    # (or the reverse); so each build's helpers live in their own namespace, and the emulated cuBLAS
+    # and cuSOLVER never under the libraries' global names.
+    lib = ng._ext._C.__file__
+    out = subprocess.run(["nm", "-C", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    names = [line.split(" ", 2)[2] for line in out.splitlines() if line.count(" ") >= 2]
+    helpers = ("upload(", "uninitialized(", "current_stream(", "blas_handle(", "solver_handle(", "SolverParams::",
+               "DeviceGuard::")
+    shared = [n for n in names if any(n.startswith("natgrad::" + h) for h in helpers)]
+    assert not shared, f"build-specific helpers outside a build's namespace: {shared[:5]}"
+    library = [n for n in names if re.match(r"(cublas|cusolver)\w*\(|cuda[A-Z]\w*\(", n)]
+    assert not library, f"CUDA library names defined in the module: {library[:5]}"
+    assert any("natgrad::emulated_runtime::" in n for n in names)

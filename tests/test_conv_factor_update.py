@@ -1,6 +1,7 @@
 """factor_update_ on ops.ConvPatches: the covariance of a convolution's unfolded input without the
 unfold in memory (conv_factor_update_: CUDA reads patches straight from the image, the CPU unfolds
-a bounded slice of the batch at a time), against the reference on the materialised unfold."""
+a bounded slice of the batch at a time), against the reference on the materialised unfold, on the
+CPU and on the GPU when present."""
 from __future__ import annotations
 
 import random
@@ -35,7 +36,7 @@ def random_conv(rng: random.Random):
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
 @pytest.mark.parametrize("seed", range(12))
-def test_matches_the_unfold(impl, seed):
+def test_matches_the_unfold(impl, seed, to_device, tol):
     rng = random.Random(seed)
     layers = [random_conv(rng) for _ in range(3)]
     patches = [conv_patches(layer, x) for layer, x in layers]
@@ -46,24 +47,24 @@ def test_matches_the_unfold(impl, seed):
     scales = [rng.uniform(0.1, 2.0) for _ in patches]
     ref = [S.clone() for S in start]
     ng.ops.factor_update_(ref, [p.unfold() for p in patches], 0.9, scales, ones, impl="reference")
-    out = [S.clone() for S in start]
-    ng.ops.factor_update_(out, patches, 0.9, scales, ones, impl=impl)
+    out = to_device([S.clone() for S in start])
+    ng.ops.factor_update_(out, to_device(patches), 0.9, scales, ones, impl=impl)
     for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), b, rtol=tol(1e-5, torch.float32), atol=tol(1e-5, torch.float32))
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
-def test_half_inputs_and_float64_factors(impl):
+def test_half_inputs_and_float64_factors(impl, to_device, tol):
     torch.manual_seed(0)
     x = torch.randn(3, 4, 9, 9)
     layer = nn.Conv2d(4, 5, 3, padding=1)
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         p = conv_patches(layer, x.to(dtype))
         ref = torch.zeros(37, 37, dtype=torch.float64)
-        out = ref.clone()
+        out = to_device(ref.clone())
         ng.ops.factor_update_([ref], [p.unfold()], 1.0, [1.0], [True], impl="reference")
-        ng.ops.factor_update_([out], [p], 1.0, [1.0], [True], impl=impl)
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        ng.ops.factor_update_([out], [to_device(p)], 1.0, [1.0], [True], impl=impl)
+        torch.testing.assert_close(out.cpu(), ref, rtol=tol(1e-6, torch.float32), atol=tol(1e-6, torch.float32))
 
 
 def test_large_batch_goes_slice_by_slice_on_the_cpu():
@@ -106,9 +107,9 @@ def test_expand_rows_of_wide_kernels_stay_virtual():
 
 
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_opcheck(ns):
+def test_opcheck(ns, to_device):
     p = conv_patches(nn.Conv2d(2, 3, 3, padding=1, stride=2), torch.randn(2, 2, 7, 7, dtype=torch.float64))
-    F = torch.zeros(19, 19, dtype=torch.float64)
+    p, F = to_device((p, torch.zeros(19, 19, dtype=torch.float64)))
     torch.library.opcheck(getattr(torch.ops, ns).conv_factor_update_.default,
                           ([F], [p.image], p.geometry(), 0.5, [1.0], [True]))
 

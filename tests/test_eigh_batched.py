@@ -1,11 +1,12 @@
 """ops.eigh_batched: reference, native CPU (LAPACK, parallel over matrices) and the CUDA source run
 in emulation (Jacobi kernel for n <= 64, cusolverDnXsyevBatched for groups, cusolverDnXsyevd for
-single large ones), against torch.linalg.eigh on the lower triangle."""
+single large ones), against torch.linalg.eigh on the lower triangle; on the GPU too when present (the
+Jacobi kernel and cuSOLVER themselves)."""
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import natgrad_cuda as ng
@@ -27,7 +28,9 @@ def spd_with_garbage(n, dtype, gen, rank=None, separated=False):
     return M + torch.triu(torch.randn(n, n, dtype=dtype, generator=gen), 1) * 1e3
 
 
-def check(M, d, Q, dtype):
+def check(M, d, Q, dtype, slack=1.0):
+    """d, Q: the eigendecomposition of M's lower triangle, to TOL[dtype] times ``slack``."""
+    M, d, Q = M.cpu(), d.cpu(), Q.cpu()
     n = M.shape[0]
     S = (M.tril() + M.tril(-1).T).double()
     ref = torch.linalg.eigvalsh(S)
@@ -36,9 +39,10 @@ def check(M, d, Q, dtype):
     assert torch.all(d[1:] >= d[:-1]), "eigenvalues not ascending"
     if n == 0:
         return
-    assert (d.double() - ref).abs().max() <= TOL[dtype] * scale
-    assert (Q.double() @ torch.diag(d.double()) @ Q.double().T - S).abs().max() <= 4 * TOL[dtype] * scale
-    assert (Q.double().T @ Q.double() - torch.eye(n, dtype=torch.float64)).abs().max() <= 4 * TOL[dtype] * max(n, 1)
+    assert (d.double() - ref).abs().max() <= slack * TOL[dtype] * scale
+    assert (Q.double() @ torch.diag(d.double()) @ Q.double().T - S).abs().max() <= slack * 4 * TOL[dtype] * scale
+    assert (Q.double().T @ Q.double() - torch.eye(n, dtype=torch.float64)).abs().max() <= \
+        slack * 4 * TOL[dtype] * max(n, 1)
 
 
 SIZES = [0, 1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 97, 97, 128, 257]
@@ -46,61 +50,62 @@ SIZES = [0, 1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 97, 97, 128, 257]
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_torch_on_mixed_sizes(impl, dtype):
+def test_matches_torch_on_mixed_sizes(impl, dtype, to_device, tol):
     gen = torch.Generator().manual_seed(0)
     mats = [spd_with_garbage(n, dtype, gen) for n in SIZES]
-    out = ng.ops.eigh_batched(mats, impl=impl)
+    out = ng.ops.eigh_batched(to_device(mats), impl=impl)
     assert len(out) == len(mats)
     for M, (d, Q) in zip(mats, out):
-        check(M, d, Q, dtype)
+        check(M, d, Q, dtype, tol(1.0, dtype))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_eigenvectors_match_up_to_sign(impl):
+def test_eigenvectors_match_up_to_sign(impl, to_device, tol):
     gen = torch.Generator().manual_seed(1)
     mats = [spd_with_garbage(n, torch.float64, gen, separated=True) for n in (5, 40, 70, 70, 130)]
-    for M, (d, Q) in zip(mats, ng.ops.eigh_batched(mats, impl=impl)):
+    for M, (d, Q) in zip(mats, ng.ops.eigh_batched(to_device(mats), impl=impl)):
         _, Qr = torch.linalg.eigh(M, UPLO="L")
-        cos = (Q * Qr).sum(0).abs()
-        assert torch.allclose(cos, torch.ones_like(cos), atol=1e-9)
+        cos = (Q.cpu() * Qr).sum(0).abs()
+        assert torch.allclose(cos, torch.ones_like(cos), atol=tol(1e-9))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dead_units_rank_deficient_and_degenerate(impl):
+def test_dead_units_rank_deficient_and_degenerate(impl, to_device, tol):
     gen = torch.Generator().manual_seed(2)
     mats = [torch.zeros(6, 6), torch.zeros(80, 80), torch.eye(9) * 3, spd_with_garbage(20, torch.float32, gen, rank=3),
             spd_with_garbage(90, torch.float32, gen, rank=5), torch.ones(33, 33)]
-    for M, (d, Q) in zip(mats, ng.ops.eigh_batched(mats, impl=impl)):
-        check(M, d, Q, torch.float32)
+    for M, (d, Q) in zip(mats, ng.ops.eigh_batched(to_device(mats), impl=impl)):
+        check(M, d, Q, torch.float32, tol(1.0, torch.float32))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_non_contiguous_inputs(impl):
+def test_non_contiguous_inputs(impl, to_device, tol):
     gen = torch.Generator().manual_seed(3)
     big = spd_with_garbage(150, torch.float64, gen)
     mats = [big[::2, ::2], big[:70, :70], big.T.contiguous().T, spd_with_garbage(12, torch.float64, gen)[:, :].T.T]
-    for M, (d, Q) in zip(mats, ng.ops.eigh_batched(mats, impl=impl)):
-        check(M, d, Q, torch.float64)
+    for M, (d, Q) in zip(mats, ng.ops.eigh_batched(to_device(mats), impl=impl)):
+        check(M, d, Q, torch.float64, tol(1.0))
 
 
-@settings(max_examples=15, deadline=None)
+# the device fixtures (conftest.py) hold no state: the examples may share them
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(0, 80), min_size=1, max_size=5), double=st.booleans(), seed=st.integers(0, 99))
-def test_fuzzed_sizes_emulated_and_native(sizes, double, seed):
+def test_fuzzed_sizes_emulated_and_native(sizes, double, seed, kernel_impls, to_device, tol):
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
     mats = [spd_with_garbage(n, dtype, gen) for n in sizes]
-    for impl in ("native", "emulated"):
-        for M, (d, Q) in zip(mats, ng.ops.eigh_batched(mats, impl=impl)):
-            check(M, d, Q, dtype)
+    for impl in kernel_impls:
+        for M, (d, Q) in zip(mats, ng.ops.eigh_batched(to_device(mats), impl=impl)):
+            check(M, d, Q, dtype, tol(1.0, dtype))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_non_finite_input_gives_nan(impl):
+def test_non_finite_input_gives_nan(impl, to_device):
     bad = torch.eye(4)
     bad[2, 1] = float("nan")
-    (d, Q), (d2, Q2) = ng.ops.eigh_batched([bad, torch.eye(3)], impl=impl)
+    (d, Q), (d2, Q2) = ng.ops.eigh_batched(to_device([bad, torch.eye(3)]), impl=impl)
     assert torch.isnan(d).all() and torch.isnan(Q).all()
-    assert torch.equal(d2, torch.ones(3))
+    assert torch.equal(d2.cpu(), torch.ones(3))
 
 
 def test_float32_overflow_is_retried_in_float64():
@@ -128,10 +133,10 @@ def test_launches_do_not_grow_with_equal_layers():
 
 
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_opcheck(ns):
+def test_opcheck(ns, to_device):
     gen = torch.Generator().manual_seed(5)
     mats = [spd_with_garbage(n, torch.float64, gen).tril() for n in (3, 40, 70)]
-    mats = [M + M.tril(-1).T for M in mats]  # symmetric: opcheck compares against fake/meta too
+    mats = to_device([M + M.tril(-1).T for M in mats])  # symmetric: opcheck compares against fake/meta too
     torch.library.opcheck(getattr(torch.ops, ns).eigh_batched.default, (mats,),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -154,3 +159,26 @@ def test_native_entry_point_checks_too():
         torch.ops.natgrad.eigh_batched([torch.zeros(2, 3)])
     with pytest.raises(RuntimeError, match="square"):
         torch.ops.natgrad_emu.eigh_batched([torch.zeros(2, 3)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [5, 33, 64])
+def test_the_jacobi_kernel_stops_when_a_sweep_rotates_nothing(n, dtype):
+    """The stopping rule is reachable for every size (an off-diagonal mass below eps^2 ||A||^2 is not
+    for n > 32 in float32): 4-10 sweeps here, against the budget of 30. A sweep costs 7 barriers
+    plus 3 per round of m - 1 rounds (m = n rounded up to even), the set-up and the last check 8."""
+    gen = torch.Generator().manual_seed(n)
+    X = torch.randn(n, n + 3, dtype=torch.float64, generator=gen)
+    A = (X @ X.T / (n + 3)).to(dtype)
+    with emulation.count() as c:
+        (w, V), = ng.ops.eigh_batched([A], impl="emulated")
+    m = n + n % 2
+    sweeps = (c.barriers - 8) / (7 + 3 * (m - 1))
+    assert sweeps == int(sweeps) and 2 <= sweeps <= 12
+    ref = torch.linalg.eigvalsh(A.double())
+    assert (w.double() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+    assert (V.double().T @ V.double() - torch.eye(n, dtype=torch.float64)).abs().max() <= TOL[dtype]
+    # A diagonal matrix needs no sweep at all.
+    with emulation.count() as c:
+        ng.ops.eigh_batched([torch.diag(torch.arange(1.0, n + 1, dtype=dtype))], impl="emulated")
+    assert c.barriers == 8

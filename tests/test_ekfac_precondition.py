@@ -1,11 +1,12 @@
 """ops.ekfac_precondition (EKFAC: QG [(QG^T M QA) / (S + damping)] QA^T): the reference against the
 dense operator (QG (x) QA) diag(1 / (vec S + damping)) (QG (x) QA)^T in float64, and the native CPU
-and emulated CUDA kernels (four grouped-GEMM launches for all layers) against the reference."""
+and CUDA (when present) and emulated CUDA kernels (four grouped-GEMM launches for all layers) against
+the reference."""
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import natgrad_cuda as ng
@@ -37,6 +38,7 @@ def columns(layers):
 
 def close(out, ref, tol):
     for a, b in zip(out, ref):
+        a, b = a.cpu(), b.cpu()
         assert a.dtype == b.dtype and a.shape == b.shape
         if b.numel():
             assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max().clamp_min(1e-30)
@@ -54,7 +56,7 @@ def test_reference_is_the_dense_operator():
 
 
 @pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
-def test_kfac_scaling_is_precondition(impl):
+def test_kfac_scaling_is_precondition(impl, to_device, tol):
     """S = dG dA^T (K-FAC's own eigenvalue products) gives precondition's exact damping."""
     gen = torch.Generator().manual_seed(1)
     args, eig = [], []
@@ -64,17 +66,17 @@ def test_kfac_scaling_is_precondition(impl):
         dG = torch.rand(o, dtype=torch.float64, generator=gen)
         args.append((M, QA, QG, torch.outer(dG, dA)))
         eig.append((M, QA, dA, QG, dG))
-    out = ng.ops.ekfac_precondition(*columns(args), 0.05, impl=impl)
+    out = ng.ops.ekfac_precondition(*to_device(columns(args)), 0.05, impl=impl)
     ref = ng.ops.precondition(*columns(eig), 0.05, impl="reference")
-    close(out, ref, 1e-12)
+    close(out, ref, tol(1e-12))
 
 
 @pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
-def test_zero_scaling_divides_by_the_damping(impl):
+def test_zero_scaling_divides_by_the_damping(impl, to_device, tol):
     gen = torch.Generator().manual_seed(2)
     args = columns([layer(o, k, gen, zeros=True) for o, k in ((6, 9), (40, 3))])
-    for P, M in zip(ng.ops.ekfac_precondition(*args, 0.5, impl=impl), args[0]):
-        assert torch.allclose(P, M / 0.5, rtol=1e-12, atol=1e-12)
+    for P, M in zip(ng.ops.ekfac_precondition(*to_device(args), 0.5, impl=impl), args[0]):
+        assert torch.allclose(P.cpu(), M / 0.5, rtol=tol(1e-12), atol=tol(1e-12))
 
 
 # 0-sized, 1, odd, primes, just around the 32-wide tiles and 32-deep slabs, and larger.
@@ -86,20 +88,20 @@ DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
 @pytest.mark.parametrize("dtype,grad_dtype", DTYPES)
-def test_kernels_match_the_reference(impl, dtype, grad_dtype):
+def test_kernels_match_the_reference(impl, dtype, grad_dtype, to_device, tol):
     gen = torch.Generator().manual_seed(3)
     layers = [layer(o, k, gen, dtype, grad_dtype) for o, k in SHAPES]
     layers.append(layer(6, 9, gen, dtype, grad_dtype, zeros=True))
     args = columns(layers)
     ref = ng.ops.ekfac_precondition(*args, 1e-2, impl="reference")
-    out = ng.ops.ekfac_precondition(*args, 1e-2, impl=impl)
+    out = ng.ops.ekfac_precondition(*to_device(args), 1e-2, impl=impl)
     assert all(a.dtype == grad_dtype for a in out)
-    tol = TOL[dtype] if grad_dtype in (torch.float32, torch.float64) else 1e-2  # the result is rounded to bf16/fp16
-    close(out, ref, tol)
+    # the result is rounded to bf16/fp16 when the gradients are
+    close(out, ref, tol(TOL[dtype], dtype) if grad_dtype in (torch.float32, torch.float64) else tol(1e-2, grad_dtype))
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
-def test_layers_of_mixed_dtypes_in_one_call(impl):
+def test_layers_of_mixed_dtypes_in_one_call(impl, to_device, tol):
     """Each (gradient dtype, factor dtype) pair is one group of four launches; the results come back in
     the layers' order."""
     gen = torch.Generator().manual_seed(4)
@@ -109,10 +111,10 @@ def test_layers_of_mixed_dtypes_in_one_call(impl):
                                                                 (70, 9)], kinds)]
     args = columns(layers)
     ref = ng.ops.ekfac_precondition(*args, 0.02, impl="reference")
-    out = ng.ops.ekfac_precondition(*args, 0.02, impl=impl)
+    out = ng.ops.ekfac_precondition(*to_device(args), 0.02, impl=impl)
     for a, b, (d, g) in zip(out, ref, kinds):
         assert a.dtype == g
-        close([a], [b], TOL[d] if g in (torch.float32, torch.float64) else 1e-2)
+        close([a], [b], tol(TOL[d], d) if g in (torch.float32, torch.float64) else tol(1e-2, g))
     if impl == "emulated":
         with emulation.count() as c:
             ng.ops.ekfac_precondition(*args, 0.02, impl=impl)
@@ -121,7 +123,7 @@ def test_layers_of_mixed_dtypes_in_one_call(impl):
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
-def test_non_contiguous_inputs(impl):
+def test_non_contiguous_inputs(impl, to_device, tol):
     gen = torch.Generator().manual_seed(5)
     M, QA, QG, S = layer(40, 70, gen)
     m, qa, qg, s = layer(5, 6, gen)
@@ -133,21 +135,22 @@ def test_non_contiguous_inputs(impl):
             [S.T.contiguous().T, S[:, 1::2], big[1:10:2, 3:19:3], s[2:3].expand(5, 6), row.expand(5, 6)]]
     assert not any(t.is_contiguous() for t in args[3])
     ref = ng.ops.ekfac_precondition(*args, 0.1, impl="reference")
-    for a, b in zip(ng.ops.ekfac_precondition(*args, 0.1, impl=impl), ref):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ng.ops.ekfac_precondition(*to_device(args), 0.1, impl=impl), ref):
+        assert torch.allclose(a.cpu(), b, rtol=tol(1e-10), atol=tol(1e-12))
 
 
-@settings(max_examples=12, deadline=None)
+# the device fixtures (conftest.py) hold no state: the examples may share them
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=4),
        double=st.booleans(), lam=st.floats(1e-4, 10.0), seed=st.integers(0, 99))
-def test_fuzzed(shapes, double, lam, seed):
+def test_fuzzed(shapes, double, lam, seed, kernel_impls, to_device, tol):
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
     args = columns([layer(o, k, gen, dtype) for o, k in shapes])
     ref = ng.ops.ekfac_precondition(*args, lam, impl="reference")
-    for impl in ("native", "emulated"):
-        out = ng.ops.ekfac_precondition(*args, lam, impl=impl)
-        close(out, ref, 5 * TOL[dtype])
+    for impl in kernel_impls:
+        out = ng.ops.ekfac_precondition(*to_device(args), lam, impl=impl)
+        close(out, ref, tol(5 * TOL[dtype], dtype))
 
 
 def test_four_launches_whatever_the_number_of_layers():
@@ -165,9 +168,9 @@ def test_four_launches_whatever_the_number_of_layers():
 
 
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_opcheck(ns):
+def test_opcheck(ns, to_device):
     gen = torch.Generator().manual_seed(7)
-    args = columns([layer(3, 5, gen), layer(40, 33, gen, torch.float32, torch.bfloat16)])
+    args = to_device(columns([layer(3, 5, gen), layer(40, 33, gen, torch.float32, torch.bfloat16)]))
     torch.library.opcheck(getattr(torch.ops, ns).ekfac_precondition.default, (*args, 0.05))
 
 

@@ -1,10 +1,11 @@
-"""ops.factor_update_: reference against the native CPU kernel and the emulated CUDA kernel over
-shapes, dtypes and layouts; opcheck; bad input; launches per call on the CUDA path."""
+"""ops.factor_update_: reference against the native kernels (CPU, and CUDA when present) and the
+emulated CUDA kernel over shapes, dtypes and layouts; opcheck; bad input; launches per call on the
+CUDA path."""
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import natgrad_cuda as ng
 from natgrad_cuda import ops, reference
@@ -51,37 +52,41 @@ def test_reference_matches_definition():
      ([8192, 30], [16, 16])],  # a tall narrow layer (BLAS on the CPU) beside a short one (direct loop)
 )
 @pytest.mark.parametrize("transpose", [False, True])
-def test_matches_reference_fp64(impl, rows, widths, transpose):
+def test_matches_reference_fp64(impl, rows, widths, transpose, to_device, tol):
     factors, inputs, ones = _case(rows, widths, transpose=transpose)
     expected = [F.clone() for F in factors]
     scales = [1.0 / (i + 1) for i in range(len(factors))]
     ops.factor_update_(expected, inputs, 0.9, scales, ones, impl="reference")
-    ops.factor_update_(factors, inputs, 0.9, scales, ones, impl=impl)
+    factors = to_device(factors)
+    ops.factor_update_(factors, to_device(inputs), 0.9, scales, ones, impl=impl)
     for F, E in zip(factors, expected):
-        assert _rel(F, E) < TOL[torch.float64]
+        F = F.cpu()
+        assert _rel(F, E) < tol(TOL[torch.float64])
         assert torch.equal(F, F.T) or _rel(F, F.T) < 1e-15
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
-def test_dtypes(impl, xdtype, fdtype):
+def test_dtypes(impl, xdtype, fdtype, to_device, tol):
     factors, inputs, ones = _case([37, 64], [17, 40], fdtype=fdtype, xdtype=xdtype, seed=3)
     expected = [F.clone() for F in factors]
     ops.factor_update_(expected, inputs, 0.5, [0.1, 2.0], ones, impl="reference")
-    ops.factor_update_(factors, inputs, 0.5, [0.1, 2.0], ones, impl=impl)
+    factors = to_device(factors)
+    ops.factor_update_(factors, to_device(inputs), 0.5, [0.1, 2.0], ones, impl=impl)
     for F, E in zip(factors, expected):
         assert F.dtype == fdtype
-        assert _rel(F, E) < TOL[fdtype]
+        assert _rel(F.cpu(), E) < tol(TOL[fdtype], fdtype)
 
 
 @native
-def test_default_impl_is_native_when_built():
+def test_default_impl_is_native_when_built(to_device):
     factors, inputs, ones = _case([10], [3])
     expected = [F.clone() for F in factors]
     ops.factor_update_(expected, inputs, 1.0, [1.0], ones, impl="reference")
-    ops.factor_update_(factors, inputs, 1.0, [1.0], ones)
-    assert _rel(factors[0], expected[0]) < 1e-13
+    factors = to_device(factors)
+    ops.factor_update_(factors, to_device(inputs), 1.0, [1.0], ones)
+    assert _rel(factors[0].cpu(), expected[0]) < 1e-13
 
 
 @emulated
@@ -111,32 +116,33 @@ def test_one_launch_per_call_on_the_cuda_path(layers):
 
 
 @native
-@settings(max_examples=25, deadline=None)
+# the device fixtures (conftest.py) hold no state: the examples may share them
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     shapes=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70), st.booleans()), min_size=1, max_size=5),
     decay=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_fuzzed_shapes_all_impls_agree(shapes, decay, seed):
+def test_fuzzed_shapes_all_impls_agree(shapes, decay, seed, kernel_impls, to_device, tol):
     shapes = [(n, d, a) for n, d, a in shapes if d + a > 0] or [(3, 2, True)]
     rows, widths, ones = zip(*shapes)
     factors, inputs, ones = _case(rows, widths, ones=list(ones), seed=seed)
     scales = [0.5 + i for i in range(len(factors))]
     expected = [F.clone() for F in factors]
     ops.factor_update_(expected, inputs, decay, scales, ones, impl="reference")
-    for impl in ("native", "emulated"):
+    for impl in kernel_impls:
         if impl == "emulated" and not ng.emulation.available():
             continue
-        got = [F.clone() for F in factors]
-        ops.factor_update_(got, inputs, decay, scales, ones, impl=impl)
+        got = to_device([F.clone() for F in factors])
+        ops.factor_update_(got, to_device(inputs), decay, scales, ones, impl=impl)
         for F, E in zip(got, expected):
-            assert _rel(F, E) < 1e-12, impl
+            assert _rel(F.cpu(), E) < tol(1e-12), impl
 
 
 @native
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_opcheck(ns):
-    factors, inputs, ones = _case([11, 4], [6, 3], fdtype=torch.float32, xdtype=torch.float32)
+def test_opcheck(ns, to_device):
+    factors, inputs, ones = to_device(_case([11, 4], [6, 3], fdtype=torch.float32, xdtype=torch.float32))
     op = getattr(torch.ops, ns).factor_update_.default
     torch.library.opcheck(op, (factors, inputs, 0.95, [0.5, 1.0], ones))
 
@@ -161,7 +167,7 @@ def test_bad_input(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
-def test_decay_zero_does_not_read_the_factor(impl):
+def test_decay_zero_does_not_read_the_factor(impl, to_device):
     """As BLAS's beta = 0: an uninitialised (here NaN) factor is overwritten, not propagated."""
     from natgrad_cuda.curvature.rules import conv_patches
 
@@ -170,9 +176,20 @@ def test_decay_zero_does_not_read_the_factor(impl):
     patches = conv_patches(torch.nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 5, 5, generator=g))
     inputs = X + [patches]
     widths = [4, 71, 19]
-    bad = [torch.full((w, w), float("nan")) for w in widths]
+    bad = to_device([torch.full((w, w), float("nan")) for w in widths])
     good = [torch.zeros(w, w) for w in widths]
-    ops.factor_update_(bad, inputs, 0.0, [0.5] * 3, [True] * 3, impl=impl)
+    ops.factor_update_(bad, to_device(inputs), 0.0, [0.5] * 3, [True] * 3, impl=impl)
     ops.factor_update_(good, inputs, 1.0, [0.5] * 3, [True] * 3, impl="reference")
     for a, b in zip(bad, good):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cpu_input_with_cuda_factors_is_refused_by_the_kernel_entry(device):
+    # The C++ entry point checks devices itself (torch.ops calls skip ops.py's checks): a host
+    # pointer in a CUDA kernel would poison the CUDA context.
+    if device != "cuda":
+        pytest.skip("needs a GPU: on the CPU there is no second device to mix up")
+    F = torch.zeros(3, 3, device=device)
+    with pytest.raises(RuntimeError, match=r"must be on cuda"):
+        torch.ops.natgrad.factor_update_([F], [torch.randn(5, 3)], 1.0, [1.0], [False])
+    assert F.eq(0).all()

@@ -1,11 +1,11 @@
 """ops.kron_matmul: P = IG M IA for every layer. The reference against the Kronecker product, and
-the native CPU and emulated CUDA kernels (two grouped-GEMM launches for all layers) against the
-reference."""
+the native CPU and CUDA (when present) and emulated CUDA kernels (two grouped-GEMM launches for all
+layers) against the reference."""
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import natgrad_cuda as ng
@@ -27,11 +27,12 @@ def columns(layers):
     return [list(x) for x in zip(*layers)]
 
 
-def test_reference_is_the_kronecker_product():
+def test_reference_is_the_kronecker_product(to_device):
     gen = torch.Generator().manual_seed(0)
     for o, k in ((3, 4), (5, 2), (1, 6)):
         M, IA, IG = layer(o, k, gen)
-        P, = ng.ops.kron_matmul([M], [IA], [IG], impl="reference")
+        P, = ng.ops.kron_matmul(*to_device([[M], [IA], [IG]]), impl="reference")
+        P = P.cpu()
         # row-major vec: vec(IG M IA) = (IG (x) IA^T) vec(M), IA symmetric
         expect = (torch.kron(IG, IA) @ M.reshape(-1)).reshape(o, k)
         assert torch.allclose(P, expect, rtol=1e-12, atol=1e-12)
@@ -44,42 +45,44 @@ SHAPES = [(1, 1), (2, 3), (31, 33), (32, 32), (33, 31), (64, 65), (7, 129), (97,
 @pytest.mark.parametrize("dtype,grad_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                               (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                               (torch.float64, torch.float32)])
-def test_kernels_match_the_reference(impl, dtype, grad_dtype):
+def test_kernels_match_the_reference(impl, dtype, grad_dtype, to_device, tol):
     gen = torch.Generator().manual_seed(1)
     args = columns([layer(o, k, gen, dtype, grad_dtype) for o, k in SHAPES])
     ref = ng.ops.kron_matmul(*args, impl="reference")
-    out = ng.ops.kron_matmul(*args, impl=impl)
-    tol = TOL[dtype] if grad_dtype in (torch.float32, torch.float64) else 1e-2  # the result is rounded to bf16/fp16
+    out = ng.ops.kron_matmul(*to_device(args), impl=impl)
+    # the result is rounded to bf16/fp16 when the gradients are
+    bound = tol(TOL[dtype], dtype) if grad_dtype in (torch.float32, torch.float64) else tol(1e-2, grad_dtype)
     for a, b in zip(out, ref):
         assert a.dtype == grad_dtype and a.shape == b.shape and a.is_contiguous()
         if b.numel():
-            assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max().clamp_min(1e-30)
+            assert (a.cpu().double() - b.double()).abs().max() <= bound * b.double().abs().max().clamp_min(1e-30)
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
-def test_non_contiguous_inputs(impl):
+def test_non_contiguous_inputs(impl, to_device, tol):
     gen = torch.Generator().manual_seed(2)
     M, IA, IG = layer(40, 70, gen)
     args = [[M.T.contiguous().T, M[:, ::2], M[:1, :3].expand(5, 3)],
             [IA.T.contiguous().T, IA[::2, ::2], IA[:3, :3]],
             [IG, IG, IG[:1, :1].expand(5, 5)]]
     ref = ng.ops.kron_matmul(*args, impl="reference")
-    for a, b in zip(ng.ops.kron_matmul(*args, impl=impl), ref):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ng.ops.kron_matmul(*to_device(args), impl=impl), ref):
+        assert torch.allclose(a.cpu(), b, rtol=tol(1e-10), atol=tol(1e-12))
 
 
-@settings(max_examples=12, deadline=None)
+# the device fixtures (conftest.py) hold no state: the examples may share them
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=4),
        double=st.booleans(), seed=st.integers(0, 99))
-def test_fuzzed(shapes, double, seed):
+def test_fuzzed(shapes, double, seed, kernel_impls, to_device, tol):
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
     args = columns([layer(o, k, gen, dtype) for o, k in shapes])
     ref = ng.ops.kron_matmul(*args, impl="reference")
-    for impl in ("native", "emulated"):
-        for a, b in zip(ng.ops.kron_matmul(*args, impl=impl), ref):
+    for impl in kernel_impls:
+        for a, b in zip(ng.ops.kron_matmul(*to_device(args), impl=impl), ref):
             if b.numel():
-                assert (a - b).abs().max() <= 5 * TOL[dtype] * b.abs().max().clamp_min(1e-30)
+                assert (a.cpu() - b).abs().max() <= tol(5 * TOL[dtype], dtype) * b.abs().max().clamp_min(1e-30)
 
 
 def test_two_launches_whatever_the_number_of_layers():
@@ -97,9 +100,9 @@ def test_two_launches_whatever_the_number_of_layers():
 
 
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_opcheck(ns):
+def test_opcheck(ns, to_device):
     gen = torch.Generator().manual_seed(4)
-    args = columns([layer(o, k, gen) for o, k in ((3, 5), (40, 33), (0, 2))])
+    args = to_device(columns([layer(o, k, gen) for o, k in ((3, 5), (40, 33), (0, 2))]))
     torch.library.opcheck(getattr(torch.ops, ns).kron_matmul.default, tuple(args))
 
 

@@ -1,13 +1,14 @@
 """ops.precondition: the reference against dense damped inverses of G (x) A, and the native CPU and
-emulated CUDA kernels (four grouped-GEMM launches for all layers) against the reference; low-rank
-eigenbases (QA (in, rA), QG (out, rG)) against the dense inverses of exactly low-rank factors."""
+CUDA (when present) and emulated CUDA kernels (four grouped-GEMM launches for all layers) against the
+reference; low-rank eigenbases (QA (in, rA), QG (out, rG)) against the dense inverses of exactly
+low-rank factors."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import natgrad_cuda as ng
@@ -35,12 +36,13 @@ def columns(layers):
 
 
 @pytest.mark.parametrize("inverse", ["eigen", "factored"])
-def test_reference_is_the_dense_damped_inverse(inverse):
+def test_reference_is_the_dense_damped_inverse(inverse, to_device):
     gen = torch.Generator().manual_seed(0)
     lam = 0.03
     for o, k in ((3, 4), (5, 2), (1, 6)):
         (M, QA, dA, QG, dG), (A, G) = layer(o, k, gen)
-        P, = ng.ops.precondition([M], [QA], [dA], [QG], [dG], lam, inverse=inverse, impl="reference")
+        P, = ng.ops.precondition(*to_device([[M], [QA], [dA], [QG], [dG]]), lam, inverse=inverse, impl="reference")
+        P = P.cpu()
         if inverse == "eigen":
             expect = torch.linalg.solve(torch.kron(G, A) + lam * torch.eye(o * k, dtype=torch.float64),
                                         M.reshape(-1)).reshape(o, k)
@@ -59,22 +61,23 @@ SHAPES = [(1, 1), (2, 3), (31, 33), (32, 32), (33, 31), (64, 65), (7, 129), (97,
 @pytest.mark.parametrize("dtype,grad_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                               (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                               (torch.float64, torch.float32)])
-def test_kernels_match_the_reference(impl, inverse, dtype, grad_dtype):
+def test_kernels_match_the_reference(impl, inverse, dtype, grad_dtype, to_device, tol):
     gen = torch.Generator().manual_seed(1)
     layers = [layer(o, k, gen, dtype, grad_dtype) for o, k in SHAPES]
     layers.append(layer(6, 9, gen, dtype, grad_dtype, dead=True))  # dead units: all eigenvalues zero
     args = columns(layers)
     ref = ng.ops.precondition(*args, 1e-2, inverse=inverse, impl="reference")
-    out = ng.ops.precondition(*args, 1e-2, inverse=inverse, impl=impl)
-    tol = TOL[dtype] if grad_dtype in (torch.float32, torch.float64) else 1e-2  # the result is rounded to bf16/fp16
+    out = [P.cpu() for P in ng.ops.precondition(*to_device(args), 1e-2, inverse=inverse, impl=impl)]
+    # the result is rounded to bf16/fp16 when the gradients are
+    bound = tol(TOL[dtype], dtype) if grad_dtype in (torch.float32, torch.float64) else tol(1e-2, grad_dtype)
     for a, b in zip(out, ref):
         assert a.dtype == grad_dtype and a.shape == b.shape
         if b.numel():
-            assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max().clamp_min(1e-30)
+            assert (a.double() - b.double()).abs().max() <= bound * b.double().abs().max().clamp_min(1e-30)
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
-def test_non_contiguous_inputs(impl):
+def test_non_contiguous_inputs(impl, to_device, tol):
     gen = torch.Generator().manual_seed(2)
     (M, QA, dA, QG, dG), _ = layer(40, 70, gen)
     args = [[M.T.contiguous().T, M[:, ::2]], [QA.T.contiguous().T, QA[::2, ::2].contiguous()],
@@ -82,23 +85,24 @@ def test_non_contiguous_inputs(impl):
     # the second layer: a strided gradient against its own (valid, if artificial) eigenbasis
     args[1][1], _ = torch.linalg.qr(args[1][1])
     ref = ng.ops.precondition(*args, 0.1, impl="reference")
-    for a, b in zip(ng.ops.precondition(*args, 0.1, impl=impl), ref):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ng.ops.precondition(*to_device(args), 0.1, impl=impl), ref):
+        assert torch.allclose(a.cpu(), b, rtol=tol(1e-10), atol=tol(1e-12))
 
 
-@settings(max_examples=12, deadline=None)
+# the device fixtures (conftest.py) hold no state: the examples may share them
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=4),
        double=st.booleans(), factored=st.booleans(), lam=st.floats(1e-4, 10.0), seed=st.integers(0, 99))
-def test_fuzzed(shapes, double, factored, lam, seed):
+def test_fuzzed(shapes, double, factored, lam, seed, kernel_impls, to_device, tol):
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
     args = columns([layer(o, k, gen, dtype) for o, k in shapes])
     inverse = "factored" if factored else "eigen"
     ref = ng.ops.precondition(*args, lam, inverse=inverse, impl="reference")
-    for impl in ("native", "emulated"):
-        for a, b in zip(ng.ops.precondition(*args, lam, inverse=inverse, impl=impl), ref):
+    for impl in kernel_impls:
+        for a, b in zip(ng.ops.precondition(*to_device(args), lam, inverse=inverse, impl=impl), ref):
             if b.numel():
-                assert (a - b).abs().max() <= 5 * TOL[dtype] * b.abs().max().clamp_min(1e-30)
+                assert (a.cpu() - b).abs().max() <= tol(5 * TOL[dtype], dtype) * b.abs().max().clamp_min(1e-30)
 
 
 def test_four_launches_whatever_the_number_of_layers():
@@ -111,9 +115,9 @@ def test_four_launches_whatever_the_number_of_layers():
 
 
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_opcheck(ns):
+def test_opcheck(ns, to_device):
     gen = torch.Generator().manual_seed(4)
-    args = columns([layer(o, k, gen) for o, k in ((3, 5), (40, 33))])
+    args = to_device(columns([layer(o, k, gen) for o, k in ((3, 5), (40, 33))]))
     torch.library.opcheck(getattr(torch.ops, ns).precondition.default, (*args, 0.05, False))
     torch.library.opcheck(getattr(torch.ops, ns).precondition.default, (*args, 0.05, True))
 
@@ -200,22 +204,22 @@ LOW_RANK = [(5, 7, 3, 5), (6, 4, 4, 2), (9, 8, 2, 3), (1, 6, 0, 1), (4, 5, 0, 0)
 
 @pytest.mark.parametrize("impl", ["reference", "native", "emulated"])
 @pytest.mark.parametrize("inverse", ["eigen", "factored"])
-def test_low_rank_is_the_dense_damped_inverse_of_the_low_rank_factors(impl, inverse):
+def test_low_rank_is_the_dense_damped_inverse_of_the_low_rank_factors(impl, inverse, to_device, tol):
     gen = torch.Generator().manual_seed(7)
     lam = 0.03
     layers = [low_rank_layer(o, k, ra, rg, gen) for o, k, ra, rg in LOW_RANK]
     layers.append(low_rank_layer(6, 9, 2, 3, gen, dead=True))
-    out = ng.ops.precondition(*columns(layers), lam, inverse=inverse, impl=impl)
+    out = ng.ops.precondition(*to_device(columns(layers)), lam, inverse=inverse, impl=impl)
     for P, ((M, *_), (A, G)) in zip(out, layers):
         expect = dense_oracle(M, A, G, lam, inverse)
-        assert (P - expect).abs().max() <= 1e-10 * expect.abs().max()
+        assert (P.cpu() - expect).abs().max() <= tol(1e-10) * expect.abs().max()
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
 @pytest.mark.parametrize("inverse", ["eigen", "factored"])
 @pytest.mark.parametrize("dtype,grad_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                               (torch.float32, torch.bfloat16), (torch.float64, torch.float16)])
-def test_low_rank_kernels_match_the_reference(impl, inverse, dtype, grad_dtype):
+def test_low_rank_kernels_match_the_reference(impl, inverse, dtype, grad_dtype, to_device, tol):
     """Low-rank layers mixed with full ones (one launch per stage for all), shapes just above a tile."""
     gen = torch.Generator().manual_seed(8)
     layers = [low_rank_layer(o, k, ra, rg, gen, dtype, grad_dtype)
@@ -223,41 +227,42 @@ def test_low_rank_kernels_match_the_reference(impl, inverse, dtype, grad_dtype):
     layers += [layer(o, k, gen, dtype, grad_dtype) for o, k in ((31, 33), (7, 129))]
     args = columns(layers)
     ref = ng.ops.precondition(*args, 1e-2, inverse=inverse, impl="reference")
-    out = ng.ops.precondition(*args, 1e-2, inverse=inverse, impl=impl)
-    tol = TOL[dtype] if grad_dtype in (torch.float32, torch.float64) else 1e-2
+    out = [P.cpu() for P in ng.ops.precondition(*to_device(args), 1e-2, inverse=inverse, impl=impl)]
+    bound = tol(TOL[dtype], dtype) if grad_dtype in (torch.float32, torch.float64) else tol(1e-2, grad_dtype)
     for a, b in zip(out, ref):
         assert a.dtype == grad_dtype and a.shape == b.shape
         if b.numel():
-            assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max()
+            assert (a.double() - b.double()).abs().max() <= bound * b.double().abs().max()
 
 
 @pytest.mark.parametrize("impl", ["native", "emulated"])
 @pytest.mark.parametrize("inverse", ["eigen", "factored"])
-def test_low_rank_non_contiguous_inputs(impl, inverse):
+def test_low_rank_non_contiguous_inputs(impl, inverse, to_device, tol):
     gen = torch.Generator().manual_seed(11)
     (M, QA, dA, QG, dG), _ = low_rank_layer(40, 70, 9, 12, gen)
     (m, qa, da, qg, dg), _ = low_rank_layer(5, 6, 2, 5, gen)
     args = [[M.T.contiguous().T, m[:1].expand(5, 6)], [QA.contiguous(), qa], [dA, da[:1].expand(2)],
             [QG.T.contiguous().T, qg], [dG, dg.flip(0)]]
     ref = ng.ops.precondition(*args, 0.1, inverse=inverse, impl="reference")
-    for a, b in zip(ng.ops.precondition(*args, 0.1, inverse=inverse, impl=impl), ref):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ng.ops.precondition(*to_device(args), 0.1, inverse=inverse, impl=impl), ref):
+        assert torch.allclose(a.cpu(), b, rtol=tol(1e-10), atol=tol(1e-12))
 
 
-@settings(max_examples=12, deadline=None)
+# the device fixtures (conftest.py) hold no state: the examples may share them
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50), st.floats(0, 1), st.floats(0, 1)),
                        min_size=1, max_size=4),
        double=st.booleans(), factored=st.booleans(), lam=st.floats(1e-3, 10.0), seed=st.integers(0, 99))
-def test_low_rank_fuzzed(shapes, double, factored, lam, seed):
+def test_low_rank_fuzzed(shapes, double, factored, lam, seed, kernel_impls, to_device, tol):
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
     args = columns([low_rank_layer(o, k, int(fa * k), int(fg * o), gen, dtype) for o, k, fa, fg in shapes])
     inverse = "factored" if factored else "eigen"
     ref = ng.ops.precondition(*args, lam, inverse=inverse, impl="reference")
-    for impl in ("native", "emulated"):
-        for a, b in zip(ng.ops.precondition(*args, lam, inverse=inverse, impl=impl), ref):
+    for impl in kernel_impls:
+        for a, b in zip(ng.ops.precondition(*to_device(args), lam, inverse=inverse, impl=impl), ref):
             if b.numel():
-                assert (a - b).abs().max() <= 5 * TOL[dtype] * b.abs().max()
+                assert (a.cpu() - b).abs().max() <= tol(5 * TOL[dtype], dtype) * b.abs().max()
 
 
 @pytest.mark.parametrize("inverse", ["eigen", "factored"])
@@ -278,8 +283,8 @@ def test_low_rank_four_launches(inverse):
 
 
 @pytest.mark.parametrize("ns", ["natgrad", "natgrad_emu"])
-def test_low_rank_opcheck(ns):
+def test_low_rank_opcheck(ns, to_device):
     gen = torch.Generator().manual_seed(10)
-    args = columns([low_rank_layer(o, k, ra, rg, gen) for o, k, ra, rg in ((3, 5, 2, 3), (40, 33, 7, 1))])
+    args = to_device(columns([low_rank_layer(o, k, ra, rg, gen) for o, k, ra, rg in ((3, 5, 2, 3), (40, 33, 7, 1))]))
     torch.library.opcheck(getattr(torch.ops, ns).precondition.default, (*args, 0.05, False))
     torch.library.opcheck(getattr(torch.ops, ns).precondition.default, (*args, 0.05, True))

@@ -37,6 +37,8 @@ cublasStatus_t gemm(const char* name, cublasOperation_t ta, cublasOperation_t tb
 }  // namespace emu
 }  // namespace natgrad
 
+namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {  // not the global names cuBLAS itself defines (runtime.h)
 inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                   const float* alpha, const float* A, int lda, const float* B, int ldb,
                                   const float* beta, float* C, int ldc) {
@@ -48,15 +50,17 @@ inline cublasStatus_t cublasDgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
   return natgrad::emu::gemm("cublasDgemm", ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-namespace natgrad {
 inline cublasHandle_t blas_handle() { return nullptr; }
+}  // namespace NATGRAD_RUNTIME_NS
 }  // namespace natgrad
 #else
 #include <cublas_v2.h>
 
 namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {
 // torch's handle, bound to the current stream.
 inline cublasHandle_t blas_handle() { return at::cuda::getCurrentCUDABlasHandle(); }
+}  // namespace NATGRAD_RUNTIME_NS
 }  // namespace natgrad
 #endif
 

@@ -33,7 +33,17 @@
 
 #define NATGRAD_UNPAREN(...) __VA_ARGS__
 
+// Both builds of these helpers are linked into one module, with different bodies: each lives in
+// its own inline namespace, so that neither can bind the other's calls (the one definition rule),
+// while code still says natgrad::upload. blas.h and solver.h do the same.
+#ifdef NATGRAD_EMULATE
+#define NATGRAD_RUNTIME_NS emulated_runtime
+#else
+#define NATGRAD_RUNTIME_NS cuda_runtime
+#endif
+
 namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {
 
 #ifdef NATGRAD_EMULATE
 #define NATGRAD_KERNEL_NS emulated_kernels
@@ -134,4 +144,5 @@ inline at::Tensor upload(const void* data, size_t bytes, const at::Tensor& like)
 #endif
 }
 
+}  // namespace NATGRAD_RUNTIME_NS
 }  // namespace natgrad

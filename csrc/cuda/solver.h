@@ -25,11 +25,15 @@ enum cudaDataType { CUDA_R_32F = 0, CUDA_R_64F = 1 };
 using cusolverDnHandle_t = struct natgrad_emu_solver_handle*;
 using cusolverDnParams_t = struct natgrad_emu_solver_params*;
 
+namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {  // not the global names cuSOLVER itself defines (runtime.h)
 inline cusolverStatus_t cusolverDnCreateParams(cusolverDnParams_t* params) {
   *params = nullptr;
   return CUSOLVER_STATUS_SUCCESS;
 }
 inline cusolverStatus_t cusolverDnDestroyParams(cusolverDnParams_t) { return CUSOLVER_STATUS_SUCCESS; }
+}  // namespace NATGRAD_RUNTIME_NS
+}  // namespace natgrad
 
 namespace natgrad {
 namespace emu {
@@ -148,6 +152,8 @@ void potrs_one(cublasFillMode_t uplo, int64_t n, int64_t nrhs, const T* A, int64
 }  // namespace emu
 }  // namespace natgrad
 
+namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {
 inline cusolverStatus_t cusolverDnXsyevd_bufferSize(cusolverDnHandle_t, cusolverDnParams_t, cusolverEigMode_t,
                                                     cublasFillMode_t, int64_t n, cudaDataType ta, const void*,
                                                     int64_t lda, cudaDataType tw, const void*, cudaDataType tc,
@@ -219,8 +225,8 @@ inline cusolverStatus_t cusolverDnXpotrs(cusolverDnHandle_t, cusolverDnParams_t,
   return CUSOLVER_STATUS_SUCCESS;
 }
 
-namespace natgrad {
 inline cusolverDnHandle_t solver_handle() { return nullptr; }
+}  // namespace NATGRAD_RUNTIME_NS
 }  // namespace natgrad
 #else
 #include <cusolverDn.h>
@@ -228,6 +234,7 @@ inline cusolverDnHandle_t solver_handle() { return nullptr; }
 #include <unordered_map>
 
 namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {
 // One handle per device and host thread (torch keeps its own in libtorch_cuda_linalg, which is
 // loaded lazily and not linked here), bound to the current stream at every use. Never destroyed:
 // it lives as long as the thread, as torch's do.
@@ -240,6 +247,7 @@ inline cusolverDnHandle_t solver_handle() {
   TORCH_CHECK(cusolverDnSetStream(h, current_stream()) == CUSOLVER_STATUS_SUCCESS, "cusolverDnSetStream failed");
   return h;
 }
+}  // namespace NATGRAD_RUNTIME_NS
 }  // namespace natgrad
 #endif
 
@@ -251,6 +259,7 @@ inline cusolverDnHandle_t solver_handle() {
   } while (0)
 
 namespace natgrad {
+inline namespace NATGRAD_RUNTIME_NS {
 // cusolverDnParams_t for one call sequence, destroyed on scope exit.
 struct SolverParams {
   cusolverDnParams_t params = nullptr;
@@ -259,4 +268,5 @@ struct SolverParams {
   SolverParams(const SolverParams&) = delete;
   SolverParams& operator=(const SolverParams&) = delete;
 };
+}  // namespace NATGRAD_RUNTIME_NS
 }  // namespace natgrad
