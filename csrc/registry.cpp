@@ -9,18 +9,29 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "emu/control.h"
 #include "schemas.h"
 
 namespace py = pybind11;
 
-TORCH_LIBRARY(natgrad, m) {
-  for (const char* schema : natgrad::kOpSchemas) m.def(schema);
+namespace {
+
+void define_ops(torch::Library& m) {
+  for (const char* schema : natgrad::kOpSchemas) {
+    const std::string text(schema), name = text.substr(0, text.find('('));
+    std::vector<at::Tag> tags;
+    for (const char* op : natgrad::kHostSyncOps)
+      if (name == op) tags.push_back(at::Tag::cudagraph_unsafe);
+    m.def(schema, static_cast<const std::vector<at::Tag>&>(tags));  // not the (schema, kernel) overload
+  }
 }
-TORCH_LIBRARY(natgrad_emu, m) {
-  for (const char* schema : natgrad::kOpSchemas) m.def(schema);
-}
+
+}  // namespace
+
+TORCH_LIBRARY(natgrad, m) { define_ops(m); }
+TORCH_LIBRARY(natgrad_emu, m) { define_ops(m); }
 namespace {
 
 // The ops have no derivatives. Without an Autograd kernel torch's fallback would differentiate
@@ -104,6 +115,7 @@ PYBIND11_MODULE(_C, m) {
     out["launches"] = c.launches;
     out["library_calls"] = c.library_calls;
     out["barriers"] = c.barriers;
+    out["uploads"] = c.uploads;
     out["by_name"] = by_name;
     return out;
   }, "Kernel launches and library calls made by the emulated CUDA backend since the last reset");

@@ -20,6 +20,10 @@ inline constexpr const char* kOpSchemas[] = {
     "bool[] clipped, float lr, float momentum, float weight_decay, float kl_clip) -> Tensor",
 };
 
+// Ops that wait for the device on the host (to redo failed factorisations in float64): a CUDA graph
+// cannot hold them, and their schemas say so (torch.Tag.cudagraph_unsafe) to torch.compile.
+inline constexpr const char* kHostSyncOps[] = {"eigh_batched", "damped_inverse"};
+
 // Kernels that exercise the CUDA features the emulation layer must get right (tests only).
 inline constexpr const char* kTestingSchemas[] = {
     "thread_indices(Tensor like, int[] grid, int[] block) -> Tensor",

@@ -51,8 +51,8 @@ def _require():
 
 
 def counters() -> dict:
-    """Launches, library calls and block barriers passed since the last reset: {"launches",
-    "library_calls", "barriers", "by_name"}."""
+    """Launches, library calls, block barriers passed and descriptor tables uploaded since the last
+    reset: {"launches", "library_calls", "barriers", "uploads", "by_name"}."""
     _require()
     return dict(_ext._C.emulation_counters())
 
@@ -67,6 +67,7 @@ class Count:
     launches: int = 0
     library_calls: int = 0
     barriers: int = 0  # __syncthreads() passed, summed over blocks (a kernel's loop trips)
+    uploads: int = 0  # descriptor tables copied to the device (identical tables are cached)
     by_name: Dict[str, int] = field(default_factory=dict)
 
     @property
@@ -86,6 +87,7 @@ def count():
         result.launches = after["launches"] - before["launches"]
         result.library_calls = after["library_calls"] - before["library_calls"]
         result.barriers = after["barriers"] - before["barriers"]
+        result.uploads = after["uploads"] - before["uploads"]
         result.by_name = {k: v - before["by_name"].get(k, 0) for k, v in after["by_name"].items()
                           if v != before["by_name"].get(k, 0)}
 

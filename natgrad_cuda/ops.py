@@ -53,6 +53,15 @@ def _resolve_impl(impl: Optional[str], device: torch.device) -> str:
     return impl
 
 
+def _refuse_capture(op: str, device: torch.device) -> None:
+    """eigh_batched and damped_inverse wait for the GPU on the host (to redo failed factorisations in
+    float64), which a CUDA graph cannot hold: a clear error instead of the driver's. Their schemas
+    carry torch.Tag.cudagraph_unsafe, so torch.compile's CUDA graphs leave them out."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{op} synchronises with the host on CUDA and cannot be captured in a CUDA graph: "
+                           "call it outside the capture (the other ops can be captured)")
+
+
 def _refuse_autograd(op: str, **named) -> None:
     """No tensor that requires grad while grad mode is on: the ops have no derivatives (a silent zero
     or wrong gradient otherwise), and the in-place ones would write into autograd's leaves."""
@@ -239,6 +248,7 @@ def eigh_batched(mats: Sequence[torch.Tensor], impl: Optional[str] = None, *, _t
         device = _check_eigh_args(mats)
     if not mats:
         return []
+    _refuse_capture("eigh_batched", device)
     impl = _resolve_impl(impl, device)
     if impl == "reference":
         return reference.eigh_batched(mats)
@@ -473,6 +483,7 @@ def damped_inverse(mats: Sequence[torch.Tensor], shifts: Sequence[float], impl: 
         device = _check_square_list("damped_inverse", "mats", mats)
     if not mats:
         return []
+    _refuse_capture("damped_inverse", device)
     impl = _resolve_impl(impl, device)
     if impl == "reference":
         return reference.damped_inverse(mats, shifts)

@@ -19,14 +19,14 @@ constexpr int kTile = 32;   // tile edge = threads in x
 constexpr int kRows = 8;    // threads in y; each thread owns kTile / kRows rows of the tile
 constexpr int kChunk = 32;  // rows of X staged per step
 
-struct Layer {
+struct Layer {  // no padding bytes: upload() caches tables by their bytes
   dev_ptr<char> F;  // typed by the kernel's template arguments
   dev_ptr<const char> X;       // rows (n, d), or the conv input (B, C, H, W) whose patches are the rows
   int64_t n, d, dim;           // rows of X, width of X, width of X~
   int64_t xs[4], fs0, fs1;     // strides of X (2 or 4 used) and F
   int64_t tile_begin, T;       // first tile of this layer in the grid; tiles per edge
   double scale;
-  int conv;                    // rows are patches of the image X (conv_factor_update_)
+  int64_t conv;                // rows are patches of the image X (conv_factor_update_)
   int64_t shape[4];            // the image's shape
   factor_update::ConvGeometry g;
 };

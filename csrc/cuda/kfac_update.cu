@@ -25,7 +25,7 @@ struct Chunk {
   dev_ptr<char> p, buf;          // typed by the kernel
   dev_ptr<const char> d, g;
   int64_t begin, end;            // element range of this chunk in its tensor
-  int clipped;
+  int64_t clipped;  // 64 bits: no padding bytes in the table, which upload() compares byte for byte
 };
 
 template <typename scalar_t>

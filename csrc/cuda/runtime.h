@@ -20,6 +20,10 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 
 #include "common.h"
 
@@ -129,19 +133,67 @@ inline at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& 
   return out;
 }
 
-// Host bytes (a table of per-layer descriptors, say) as a device tensor like `like`, copied
-// asynchronously on the current stream from pinned memory (a plain CPU tensor in emulation).
+// Host bytes (a table of per-layer descriptors, say) as a device tensor like `like`. Tables are
+// cached by content, device and stream: a call whose table is byte for byte one seen before (the
+// same tensors again, as in optimizer steps that reuse their buffers) copies nothing. A miss copies
+// asynchronously on the current stream from pinned memory (a plain CPU tensor in emulation). A
+// table used while the stream is captured into a CUDA graph stays cached for good, so that a
+// replay never reads freed memory (neither the device table nor the pinned source of its copy).
 inline at::Tensor upload(const void* data, size_t bytes, const at::Tensor& like) {
+  struct Entry {
+    std::string key;
+    at::Tensor host, device;
+    bool captured = false;
+  };
+  static std::mutex mutex;
+  static std::list<Entry> recent;  // most recently used first
+  static std::unordered_map<std::string, std::list<Entry>::iterator> index;
+  constexpr size_t kMaxEntries = 512;
+
+  const stream_t stream = current_stream();
+#ifdef NATGRAD_EMULATE
+  const int64_t device = -1;
+  const bool capturing = false;
+#else
+  const int64_t device = like.device().index();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  const bool capturing = status != cudaStreamCaptureStatusNone;
+#endif
+  std::string key(reinterpret_cast<const char*>(data), bytes);
+  key.append(reinterpret_cast<const char*>(&device), sizeof(device));
+  key.append(reinterpret_cast<const char*>(&stream), sizeof(stream));
+
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = index.find(key);
+  if (found != index.end()) {
+    recent.splice(recent.begin(), recent, found->second);
+    found->second->captured |= capturing;
+    return found->second->device;
+  }
+  Entry e;
+  e.key = std::move(key);
+  e.captured = capturing;
   auto opts = at::TensorOptions().dtype(at::kByte);
 #ifdef NATGRAD_EMULATE
-  at::Tensor out = at::empty({static_cast<int64_t>(bytes)}, opts);
-  std::memcpy(out.data_ptr(), data, bytes);
-  return out;
+  emu::count_upload();
+  e.device = at::empty({static_cast<int64_t>(bytes)}, opts);
+  std::memcpy(e.device.data_ptr(), data, bytes);
 #else
-  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, opts.pinned_memory(true));
-  std::memcpy(host.data_ptr(), data, bytes);
-  return host.to(like.device(), /*non_blocking=*/true);
+  e.host = at::empty({static_cast<int64_t>(bytes)}, opts.pinned_memory(true));
+  std::memcpy(e.host.data_ptr(), data, bytes);
+  e.device = e.host.to(like.device(), /*non_blocking=*/true);
 #endif
+  recent.push_front(std::move(e));
+  index[recent.front().key] = recent.begin();
+  // Evict the least recently used entries no graph holds.
+  for (auto it = std::prev(recent.end()); recent.size() > kMaxEntries && it != recent.begin();) {
+    auto victim = it--;
+    if (victim->captured) continue;
+    index.erase(victim->key);
+    recent.erase(victim);
+  }
+  return recent.front().device;
 }
 
 }  // namespace NATGRAD_RUNTIME_NS

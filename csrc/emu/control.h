@@ -12,12 +12,14 @@ namespace emu {
 struct Counters {
   int64_t launches = 0;
   int64_t library_calls = 0;
-  int64_t barriers = 0;  // __syncthreads() passed, summed over blocks: a kernel's loop trips, e.g. sweeps
+  int64_t barriers = 0;
+  int64_t uploads = 0;   // descriptor tables copied to the device (upload() in cuda/runtime.h: cache misses)  // __syncthreads() passed, summed over blocks: a kernel's loop trips, e.g. sweeps
   std::map<std::string, int64_t> by_name;  // kernel or library function -> calls
 };
 Counters counters();  // a snapshot
 void reset_counters();
 void count_library_call(const char* name);
+void count_upload();
 
 // The order in which a launch runs its blocks and each block's threads. A correct kernel gives the
 // same result (up to the order of float atomics) under every schedule.

@@ -441,6 +441,11 @@ void count_library_call(const char* name) {
   g_counters.by_name[name] += 1;
 }
 
+void count_upload() {
+  std::lock_guard<std::mutex> lock(g_counters_mutex);
+  g_counters.uploads += 1;
+}
+
 ThreadState& current() { return self().ts; }
 
 void fail(const std::string& what) {

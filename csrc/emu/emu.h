@@ -71,7 +71,9 @@ void* dynamic_shared_base();
 size_t dynamic_shared_bytes();
 
 // ---- memory accesses -----------------------------------------------------------------------------
-enum class Space : unsigned char { Global, Shared };
+// 64 bits: a checked_ptr then has no padding bytes, which would make descriptor tables holding it
+// differ from call to call (upload() in cuda/runtime.h caches tables by their bytes).
+enum class Space : uint64_t { Global, Shared };
 
 // Whether the running launch watches accesses (race detection or preemption); set per launch.
 extern thread_local bool g_watch;
