@@ -11,6 +11,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/StorageImpl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <unordered_map>
 #include <vector>
@@ -108,6 +109,16 @@ NATGRAD_HOST_DEVICE inline void upper_tile(int64_t t, int64_t T, int64_t* ti, in
 }
 
 NATGRAD_HOST_DEVICE inline int64_t upper_tile_count(int64_t T) { return T * (T + 1) / 2; }
+
+// Split-K on CUDA: into how many row slices a layer of n rows is cut when its launch holds `tiles`
+// tiles in all, on a GPU of `sms` multiprocessors. Enough slices for about two blocks per SM, none
+// shorter than kMinSliceRows rows (below that the partial tiles' traffic outweighs the gain).
+constexpr int64_t kMinSliceRows = 512;
+inline int64_t row_slices(int64_t n, int64_t tiles, int64_t sms) {
+  const int64_t target = 2 * sms;
+  if (tiles >= target) return 1;
+  return std::min((target + tiles - 1) / tiles, std::max<int64_t>(1, n / kMinSliceRows));
+}
 
 // ---- conv_factor_update_: the rows of X are the patches of a convolution's input, never unfolded ----
 

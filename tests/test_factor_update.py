@@ -193,3 +193,37 @@ def test_a_cpu_input_with_cuda_factors_is_refused_by_the_kernel_entry(device):
     with pytest.raises(RuntimeError, match=r"must be on cuda"):
         torch.ops.natgrad.factor_update_([F], [torch.randn(5, 3)], 1.0, [1.0], [False])
     assert F.eq(0).all()
+
+
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("impl", ["native", "emulated"])
+def test_tall_factors_split_the_rows(impl, fdtype, to_device, tol, device):
+    """Split-K on the CUDA path: a launch with too few tiles for the GPU cuts tall layers' rows into
+    slices and sums the partial tiles in a second launch; short layers of the same call stay whole."""
+    if device == "cuda" and impl == "emulated":
+        pytest.skip("emulation runs on the CPU")
+    gen = torch.Generator().manual_seed(5)
+    image = torch.randn(4, 3, 30, 30, generator=gen)
+    inputs = [torch.randn(3000, 20, generator=gen), torch.randn(50, 9, generator=gen),
+              ops.ConvPatches(image, (3, 3), padding=(1, 1, 1, 1))]
+    ones = [True, False, True]
+    start = []
+    for x, o in zip(inputs, ones):
+        d = (x.image.shape[1] * 9 if isinstance(x, ops.ConvPatches) else x.shape[1]) + o
+        S = torch.randn(d, d, generator=gen, dtype=fdtype)
+        start.append(S + S.T)
+    ref = [S.clone() for S in start]
+    ops.factor_update_(ref[:2], inputs[:2], 0.9, [0.3, 1.0], ones[:2], impl="reference")
+    ops.factor_update_(ref[2:], [inputs[2].unfold()], 0.9, [0.01], ones[2:], impl="reference")
+    out = to_device([S.clone() for S in start])
+    if impl == "emulated":
+        with ng.emulation.count() as c:
+            ops.factor_update_(out[:2], inputs[:2], 0.9, [0.3, 1.0], ones[:2], impl=impl)
+        assert c.by_name == {f"factor_update_kernel<x_t, {'double' if fdtype == torch.float64 else 'float'}>": 1,
+                             f"factor_reduce_kernel<{'double' if fdtype == torch.float64 else 'float'}>": 1}
+    else:
+        ops.factor_update_(out[:2], to_device(inputs[:2]), 0.9, [0.3, 1.0], ones[:2], impl=impl)
+    ops.factor_update_(out[2:], to_device(inputs[2:]), 0.9, [0.01], ones[2:], impl=impl)
+    rtol = tol(1e-5 if fdtype == torch.float32 else 1e-12, fdtype)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=rtol * b.abs().max().item())

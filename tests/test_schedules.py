@@ -20,10 +20,12 @@ def _spd(n, gen, dtype):
 
 def _factor_update(dtype):
     gen = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(37, 5, generator=gen), torch.randn(33, 70, generator=gen).T, torch.randn(3, 4, generator=gen)]
-    ones = [True, False, True]
+    # The last is tall enough for split-K (row slices summed by a second launch).
+    inputs = [torch.randn(37, 5, generator=gen), torch.randn(33, 70, generator=gen).T, torch.randn(3, 4, generator=gen),
+              torch.randn(1100, 6, generator=gen)]
+    ones = [True, False, True, True]
     factors = [_spd(x.shape[1] + o, gen, dtype) for x, o in zip(inputs, ones)]
-    ng.ops.factor_update_(factors, inputs, 0.9, [0.5, 1.0, 2.0], ones, impl="emulated")
+    ng.ops.factor_update_(factors, inputs, 0.9, [0.5, 1.0, 2.0, 0.1], ones, impl="emulated")
     image = torch.randn(2, 3, 7, 6, generator=gen)
     patches = ng.ops.ConvPatches(image, (3, 2), stride=(2, 1), padding=(1, 1, 0, 1))
     conv = [_spd(3 * 3 * 2 + 1, gen, dtype)]

@@ -3,6 +3,10 @@
 // Each block owns one 32x32 tile of the upper triangle of one layer's factor, stages 32-row slabs
 // of the two column panels of X~ = [X, 1] in shared memory, accumulates in acc_t (fp32 or fp64),
 // and writes the tile and its mirror, so only one triangle is computed.
+// Split-K: when a group has too few tiles to fill the GPU (a narrow factor of many rows: a conv
+// layer's patches), a layer's rows are cut into slices, one block per (tile, slice) writes its
+// partial tile to a workspace, and a second launch sums each tile's slices in a fixed order (the
+// same bits on every run, unlike atomics) before the decay and the mirror.
 #include <ATen/Dispatch.h>
 
 #include <vector>
@@ -24,20 +28,42 @@ struct Layer {  // no padding bytes: upload() caches tables by their bytes
   dev_ptr<const char> X;       // rows (n, d), or the conv input (B, C, H, W) whose patches are the rows
   int64_t n, d, dim;           // rows of X, width of X, width of X~
   int64_t xs[4], fs0, fs1;     // strides of X (2 or 4 used) and F
-  int64_t tile_begin, T;       // first tile of this layer in the grid; tiles per edge
+  int64_t tile_begin, T;       // first block of this layer in the grid; tiles per edge
+  int64_t splits, slice_rows;  // row slices (1: no split-K) and rows per slice
+  dev_ptr<char> work;          // split-K: the partial tiles, [tile][slice][kTile * kTile] acc_t
   double scale;
   int64_t conv;                // rows are patches of the image X (conv_factor_update_)
   int64_t shape[4];            // the image's shape
   factor_update::ConvGeometry g;
 };
 
+// F[i][j] <- decay F[i][j] + scale v for the thread's kTile / kRows elements of tile (ti, tj), and
+// the mirror outside a diagonal tile (which holds every (i, j) and its mirror, from the same sums).
+template <typename acc_t>
+__device__ __forceinline__ void store_tile(const Layer& L, int64_t ti, int64_t tj, const acc_t (&acc)[kTile / kRows],
+                                           acc_t decay, int tx, int ty) {
+  const dev_ptr<acc_t> F = ptr_cast<acc_t>(L.F);
+  const acc_t scale = static_cast<acc_t>(L.scale);
+  const int64_t j = tj * kTile + tx;
+#pragma unroll
+  for (int q = 0; q < kTile / kRows; ++q) {
+    const int64_t i = ti * kTile + ty + q * kRows;
+    if (i >= L.dim || j >= L.dim) continue;
+    const acc_t v = factor_update::decayed<acc_t>(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q];
+    F[i * L.fs0 + j * L.fs1] = v;
+    if (ti != tj) F[j * L.fs0 + i * L.fs1] = v;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers, acc_t decay) {
   const int64_t b = blockIdx.x;
   const Layer L = layers[entry_of_block(layers, num_layers, b)];
+  const int64_t tile = (b - L.tile_begin) / L.splits, slice = (b - L.tile_begin) % L.splits;
   int64_t ti, tj;
-  factor_update::upper_tile(b - L.tile_begin, L.T, &ti, &tj);
+  factor_update::upper_tile(tile, L.T, &ti, &tj);
   const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  const int64_t row_begin = slice * L.slice_rows, row_end = std::min(L.n, row_begin + L.slice_rows);
   const dev_ptr<const scalar_t> x = ptr_cast<const scalar_t>(L.X);
   const bool ones = L.dim > L.d;
 
@@ -48,14 +74,14 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
 #pragma unroll
   for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);
 
-  for (int64_t k0 = 0; k0 < L.n; k0 += kChunk) {
-    for (int r = ty; r < kChunk; r += kRows) {
+  for (int64_t k0 = row_begin; k0 < row_end; k0 += kChunk) {
+    for (int r = ty; r < kChunk; r += kRows) {  // rows at or past row_end read as zeros
       if (L.conv) {  // uniform over the block
-        As[r][tx] = factor_update::load_patch<acc_t>(x, L.n, L.d, L.shape, L.xs, L.g, ones, k0 + r, i0 + tx);
-        Bs[r][tx] = factor_update::load_patch<acc_t>(x, L.n, L.d, L.shape, L.xs, L.g, ones, k0 + r, j0 + tx);
+        As[r][tx] = factor_update::load_patch<acc_t>(x, row_end, L.d, L.shape, L.xs, L.g, ones, k0 + r, i0 + tx);
+        Bs[r][tx] = factor_update::load_patch<acc_t>(x, row_end, L.d, L.shape, L.xs, L.g, ones, k0 + r, j0 + tx);
       } else {
-        As[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs[0], L.xs[1], ones, k0 + r, i0 + tx);
-        Bs[r][tx] = factor_update::load_augmented<acc_t>(x, L.n, L.d, L.xs[0], L.xs[1], ones, k0 + r, j0 + tx);
+        As[r][tx] = factor_update::load_augmented<acc_t>(x, row_end, L.d, L.xs[0], L.xs[1], ones, k0 + r, i0 + tx);
+        Bs[r][tx] = factor_update::load_augmented<acc_t>(x, row_end, L.d, L.xs[0], L.xs[1], ones, k0 + r, j0 + tx);
       }
     }
     __syncthreads();
@@ -63,18 +89,34 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
     __syncthreads();
   }
 
-  const dev_ptr<acc_t> F = ptr_cast<acc_t>(L.F);
-  const acc_t scale = static_cast<acc_t>(L.scale);
-  const int64_t j = j0 + tx;
+  if (L.splits == 1) {
+    store_tile(L, ti, tj, acc, decay, tx, ty);
+    return;
+  }
+  const dev_ptr<acc_t> part = ptr_cast<acc_t>(L.work) + (tile * L.splits + slice) * (kTile * kTile);
+#pragma unroll
+  for (int q = 0; q < kTile / kRows; ++q) part[(ty + q * kRows) * kTile + tx] = acc[q];
+}
+
+// Split-K's second launch: one block per tile of the split layers (numbered by tile_begin in this
+// table), the slices summed in order.
+template <typename acc_t>
+__global__ void factor_reduce_kernel(dev_ptr<const Layer> layers, int num_layers, acc_t decay) {
+  const int64_t b = blockIdx.x;
+  const Layer L = layers[entry_of_block(layers, num_layers, b)];
+  const int64_t tile = b - L.tile_begin;
+  int64_t ti, tj;
+  factor_update::upper_tile(tile, L.T, &ti, &tj);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const dev_ptr<const acc_t> parts = ptr_cast<const acc_t>(L.work) + tile * L.splits * (kTile * kTile);
+  acc_t acc[kTile / kRows];
 #pragma unroll
   for (int q = 0; q < kTile / kRows; ++q) {
-    const int64_t i = i0 + ty + q * kRows;
-    if (i >= L.dim || j >= L.dim) continue;
-    const acc_t v = factor_update::decayed<acc_t>(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q];
-    F[i * L.fs0 + j * L.fs1] = v;
-    // A diagonal tile holds every (i, j) and its mirror, computed with the same sums.
-    if (ti != tj) F[j * L.fs0 + i * L.fs1] = v;
+    acc_t v = acc_t(0);
+    for (int64_t s = 0; s < L.splits; ++s) v += parts[s * (kTile * kTile) + (ty + q * kRows) * kTile + tx];
+    acc[q] = v;
   }
+  store_tile(L, ti, tj, acc, decay, tx, ty);
 }
 
 // One launch per (factor dtype, input dtype) group of layers; in practice every layer shares one.
@@ -101,18 +143,42 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
       L.fs1 = factors[i].stride(1);
       L.scale = scales[i];
       L.T = (L.dim + kTile - 1) / kTile;
-      L.tile_begin = tiles;
       tiles += factor_update::upper_tile_count(L.T);
       layers.push_back(L);
     }
     if (layers.empty()) continue;
-    TORCH_CHECK(tiles < (int64_t(1) << 31), "factor_update_: too many tiles for one launch");
-    // The layer table travels with the launch: one async host-to-device copy.
+    // Split-K where the group's tiles leave SMs idle; slices are whole slabs of rows.
+    int64_t blocks = 0, work_elems = 0;
+    for (Layer& L : layers) {
+      const int64_t t = factor_update::upper_tile_count(L.T);
+      L.splits = factor_update::row_slices(L.n, tiles, multiprocessors(factors[first]));
+      L.slice_rows = L.splits == 1 ? L.n : (L.n + L.splits - 1) / L.splits;
+      L.splits = L.splits == 1 ? 1 : (L.n + L.slice_rows - 1) / L.slice_rows;  // no empty slice
+      L.tile_begin = blocks;
+      blocks += t * L.splits;
+      if (L.splits > 1) work_elems += t * L.splits * kTile * kTile;
+    }
+    TORCH_CHECK(blocks < (int64_t(1) << 31), "factor_update_: too many tiles for one launch");
+    const at::Tensor work = uninitialized({work_elems}, factors[first].options());
+    std::vector<Layer> split;  // the split layers again, numbered by tile for the second launch
+    int64_t offset = 0, reduce_blocks = 0;
+    for (Layer& L : layers) {
+      if (L.splits == 1) continue;
+      const int64_t t = factor_update::upper_tile_count(L.T);
+      L.work = device_ptr<char>(work.narrow(0, offset, t * L.splits * kTile * kTile));
+      offset += t * L.splits * kTile * kTile;
+      split.push_back(L);
+      split.back().tile_begin = reduce_blocks;
+      reduce_blocks += t;
+    }
+    // The layer tables travel with the launches: async host-to-device copies (cached by content).
     const at::Tensor table = upload(layers.data(), layers.size() * sizeof(Layer), factors[first]);
     const dev_ptr<const Layer> table_ptr = device_ptr<const Layer>(table);
     const int num_layers = static_cast<int>(layers.size());
+    at::Tensor split_table;
+    if (!split.empty()) split_table = upload(split.data(), split.size() * sizeof(Layer), factors[first]);
 
-    const dim3 block(kTile, kRows), grid(static_cast<unsigned>(tiles));
+    const dim3 block(kTile, kRows), grid(static_cast<unsigned>(blocks));
     AT_DISPATCH_SWITCH(xdt, "factor_update_",
         AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
           using x_t = scalar_t;
@@ -125,6 +191,16 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
           }
           NATGRAD_KERNEL_LAUNCH_CHECK();
         }));
+    if (split.empty()) continue;
+    const dev_ptr<const Layer> split_ptr = device_ptr<const Layer>(split_table);
+    const int num_split = static_cast<int>(split.size());
+    if (fdt == at::kDouble)
+      NATGRAD_LAUNCH((factor_reduce_kernel<double>), dim3(static_cast<unsigned>(reduce_blocks)), block, 0, stream,
+                     split_ptr, num_split, decay);
+    else
+      NATGRAD_LAUNCH((factor_reduce_kernel<float>), dim3(static_cast<unsigned>(reduce_blocks)), block, 0, stream,
+                     split_ptr, num_split, static_cast<float>(decay));
+    NATGRAD_KERNEL_LAUNCH_CHECK();
   }
 }
 

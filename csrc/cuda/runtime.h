@@ -123,6 +123,17 @@ inline void set_max_dynamic_shared(Kernel kernel, size_t bytes) {
 #endif
 }
 
+// Streaming multiprocessors of the tensor's GPU (132, an H100's, in emulation: launch shapes are
+// then those of that GPU).
+inline int64_t multiprocessors(const at::Tensor& like) {
+#ifdef NATGRAD_EMULATE
+  (void)like;
+  return 132;
+#else
+  return at::cuda::getDeviceProperties(like.device().index())->multiProcessorCount;
+#endif
+}
+
 // Memory a kernel is to fill: at::empty on a GPU. In emulation every byte is 0xFF (NaN for floating
 // types), so that an element the kernel leaves unwritten shows in the tests.
 inline at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
