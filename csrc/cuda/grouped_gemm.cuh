@@ -94,11 +94,20 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
 #pragma unroll
   for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);
 
+  // Coalesced loads: a warp (fixed ty, tx = 0..31) reads 32 consecutive elements of whichever index
+  // of each operand has unit stride; the tiles' odd row length keeps the shared writes free of bank
+  // conflicts either way. Uniform over the block (the strides are the entry's).
+  const bool a_along_k = G.a1 == 1 && G.a0 != 1, b_along_k = G.b0 == 1 && G.b1 != 1;
+  static_assert(kChunk == kTile, "the transposed loads swap the slab's two indices");
   for (int64_t k0 = 0; k0 < G.k; k0 += kChunk) {
     for (int r = ty; r < kChunk; r += kRows) {
-      const int64_t kk = k0 + r;
-      As[r][tx] = (i0 + tx < G.m && kk < G.k) ? static_cast<acc_t>(a[(i0 + tx) * G.a0 + kk * G.a1]) : acc_t(0);
-      Bs[r][tx] = (kk < G.k && j0 + tx < G.n) ? b[kk * G.b0 + (j0 + tx) * G.b1] : acc_t(0);
+      // a_along_k: thread tx loads k index k0 + tx of row i0 + r; otherwise row i0 + tx at k0 + r.
+      const int64_t ai = i0 + (a_along_k ? r : tx), ak = k0 + (a_along_k ? tx : r);
+      const acc_t av = (ai < G.m && ak < G.k) ? static_cast<acc_t>(a[ai * G.a0 + ak * G.a1]) : acc_t(0);
+      if (a_along_k) As[tx][r] = av; else As[r][tx] = av;
+      const int64_t bk = k0 + (b_along_k ? tx : r), bj = j0 + (b_along_k ? r : tx);
+      const acc_t bv = (bk < G.k && bj < G.n) ? static_cast<acc_t>(b[bk * G.b0 + bj * G.b1]) : acc_t(0);
+      if (b_along_k) Bs[tx][r] = bv; else Bs[r][tx] = bv;
     }
     __syncthreads();
     slab_multiply<kChunk, kTile, kRows>(As, Bs, acc, tx, ty);
