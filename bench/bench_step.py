@@ -7,7 +7,8 @@ phase and whole, and launches per step on the CUDA path (counted in emulation) w
    ratios); each phase's op (factor_update_, eigh_batched, precondition, kfac_update_) on that
    step's shapes, reference against native.
 2. MLPs of 4, 16 and 64 equal layers: kernel launches and library calls of one full step on the
-   emulated CUDA path, and an H100 estimate of the width-256 step from FLOPs, bytes and launches.
+   emulated CUDA path, and the H100 time of the width-256 step ESTIMATED by bench/gpu_cost_model.py
+   (no GPU has run this code; scripts/gpu_check.sh times the ops on a GPU and replaces it).
 
     python bench/bench_step.py [--reps 7]
 """
@@ -24,6 +25,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
+import gpu_cost_model  # noqa: E402
 
 import natgrad_cuda as ng  # noqa: E402
 from natgrad_cuda import emulation  # noqa: E402
@@ -124,22 +126,14 @@ def launches():
     return out
 
 
-def h100_estimate_ms():
-    """The width-256 step's kernels on an H100 (the limits in common.py), factors and inverses every step."""
-    n, d, L = WIDTH, WIDTH + 1, DEPTH
-    fact = 2 * BATCH * (d * d + n * n) * L  # both factors, full products
-    fact_bytes = 4 * (BATCH * (n + n) + 2 * (d * d + n * n)) * L
-    eig = 9 * (d ** 3 + n ** 3) * L  # ~9 n^3 flops for a dense symmetric eigensolver
-    eig_bytes = 4 * 4 * (d * d + n * n) * L
-    pre = 2 * 4 * n * d * (n + d) / 2 * L
-    pre_bytes = 4 * (4 * n * d + 2 * (d * d + n * n)) * L
-    upd = 8 * n * d * L
-    upd_bytes = 4 * 5 * n * d * L
-    # launches: factor_update_ 1 (A and G together), syevBatched 2 groups (257 and 256: 2 calls + 2 buffer
-    # queries), precondition 4, kfac_update_ 2
-    est = (common.h100_estimate(fact, fact_bytes, 1) + common.h100_estimate(eig, eig_bytes, 4)
-           + common.h100_estimate(pre, pre_bytes, 4) + common.h100_estimate(upd, upd_bytes, 2))
-    return 1000 * est
+def h100_estimate():
+    """The width-256 step's ops on an H100, factors and inverses every step: ESTIMATES of
+    bench/gpu_cost_model.py (each kernel's structure), next to the peak-FLOP bound, in ms."""
+    ops = gpu_cost_model.step_estimates(DEPTH, WIDTH, BATCH)
+    return {"note": gpu_cost_model.NOTE,
+            "model_ms": 1000 * sum(e.model_s for e in ops.values()),
+            "peak_flop_bound_ms": 1000 * sum(e.peak_flop_bound_s for e in ops.values()),
+            "ops": {k: e.as_dict() for k, e in ops.items()}}
 
 
 def main(argv=None):
@@ -151,7 +145,7 @@ def main(argv=None):
     default = whole_steps(args.reps)
     ph = phases(args.reps)
     ln = launches()
-    est = h100_estimate_ms()
+    est = h100_estimate()
     print(f"MLP {DEPTH} x {WIDTH}, batch {BATCH}, CPU threads {torch.get_num_threads()}")
     for label, r in (("factors and inverses every step", every), ("defaults (factors every 3 steps, inverses every 10)", default)):
         ms = r["ms_per_step"]
@@ -167,9 +161,12 @@ def main(argv=None):
     print("|---|---|---|")
     for depth, r in ln.items():
         print(f"| {depth} | {r['launches']} | {r['library_calls']} |")
-    print(f"estimated H100 time of the width-256 step's kernels (factors and inverses every step): {est:.2f} ms")
+    print(f"H100 time of the width-256 step's ops (factors and inverses every step), ESTIMATED by "
+          f"bench/gpu_cost_model.py: {est['model_ms']:.2f} ms (peak-FLOP bound {est['peak_flop_bound_ms']:.3f} ms): "
+          + ", ".join(f"{k} {v['model_s'] * 1e3:.2f}" for k, v in est["ops"].items()))
+    print(f"  {est['note']}")
     common.save_json(args.out, {"environment": common.environment(), "every_step": every, "defaults": default,
-                                "phases": ph, "launches": ln, "h100_estimate_ms": est,
+                                "phases": ph, "launches": ln, "h100_estimate": est,
                                 "config": {"depth": DEPTH, "width": WIDTH, "batch": BATCH}})
 
 

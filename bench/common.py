@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: side-by-side timing, the H100 estimate, output."""
+"""Shared helpers for the benchmarks: side-by-side timing and output. GPU time estimates are
+bench/gpu_cost_model.py's."""
 from __future__ import annotations
 
 import json
@@ -8,17 +9,6 @@ import time
 from typing import Callable, Dict, List
 
 import torch
-
-# NVIDIA H100 SXM limits (datasheet FP32 peak, measured copy bandwidth) and per-launch latency.
-H100_FP32_FLOPS = 67e12
-H100_BF16_TENSOR_FLOPS = 989e12
-H100_BYTES_PER_S = 3.0e12  # measured copy bandwidth
-LAUNCH_SECONDS = 4e-6
-
-
-def h100_estimate(flops: float, bytes_moved: float, launches: int, peak: float = H100_FP32_FLOPS) -> float:
-    """max(FLOPs / peak, bytes / bandwidth) + launches x 4 us, in seconds."""
-    return max(flops / peak, bytes_moved / H100_BYTES_PER_S) + launches * LAUNCH_SECONDS
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
