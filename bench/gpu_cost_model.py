@@ -24,7 +24,8 @@ What it models, per op (the sources it reads):
       (syevBatched per size group, syevd per lone matrix) at an assumed rate: a chain of dependent
       kernels per column of the tridiagonal reduction plus the flops at SOLVER_FLOPS. syevBatched's
       algorithm is not documented; the model assumes it steps its whole batch through one such chain.
-      Per matrix, the host code adds 5 torch ops (the finiteness flags) and one synchronisation.
+      Per call and dtype, the host code adds 4 torch ops (the finiteness flags: one multi-tensor
+      max-norm) and, per call, one synchronisation.
   damped_inverse (cuda/damped_inverse.cu): per matrix cuSOLVER potrf + potrs (assumed rates) and
       the torch ops around them.
   kfac_update_ (cuda/kfac_update.cu): two multi-tensor launches, memory bound.
@@ -102,8 +103,8 @@ BYTES = 4  # fp32 throughout the model
 
 # Torch ops (device kernels or copies) the host code issues around ours, counted in the sources.
 EIGH_TORCH_PER_SOLVER_CALL = 5  # solver_eigh: stack, clone, zeros(info), ne, masked_fill
-EIGH_TORCH_PER_MATRIX = 5  # the finiteness flags: isfinite x 2, all x 2, logical_and
-EIGH_TORCH_PER_CALL = 2  # stack of the flags, copy to the host (then one sync)
+EIGH_TORCH_PER_DTYPE = 4  # the finiteness flags: _foreach_norm, stack, isfinite, all
+EIGH_TORCH_PER_CALL = 2  # cat of the flags, copy to the host (then one sync)
 INVERSE_TORCH_PER_MATRIX = 17  # cholesky_inverse: tril x 2, add, add_, eye, zeros, tril x 2, add_, eq, all, isfinite x 2, all x 2, logical_and x 2
 INVERSE_ELEMENTWISE_PASSES = 18  # those ops' reads and writes of an n x n fp32 matrix (the bool flags' passes counted as whole)
 INVERSE_TORCH_PER_CALL = 2  # stack of the flags, copy to the host (then one sync)
@@ -428,7 +429,7 @@ def eigh_batched(sizes: Sequence[int], shape: str = "", sweeps: int = JACOBI_SWE
         else:
             solver_s += count * (column_chain + 9 * n ** 3 / SOLVER_FLOPS)
             calls += count
-    torch_ops += calls * EIGH_TORCH_PER_SOLVER_CALL + len(sizes) * EIGH_TORCH_PER_MATRIX + EIGH_TORCH_PER_CALL
+    torch_ops += calls * EIGH_TORCH_PER_SOLVER_CALL + EIGH_TORCH_PER_DTYPE + EIGH_TORCH_PER_CALL
     parts["solver_s"] = solver_s
     device += solver_s
     flops = sum(9 * n ** 3 for n in sizes)

@@ -239,15 +239,30 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> eigh_batched(at::Te
     }
   }
 
-  // One synchronisation for all: redo the non-finite ones in float64.
-  std::vector<at::Tensor> flags;
-  for (size_t i = 0; i < count; ++i)
-    flags.push_back(evals[i].numel() ? at::isfinite(evals[i]).all().logical_and(at::isfinite(evecs[i]).all())
-                                     : at::ones({}, evals[i].options().dtype(at::kBool)));
-  const at::Tensor ok = at::stack(flags).cpu();
-  const bool* okp = ok.data_ptr<bool>();
+  // One synchronisation for all: redo the non-finite ones in float64. The flags come from one
+  // multi-tensor max-norm per dtype (NaN and Inf propagate into it, finite values cannot overflow
+  // it; an empty matrix's is 0), not from a handful of ops per matrix. evecs[i].t() is the
+  // contiguous buffer the kernels wrote, which keeps the norms on the multi-tensor fast path.
+  // (An empty matrix has no norm and nothing to redo.)
+  std::vector<at::Tensor> finite;
+  std::vector<size_t> order;  // matrix of each flag
+  for (const at::ScalarType dt : {at::kFloat, at::kDouble}) {
+    std::vector<at::Tensor> parts;
+    for (size_t i = 0; i < count; ++i) {
+      if (mats[i].scalar_type() != dt || mats[i].size(0) == 0) continue;  // empty: nothing to redo
+      parts.push_back(evals[i]);
+      parts.push_back(evecs[i].t());
+      order.push_back(i);
+    }
+    if (parts.empty()) continue;
+    const at::Tensor norms = at::stack(at::_foreach_norm(parts, std::numeric_limits<double>::infinity()));
+    finite.push_back(at::isfinite(norms).view({-1, 2}).all(1));
+  }
+  const at::Tensor flags = finite.empty() ? at::empty({0}, at::kBool) : at::cat(finite).cpu();
+  std::vector<uint8_t> ok_by_matrix(count, 1);
+  for (size_t k = 0; k < order.size(); ++k) ok_by_matrix[order[k]] = flags.data_ptr<bool>()[k];
   for (size_t i = 0; i < count; ++i) {
-    if (okp[i]) continue;
+    if (ok_by_matrix[i]) continue;
     const at::Tensor M = mats[i].to(at::kDouble);
     if (!at::isfinite(M).all().item<bool>()) {
       evals[i].fill_(std::numeric_limits<double>::quiet_NaN());
