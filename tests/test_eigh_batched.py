@@ -119,6 +119,21 @@ def test_float32_overflow_is_retried_in_float64():
     assert d.dtype == torch.float32 and torch.isfinite(Q).all()
 
 
+@pytest.mark.parametrize("n", [70, 80])
+def test_the_emulated_solver_works_in_float32_as_cusolver(n):
+    """The emulated cuSOLVER decomposes a float32 matrix in float32 (LAPACK's ssyevd), not in
+    float64: its rounding, and its failures, are those of a float32 solver."""
+    gen = torch.Generator().manual_seed(n)
+    X = torch.randn(n, n + 3, generator=gen, dtype=torch.float64)
+    M = (X @ X.T / (n + 3)).float()
+    M = (M + M.T) / 2
+    with emulation.count() as c:
+        (d, Q), (d2, _) = ng.ops.eigh_batched([M, M.clone()], impl="emulated")
+    assert c.by_name.get("cusolverDnXsyevBatched") == 1
+    assert torch.equal(d, torch.linalg.eigh(M).eigenvalues) and torch.equal(d, d2)  # float32 LAPACK, bit for bit
+    assert not torch.equal(d, torch.linalg.eigvalsh(M.double()).float())  # not float64 rounded
+
+
 def test_launches_do_not_grow_with_equal_layers():
     gen = torch.Generator().manual_seed(4)
     for count in (1, 16, 64):

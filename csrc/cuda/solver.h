@@ -6,8 +6,9 @@
 // into W (syev), the Cholesky factor over the named triangle of A, leaving the other untouched, with
 // info = i > 0 when the leading minor of order i is not positive definite (potrf), the solution over
 // B (potrs), and count as library calls, so that a wrong triangle, leading dimension or batch
-// stride fails a test. The Cholesky pair computes in A's own precision, so that a float32
-// factorisation fails where float32 rounding makes the matrix indefinite.
+// stride fails a test. Both compute in A's own precision, as cuSOLVER does, so that a float32
+// factorisation fails where float32 rounding makes the matrix indefinite and a float32
+// eigendecomposition overflows where cuSOLVER's would (the callers' float64 retries).
 #pragma once
 
 #include <limits>
@@ -46,15 +47,13 @@ inline size_t syev_device_bytes(int64_t n, cudaDataType t, int64_t batch) {
 }
 
 template <typename T>
+at::Tensor symmetric_from(cublasFillMode_t uplo, int64_t n, const T* A, int64_t lda);
+
+// In A's own precision, as cuSOLVER: a float32 decomposition that overflows or fails does so here
+// too, so that the caller's float64 retry is exercised.
+template <typename T>
 void syev_one(cusolverEigMode_t jobz, cublasFillMode_t uplo, int64_t n, T* A, int64_t lda, T* W, int* info) {
-  // Column-major: element (r, c) at A[r + c * lda]; only the named triangle is read.
-  at::Tensor M = at::empty({n, n}, at::TensorOptions().dtype(at::kDouble));
-  double* m = M.data_ptr<double>();
-  for (int64_t c = 0; c < n; ++c)
-    for (int64_t r = 0; r < n; ++r) {
-      const bool stored = uplo == CUBLAS_FILL_MODE_LOWER ? r >= c : r <= c;
-      m[r * n + c] = static_cast<double>(stored ? A[r + c * lda] : A[c + r * lda]);
-    }
+  const at::Tensor M = symmetric_from(uplo, n, A, lda);  // only the named triangle is read
   at::Tensor w, v;
   try {
     std::tie(w, v) = at::linalg_eigh(M);
@@ -63,9 +62,9 @@ void syev_one(cusolverEigMode_t jobz, cublasFillMode_t uplo, int64_t n, T* A, in
     return;
   }
   *info = 0;
-  const double* wd = w.data_ptr<double>();
+  const T* wd = w.data_ptr<T>();
   const at::Tensor vc = v.contiguous();
-  const double* vd = vc.data_ptr<double>();
+  const T* vd = vc.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) W[i] = static_cast<T>(wd[i]);
   if (jobz == CUSOLVER_EIG_MODE_VECTOR)
     for (int64_t c = 0; c < n; ++c)
