@@ -68,10 +68,10 @@ def test_the_two_builds_of_the_cuda_sources_keep_their_own_symbols():
     lib = ng._ext._C.__file__
     out = subprocess.run(["nm", "-C", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
     names = [line.split(" ", 2)[2] for line in out.splitlines() if line.count(" ") >= 2]
+    assert any("natgrad::" in n for n in names), "no symbol table: a stripped build (pyproject keeps it)"
     helpers = ("upload(", "uninitialized(", "current_stream(", "blas_handle(", "solver_handle(", "SolverParams::",
                "DeviceGuard::")
     shared = [n for n in names if any(n.startswith("natgrad::" + h) for h in helpers)]
     assert not shared, f"build-specific helpers outside a build's namespace: {shared[:5]}"
     library = [n for n in names if re.match(r"(cublas|cusolver)\w*\(|cuda[A-Z]\w*\(", n)]
     assert not library, f"CUDA library names defined in the module: {library[:5]}"
-    assert any("natgrad::emulated_runtime::" in n for n in names)

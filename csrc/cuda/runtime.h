@@ -156,9 +156,10 @@ inline at::Tensor upload(const void* data, size_t bytes, const at::Tensor& like)
     at::Tensor host, device;
     bool captured = false;
   };
-  static std::mutex mutex;
-  static std::list<Entry> recent;  // most recently used first
-  static std::unordered_map<std::string, std::list<Entry>::iterator> index;
+  // Never destroyed (as torch's own caches): tensors must not be freed after the allocators at exit.
+  static auto& mutex = *new std::mutex;
+  static auto& recent = *new std::list<Entry>;  // most recently used first
+  static auto& index = *new std::unordered_map<std::string, std::list<Entry>::iterator>;
   constexpr size_t kMaxEntries = 512;
 
   const stream_t stream = current_stream();
