@@ -175,14 +175,15 @@ def main():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = globals()["scenario_" + scenario](rank, world, arg)
-        # every process past its last collective before any tears the group down (gloo's threads
-        # otherwise can abort a process that exits while its peer still receives)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    result = globals()["scenario_" + scenario](rank, world, arg)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    # Every process past its last collective, then out at once: tearing the group down lets one
+    # process close its connections while a peer's gloo thread still reads them, which aborts that
+    # peer ("terminate called without an active exception") after its work is done.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
