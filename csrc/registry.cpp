@@ -7,11 +7,13 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "emu/control.h"
+#include "library_gemms.h"
 #include "schemas.h"
 
 namespace py = pybind11;
@@ -77,6 +79,25 @@ TORCH_LIBRARY(natgrad_testing_emu, m) {
   for (const char* schema : natgrad::kTestingSchemas) m.def(schema);
 }
 
+namespace natgrad {
+namespace {
+std::atomic<int64_t> g_min_macs{LibraryGemms{}.min_macs};
+std::atomic<int> g_precision{static_cast<int>(LibraryGemms{}.precision)};
+}  // namespace
+
+LibraryGemms library_gemms() {
+  LibraryGemms s;
+  s.min_macs = g_min_macs.load();
+  s.precision = static_cast<GemmPrecision>(g_precision.load());
+  return s;
+}
+
+void set_library_gemms(const LibraryGemms& s) {
+  g_min_macs.store(s.min_macs);
+  g_precision.store(static_cast<int>(s.precision));
+}
+}  // namespace natgrad
+
 namespace {
 
 py::dict build_info() {
@@ -127,4 +148,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_emulation_checks", [](const std::string& schedule, uint64_t seed, bool races) {
     natgrad::emu::set_checks(natgrad::emu::Checks{schedule, seed, races});
   }, py::arg("schedule"), py::arg("seed"), py::arg("races"));
+  m.def("library_gemms", [] {
+    const natgrad::LibraryGemms s = natgrad::library_gemms();
+    return py::make_tuple(s.min_macs, static_cast<int>(s.precision));
+  }, "Which products go to cuBLAS (min_macs) and their precision code (library_gemms.h)");
+  m.def("set_library_gemms", [](int64_t min_macs, int precision) {
+    TORCH_CHECK(min_macs >= 0 && precision >= 0 && precision <= 3, "set_library_gemms: bad setting");
+    natgrad::set_library_gemms(natgrad::LibraryGemms{min_macs, static_cast<natgrad::GemmPrecision>(precision)});
+  }, py::arg("min_macs"), py::arg("precision"));
 }

@@ -99,9 +99,20 @@ def _kfac_update(dtype):
     return params + bufs + [nu]
 
 
+def _with_library(call):
+    # The same calls with products of >= 1000 multiply-adds given to (emulated) cuBLAS: the layers'
+    # grouped entries then start from the library's product (k = 0) beside others that compute theirs.
+    def run(dtype):
+        with ng.ops.using_library_gemms(min_macs=1000, precision="ieee"):
+            return call(dtype)
+    return run
+
+
 CALLS = {"factor_update_": _factor_update, "eigh_batched": _eigh, "damped_inverse": _damped_inverse,
          "precondition": _precondition, "kron_matmul": _kron_matmul, "ekfac_precondition": _ekfac,
          "kfac_update_": _kfac_update}
+CALLS.update({f"{op}[library]": _with_library(CALLS[op])
+              for op in ("factor_update_", "precondition", "kron_matmul", "ekfac_precondition")})
 ATOMICS = {"kfac_update_"}  # float atomics: the sum's rounding follows the order of the blocks
 
 

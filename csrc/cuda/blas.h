@@ -1,14 +1,31 @@
 // The cuBLAS calls our CUDA host code makes. Under nvcc they are cuBLAS itself; in the emulated
 // build (NATGRAD_EMULATE) they are CPU functions with the same names, signatures and column-major
 // semantics, which check their arguments as cuBLAS does (a wrong leading dimension returns
-// CUBLAS_STATUS_INVALID_VALUE) and count as library calls.
+// CUBLAS_STATUS_INVALID_VALUE, an unsupported type combination CUBLAS_STATUS_NOT_SUPPORTED) and
+// count as library calls. The emulated cublasGemmEx rounds its operands as the requested compute
+// type does (TF32: 10 mantissa bits, BF16: 7, to nearest even) and sums in float32 (float64 for
+// CUBLAS_COMPUTE_64F), so that reduced-precision results are tested for what they are.
 #pragma once
+
+#include <cstring>
 
 #include "cuda/runtime.h"
 
 #ifdef NATGRAD_EMULATE
-enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 };
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7, CUBLAS_STATUS_NOT_SUPPORTED = 15 };
 enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum cudaDataType { CUDA_R_32F = 0, CUDA_R_64F = 1, CUDA_R_16F = 2, CUDA_R_16BF = 14 };  // cuda's values
+enum cublasComputeType_t {
+  CUBLAS_COMPUTE_32F = 68,
+  CUBLAS_COMPUTE_64F = 70,
+  CUBLAS_COMPUTE_32F_FAST_16BF = 75,
+  CUBLAS_COMPUTE_32F_FAST_TF32 = 77,
+};
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
+enum cublasMath_t { CUBLAS_DEFAULT_MATH = 0 };
 using cublasHandle_t = struct natgrad_emu_blas_handle*;
 
 namespace natgrad {
@@ -34,6 +51,71 @@ cublasStatus_t gemm(const char* name, cublasOperation_t ta, cublasOperation_t tb
     }
   return CUBLAS_STATUS_SUCCESS;
 }
+
+// x rounded to `bits` mantissa bits, to nearest even (as a tensor core's operand conversion).
+inline float round_mantissa(float x, int bits) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7F800000u) == 0x7F800000u) return x;  // inf, NaN
+  const int drop = 23 - bits;
+  u += ((uint32_t(1) << (drop - 1)) - 1) + ((u >> drop) & 1);
+  u &= ~((uint32_t(1) << drop) - 1);
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+inline double load_element(const void* p, cudaDataType t, int64_t i) {
+  switch (t) {
+    case CUDA_R_64F: return static_cast<const double*>(p)[i];
+    case CUDA_R_32F: return static_cast<const float*>(p)[i];
+    case CUDA_R_16F: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  }
+}
+
+// C = alpha op(A) op(B) + beta C as cublasGemmEx, for the combinations our code uses: everything
+// float64 with CUBLAS_COMPUTE_64F; float32 C with float32 A and B under any 32F compute type, or
+// with bfloat16 or half A and B under CUBLAS_COMPUTE_32F.
+inline cublasStatus_t gemm_ex(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void* alpha,
+                              const void* A, cudaDataType at, int lda, const void* B, cudaDataType bt, int ldb,
+                              const void* beta, void* C, cudaDataType ct, int ldc, cublasComputeType_t compute) {
+  count_library_call("cublasGemmEx");
+  const bool f64 = compute == CUBLAS_COMPUTE_64F;
+  const bool ok = f64 ? (at == CUDA_R_64F && bt == CUDA_R_64F && ct == CUDA_R_64F)
+                      : ct == CUDA_R_32F && at == bt &&
+                            (at == CUDA_R_32F || (compute == CUBLAS_COMPUTE_32F && (at == CUDA_R_16BF || at == CUDA_R_16F)));
+  if (!ok) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const int rows_a = ta == CUBLAS_OP_N ? m : k, rows_b = tb == CUBLAS_OP_N ? k : n;
+  if (m < 0 || n < 0 || k < 0 || lda < std::max(1, rows_a) || ldb < std::max(1, rows_b) || ldc < std::max(1, m))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  const int bits = compute == CUBLAS_COMPUTE_32F_FAST_TF32 ? 10 : compute == CUBLAS_COMPUTE_32F_FAST_16BF ? 7 : 23;
+  const auto operand = [&](const void* p, cudaDataType t, int64_t i) -> double {
+    const double v = load_element(p, t, i);
+    return bits < 23 ? round_mantissa(static_cast<float>(v), bits) : v;
+  };
+  const double a_scale = f64 ? *static_cast<const double*>(alpha) : *static_cast<const float*>(alpha);
+  const double b_scale = f64 ? *static_cast<const double*>(beta) : *static_cast<const float*>(beta);
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) {
+      double acc64 = 0.0;
+      float acc32 = 0.0f;
+      for (int l = 0; l < k; ++l) {
+        const double a = operand(A, at, ta == CUBLAS_OP_N ? i + int64_t(l) * lda : l + int64_t(i) * lda);
+        const double b = operand(B, bt, tb == CUBLAS_OP_N ? l + int64_t(j) * ldb : j + int64_t(l) * ldb);
+        if (f64) acc64 += a * b; else acc32 += static_cast<float>(a) * static_cast<float>(b);
+      }
+      const int64_t c = i + int64_t(j) * ldc;
+      if (f64) {
+        double* out = static_cast<double*>(C);
+        out[c] = a_scale * acc64 + (b_scale == 0.0 ? 0.0 : b_scale * out[c]);  // beta = 0: C is not read
+      } else {
+        float* out = static_cast<float*>(C);
+        const float sa = static_cast<float>(a_scale), sb = static_cast<float>(b_scale);
+        out[c] = sa * acc32 + (sb == 0.0f ? 0.0f : sb * out[c]);
+      }
+    }
+  return CUBLAS_STATUS_SUCCESS;
+}
 }  // namespace emu
 }  // namespace natgrad
 
@@ -49,6 +131,14 @@ inline cublasStatus_t cublasDgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
                                   const double* beta, double* C, int ldc) {
   return natgrad::emu::gemm("cublasDgemm", ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                   const void* alpha, const void* A, cudaDataType at, int lda, const void* B,
+                                   cudaDataType bt, int ldb, const void* beta, void* C, cudaDataType ct, int ldc,
+                                   cublasComputeType_t compute, cublasGemmAlgo_t) {
+  return natgrad::emu::gemm_ex(ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, compute);
+}
+inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
 
 inline cublasHandle_t blas_handle() { return nullptr; }
 }  // namespace NATGRAD_RUNTIME_NS

@@ -30,36 +30,34 @@ std::vector<at::Tensor> ekfac_precondition_op(at::TensorList grads, at::TensorLi
 
   for (const auto& group : dtype_groups(grads, QA)) {
     const auto gdt = grads[group[0]].scalar_type(), adt = QA[group[0]].scalar_type();
-    std::vector<Gemm> stage[4];
-    int64_t tiles[4] = {0, 0, 0, 0};
-    std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
+    Stages<4> st(adt);
     for (const size_t i : group) {
       const at::Tensor& M = grads[i];
       out[i] = uninitialized(M.sizes(), M.options());
       if (M.numel() == 0) continue;
       const int64_t o = M.size(0), k = M.size(1);
       const at::Tensor T = uninitialized({o, k}, QA[i].options()), V = uninitialized({o, k}, QA[i].options());
-      keep.insert(keep.end(), {T, V});
+      st.keep.insert(st.keep.end(), {T, V});
       EpilogueArgs e;
       e.epilogue = kOverScale;
       e.X = &S[i];
       e.damping = damping;
-      stage[0].push_back(entry(M, false, QA[i], false, T, &tiles[0]));
-      stage[1].push_back(entry(QG[i], true, T, false, V, &tiles[1], e));
-      stage[2].push_back(entry(V, false, QA[i], true, T, &tiles[2]));
-      stage[3].push_back(entry(QG[i], false, T, false, out[i], &tiles[3]));
+      st.add(0, M, false, QA[i], false, T);
+      st.add(1, QG[i], true, T, false, V, e);
+      st.add(2, V, false, QA[i], true, T);
+      st.add(3, QG[i], false, T, false, out[i]);
     }
-    if (stage[0].empty()) continue;
-    const StageTables t = upload_stages(stage, tiles, grads[group[0]], "ekfac_precondition");
+    if (st.empty()) continue;
+    const StageTables t = upload_stages(st, grads[group[0]], "ekfac_precondition");
     // X (read in stage 2 only) is S, in the factors' dtype.
     AT_DISPATCH_FLOATING_TYPES(adt, "ekfac_precondition", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_SWITCH(gdt, "ekfac_precondition", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
         using g_t = scalar_t;
-        launch_stage<g_t, acc_t, acc_t, acc_t>(t.stage(0), t.per_stage, tiles[0], stream);
-        launch_stage<acc_t, acc_t, acc_t, acc_t>(t.stage(1), t.per_stage, tiles[1], stream);
-        launch_stage<acc_t, acc_t, acc_t, acc_t>(t.stage(2), t.per_stage, tiles[2], stream);
-        launch_stage<acc_t, g_t, acc_t, acc_t>(t.stage(3), t.per_stage, tiles[3], stream);
+        run_stage<g_t, acc_t, acc_t, acc_t>(st, t, 0, stream);
+        run_stage<acc_t, acc_t, acc_t, acc_t>(st, t, 1, stream);
+        run_stage<acc_t, acc_t, acc_t, acc_t>(st, t, 2, stream);
+        run_stage<acc_t, g_t, acc_t, acc_t>(st, t, 3, stream);
       }));
     });
   }

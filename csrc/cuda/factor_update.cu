@@ -7,11 +7,17 @@
 // layer's patches), a layer's rows are cut into slices, one block per (tile, slice) writes its
 // partial tile to a workspace, and a second launch sums each tile's slices in a fixed order (the
 // same bits on every run, unlike atomics) before the decay and the mirror.
+// Library path: a dense layer whose X~^T X~ is at least min_macs multiply-adds (library_gemms.h)
+// has it computed by cuBLAS (a full GEMM, so tensor cores apply; twice a triangle's products)
+// before the launch; its blocks then loop over no rows and take the upper triangle's sums from
+// that product, so the decay, the scale and the mirror are the kernel's as for any layer. Conv
+// layers always take the kernel: their patches are never unfolded in memory.
 #include <ATen/Dispatch.h>
 
 #include <vector>
 
 #include "cuda/grouped.cuh"
+#include "cuda/library_gemm.h"
 #include "cuda/runtime.h"
 #include "factor_update.h"
 
@@ -35,6 +41,8 @@ struct Layer {  // no padding bytes: upload() caches tables by their bytes
   int64_t conv;                // rows are patches of the image X (conv_factor_update_)
   int64_t shape[4];            // the image's shape
   factor_update::ConvGeometry g;
+  dev_ptr<const char> S;       // library: X~^T X~ (dim x dim, row stride dim, acc_t), n = 0
+  int64_t library;
 };
 
 // F[i][j] <- decay F[i][j] + scale v for the thread's kTile / kRows elements of tile (ti, tj), and
@@ -89,6 +97,14 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
     __syncthreads();
   }
 
+  if (L.library) {
+    const dev_ptr<const acc_t> S = ptr_cast<const acc_t>(L.S);
+#pragma unroll
+    for (int q = 0; q < kTile / kRows; ++q) {
+      const int64_t i = i0 + ty + q * kRows, j = j0 + tx;
+      if (i < L.dim && j < L.dim) acc[q] += S[i * L.dim + j];
+    }
+  }
   if (L.splits == 1) {
     store_tile(L, ti, tj, acc, decay, tx, ty);
     return;
@@ -132,13 +148,25 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
     if (done[first]) continue;
     const auto fdt = factors[first].scalar_type(), xdt = inputs[first].scalar_type();
     std::vector<Layer> layers;
+    std::vector<at::Tensor> products;  // the library layers' X~^T X~, alive until the launch is queued
     int64_t tiles = 0;
     for (size_t i = first; i < factors.size(); ++i) {
       if (done[i] || factors[i].scalar_type() != fdt || inputs[i].scalar_type() != xdt) continue;
       done[i] = true;
       Layer L{};
+      L.S = device_ptr<const char>(factors[i]);
       make(i, &L);
       if (L.dim == 0) continue;
+      if (!L.conv && use_library(L.dim, L.dim, L.n)) {
+        const at::Tensor& X = inputs[i];
+        const at::Tensor Xt = L.dim > L.d ? at::cat({X, at::ones({L.n, 1}, X.options())}, 1) : X;
+        const at::Tensor S = uninitialized({L.dim, L.dim}, factors[i].options());
+        library_gemm(Xt, true, Xt, false, S);
+        products.push_back(S);
+        L.S = device_ptr<const char>(S);
+        L.library = 1;
+        L.n = 0;
+      }
       L.fs0 = factors[i].stride(0);
       L.fs1 = factors[i].stride(1);
       L.scale = scales[i];

@@ -15,6 +15,11 @@
 // add). The factored shifts come from pi, which each block computes from all of the layer's
 // eigenvalues (sums over dimA and dimG).
 //
+// Large products go to cuBLAS instead (Stages::add, cuda/library_gemm.h): the library writes A B
+// into a temporary Y before the stage's launch, and the layer's entry in the launch has k = 0 and
+// starts its sums from Y, so that it only applies the epilogue. A plain product into the factors'
+// dtype has no entry at all.
+//
 // Included by several .cu files: everything is in an anonymous namespace inside NATGRAD_KERNEL_NS,
 // so that each translation unit (and the CUDA and emulated builds) has its own copy, no ODR clash.
 #pragma once
@@ -24,6 +29,7 @@
 #include <vector>
 
 #include "cuda/grouped.cuh"
+#include "cuda/library_gemm.h"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
 #include "ekfac_precondition.h"
@@ -48,13 +54,14 @@ enum Epilogue : int {
 };
 enum Add : int { kNoAdd = 0, kAddOverDamping = 1, kAddOverGA = 2, kAddOverGG = 3 };
 
-struct Gemm {  // C (m x n) = A (m x k) B (k x n); X[i][j] at i * x0 + j * x1
+struct Gemm {  // C (m x n) = Y + A (m x k) B (k x n); X[i][j] at i * x0 + j * x1
   dev_ptr<const char> A, B;
   dev_ptr<char> C;
   dev_ptr<const char> X;       // the matrix added, or kOverScale's S (C's shape, x_t); else unused
   dev_ptr<const char> dG, dA;  // the layer's eigenvalues (nG, nA); unused for kStore without add
+  dev_ptr<const char> Y;       // init: the sums' start (acc_t, C's shape), a library product
   int64_t m, n, k;
-  int64_t a0, a1, b0, b1, c0, c1, x0, x1;
+  int64_t a0, a1, b0, b1, c0, c1, x0, x1, y0, y1, init;
   int64_t nG, nA, dimG, dimA;  // eigenvalues kept, and the factors' sizes (pi's divisors)
   int64_t tile_begin, tiles_n;
   double damping;
@@ -139,6 +146,7 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
     const int64_t i = i0 + ty + q * kRows;
     if (i >= G.m || j >= G.n) continue;
     acc_t v = acc[q];
+    if (G.init) v += ptr_cast<const acc_t>(G.Y)[i * G.y0 + j * G.y1];
     switch (G.epilogue) {
       case kExact:
       case kFactored:
@@ -175,6 +183,8 @@ Gemm entry(const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at:
   g.X = e.X ? device_ptr<const char>(*e.X) : device_ptr<const char>(C);
   g.dG = e.dG ? device_ptr<const char>(*e.dG) : device_ptr<const char>(C);
   g.dA = e.dA ? device_ptr<const char>(*e.dA) : device_ptr<const char>(C);
+  g.Y = device_ptr<const char>(C);
+  g.y0 = g.y1 = g.init = 0;
   g.m = C.size(0);
   g.n = C.size(1);
   g.k = ta ? A.size(0) : A.size(1);
@@ -227,26 +237,88 @@ inline std::vector<std::vector<size_t>> dtype_groups(at::TensorList grads, at::T
   return groups;
 }
 
-// S stages' tables (each with one entry per layer) in one upload, after checking that every
-// stage's grid fits; `table` keeps the upload alive until the launches are queued.
+// The stages of one op's chain of products for one dtype group. add() puts C = op(A) op(B) (+ an
+// epilogue) into stage s: as tiles of the stage's grouped launch, or, for a product of at least
+// min_macs multiply-adds (library_gemms.h), as a cuBLAS call into a temporary Y made just before
+// the launch, which then only applies the epilogue from Y (an entry with k = 0). A plain product
+// (kStore, no add) into a row-major C of the factors' dtype has no entry: cuBLAS writes C.
+template <size_t S>
+struct Stages {
+  struct Call {
+    at::Tensor A;
+    bool ta;
+    at::Tensor B;
+    bool tb;
+    at::Tensor C;
+  };
+  explicit Stages(at::ScalarType acc) : acc(acc) {}
+  at::ScalarType acc;  // the factors' dtype: the sums', Y's and the library's
+  std::vector<Gemm> gemms[S];
+  int64_t tiles[S] = {};
+  std::vector<Call> library[S];
+  std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
+
+  void add(size_t s, const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at::Tensor& C,
+           const EpilogueArgs& e = {}) {
+    const int64_t m = C.size(0), n = C.size(1), k = ta ? A.size(0) : A.size(1);
+    if (!use_library(m, n, k)) {
+      gemms[s].push_back(entry(A, ta, B, tb, C, &tiles[s], e));
+      return;
+    }
+    const bool row_major = (C.stride(1) == 1 || n == 1) && (C.stride(0) >= n || m == 1);
+    if (e.epilogue == kStore && e.add == kNoAdd && C.scalar_type() == acc && row_major) {
+      library[s].push_back({A, ta, B, tb, C});
+      return;
+    }
+    const at::Tensor Y = uninitialized({m, n}, C.options().dtype(acc));
+    keep.push_back(Y);
+    library[s].push_back({A, ta, B, tb, Y});
+    Gemm g = entry(A, ta, B, tb, C, &tiles[s], e);
+    g.k = 0;
+    g.Y = device_ptr<const char>(Y);
+    g.y0 = n;
+    g.y1 = 1;
+    g.init = 1;
+    gemms[s].push_back(g);
+  }
+  bool empty() const {
+    for (size_t s = 0; s < S; ++s)
+      if (!gemms[s].empty() || !library[s].empty()) return false;
+    return true;
+  }
+};
+
+// The stages' tables in one upload, after checking that every stage's grid fits; `table` keeps the
+// upload alive until the launches are queued.
 struct StageTables {
   at::Tensor table;
   dev_ptr<const Gemm> base;
-  int per_stage;
-  dev_ptr<const Gemm> stage(int s) const { return base + s * per_stage; }
+  std::vector<int64_t> offset, count;
+  dev_ptr<const Gemm> stage(size_t s) const { return base + offset[s]; }
 };
 
 template <size_t S>
-StageTables upload_stages(const std::vector<Gemm> (&stage)[S], const int64_t (&tiles)[S], const at::Tensor& like,
-                          const char* op) {
-  for (const int64_t t : tiles) TORCH_CHECK(t < (int64_t(1) << 31), op, ": too many tiles");
+StageTables upload_stages(const Stages<S>& st, const at::Tensor& like, const char* op) {
+  for (const int64_t t : st.tiles) TORCH_CHECK(t < (int64_t(1) << 31), op, ": too many tiles");
   std::vector<Gemm> all;
-  for (const auto& s : stage) all.insert(all.end(), s.begin(), s.end());
   StageTables out;
+  for (const auto& s : st.gemms) {
+    out.offset.push_back(static_cast<int64_t>(all.size()));
+    out.count.push_back(static_cast<int64_t>(s.size()));
+    all.insert(all.end(), s.begin(), s.end());
+  }
+  if (all.empty()) return out;  // every product went to the library: no launch reads a table
   out.table = upload(all.data(), all.size() * sizeof(Gemm), like);
   out.base = device_ptr<const Gemm>(out.table);
-  out.per_stage = static_cast<int>(stage[0].size());
   return out;
+}
+
+// Stage s: its library products, then its grouped launch (which may read them).
+template <typename a_t, typename c_t, typename x_t, typename acc_t, size_t S>
+void run_stage(const Stages<S>& st, const StageTables& t, size_t s, stream_t stream) {
+  for (const auto& c : st.library[s]) library_gemm(c.A, c.ta, c.B, c.tb, c.C);
+  if (st.tiles[s] == 0) return;
+  launch_stage<a_t, c_t, x_t, acc_t>(t.stage(s), static_cast<int>(t.count[s]), st.tiles[s], stream);
 }
 
 }  // namespace

@@ -25,26 +25,24 @@ std::vector<at::Tensor> kron_matmul(at::TensorList grads, at::TensorList IA, at:
 
   for (const auto& group : dtype_groups(grads, IA)) {
     const auto gdt = grads[group[0]].scalar_type(), adt = IA[group[0]].scalar_type();
-    std::vector<Gemm> stage[2];
-    int64_t tiles[2] = {0, 0};
-    std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
+    Stages<2> st(adt);
     for (const size_t i : group) {
       const at::Tensor& M = grads[i];
       out[i] = uninitialized(M.sizes(), M.options());
       if (M.numel() == 0) continue;
       const at::Tensor T = uninitialized(M.sizes(), IA[i].options());
-      keep.push_back(T);
-      stage[0].push_back(entry(M, false, IA[i], false, T, &tiles[0]));
-      stage[1].push_back(entry(IG[i], false, T, false, out[i], &tiles[1]));
+      st.keep.push_back(T);
+      st.add(0, M, false, IA[i], false, T);
+      st.add(1, IG[i], false, T, false, out[i]);
     }
-    if (stage[0].empty()) continue;
-    const StageTables t = upload_stages(stage, tiles, grads[group[0]], "kron_matmul");
+    if (st.empty()) continue;
+    const StageTables t = upload_stages(st, grads[group[0]], "kron_matmul");
     AT_DISPATCH_FLOATING_TYPES(adt, "kron_matmul", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_SWITCH(gdt, "kron_matmul", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
         using g_t = scalar_t;
-        launch_stage<g_t, acc_t, acc_t, acc_t>(t.stage(0), t.per_stage, tiles[0], stream);
-        launch_stage<acc_t, g_t, acc_t, acc_t>(t.stage(1), t.per_stage, tiles[1], stream);
+        run_stage<g_t, acc_t, acc_t, acc_t>(st, t, 0, stream);
+        run_stage<acc_t, g_t, acc_t, acc_t>(st, t, 1, stream);
       }));
     });
   }

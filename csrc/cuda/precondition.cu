@@ -33,9 +33,7 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
 
   for (const auto& group : dtype_groups(grads, QA)) {
     const auto gdt = grads[group[0]].scalar_type(), adt = QA[group[0]].scalar_type();
-    std::vector<Gemm> stage[4];
-    int64_t tiles[4] = {0, 0, 0, 0};
-    std::vector<at::Tensor> keep;  // temporaries alive until the launches are queued
+    Stages<4> st(adt);
     for (const size_t i : group) {
       const at::Tensor& M = grads[i];
       out[i] = uninitialized(M.sizes(), M.options());
@@ -44,7 +42,7 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
       const at::Tensor da = dA[i].contiguous(), dg = dG[i].contiguous();
       const int64_t o = M.size(0), k = M.size(1), ra = QA[i].size(1), rg = QG[i].size(1);
       const auto acc = QA[i].options();
-      keep.insert(keep.end(), {da, dg});
+      st.keep.insert(st.keep.end(), {da, dg});
       EpilogueArgs e;
       e.dG = &dg;
       e.dA = &da;
@@ -53,26 +51,26 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
       e.damping = damping;
       if (!precondition::low_rank(QA[i], QG[i])) {
         const at::Tensor T = uninitialized({o, k}, acc), V = uninitialized({o, k}, acc);
-        keep.insert(keep.end(), {T, V});
+        st.keep.insert(st.keep.end(), {T, V});
         e.epilogue = factored ? kFactored : kExact;
-        stage[0].push_back(entry(M, false, QA[i], false, T, &tiles[0]));
-        stage[1].push_back(entry(QG[i], true, T, false, V, &tiles[1], e));
-        stage[2].push_back(entry(V, false, QA[i], true, T, &tiles[2]));
-        stage[3].push_back(entry(QG[i], false, T, false, out[i], &tiles[3]));
+        st.add(0, M, false, QA[i], false, T);
+        st.add(1, QG[i], true, T, false, V, e);
+        st.add(2, V, false, QA[i], true, T);
+        st.add(3, QG[i], false, T, false, out[i]);
       } else if (!factored) {
         const at::Tensor T = uninitialized({o, ra}, acc), V = uninitialized({rg, ra}, acc), T2 = uninitialized({rg, k}, acc);
-        keep.insert(keep.end(), {T, V, T2});
+        st.keep.insert(st.keep.end(), {T, V, T2});
         EpilogueArgs w = e, add = e;
         w.epilogue = kExactLowRank;
         add.add = kAddOverDamping;
         add.X = &M;
-        stage[0].push_back(entry(M, false, QA[i], false, T, &tiles[0]));
-        stage[1].push_back(entry(QG[i], true, T, false, V, &tiles[1], w));
-        stage[2].push_back(entry(V, false, QA[i], true, T2, &tiles[2]));
-        stage[3].push_back(entry(QG[i], false, T2, false, out[i], &tiles[3], add));
+        st.add(0, M, false, QA[i], false, T);
+        st.add(1, QG[i], true, T, false, V, w);
+        st.add(2, V, false, QA[i], true, T2);
+        st.add(3, QG[i], false, T2, false, out[i], add);
       } else {
         const at::Tensor U = uninitialized({o, ra}, acc), T = uninitialized({o, k}, acc), Y = uninitialized({rg, k}, acc);
-        keep.insert(keep.end(), {U, T, Y});
+        st.keep.insert(st.keep.end(), {U, T, Y});
         EpilogueArgs cols = e, add_a = e, rows = e, add_g = e;
         cols.epilogue = kColumnsLowRank;
         add_a.add = kAddOverGA;
@@ -80,26 +78,26 @@ std::vector<at::Tensor> precondition_op(at::TensorList grads, at::TensorList QA,
         rows.epilogue = kRowsLowRank;
         add_g.add = kAddOverGG;
         add_g.X = &T;
-        stage[0].push_back(entry(M, false, QA[i], false, U, &tiles[0], cols));
-        stage[1].push_back(entry(U, false, QA[i], true, T, &tiles[1], add_a));
-        stage[2].push_back(entry(QG[i], true, T, false, Y, &tiles[2], rows));
-        stage[3].push_back(entry(QG[i], false, Y, false, out[i], &tiles[3], add_g));
+        st.add(0, M, false, QA[i], false, U, cols);
+        st.add(1, U, false, QA[i], true, T, add_a);
+        st.add(2, QG[i], true, T, false, Y, rows);
+        st.add(3, QG[i], false, Y, false, out[i], add_g);
       }
     }
-    if (stage[0].empty()) continue;
-    const StageTables t = upload_stages(stage, tiles, grads[group[0]], "precondition");
+    if (st.empty()) continue;
+    const StageTables t = upload_stages(st, grads[group[0]], "precondition");
     // The matrices added in stages 2 and 4 (X): the gradient (g_t), or T of factored damping (acc_t).
     AT_DISPATCH_FLOATING_TYPES(adt, "precondition", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_SWITCH(gdt, "precondition", AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
         using g_t = scalar_t;
-        launch_stage<g_t, acc_t, acc_t, acc_t>(t.stage(0), t.per_stage, tiles[0], stream);
-        launch_stage<acc_t, acc_t, g_t, acc_t>(t.stage(1), t.per_stage, tiles[1], stream);
-        launch_stage<acc_t, acc_t, acc_t, acc_t>(t.stage(2), t.per_stage, tiles[2], stream);
+        run_stage<g_t, acc_t, acc_t, acc_t>(st, t, 0, stream);
+        run_stage<acc_t, acc_t, g_t, acc_t>(st, t, 1, stream);
+        run_stage<acc_t, acc_t, acc_t, acc_t>(st, t, 2, stream);
         if (factored)
-          launch_stage<acc_t, g_t, acc_t, acc_t>(t.stage(3), t.per_stage, tiles[3], stream);
+          run_stage<acc_t, g_t, acc_t, acc_t>(st, t, 3, stream);
         else
-          launch_stage<acc_t, g_t, g_t, acc_t>(t.stage(3), t.per_stage, tiles[3], stream);
+          run_stage<acc_t, g_t, g_t, acc_t>(st, t, 3, stream);
       }));
     });
   }

@@ -13,6 +13,7 @@
 
 #include <limits>
 
+#include "cuda/blas.h"
 #include "cuda/runtime.h"
 
 #ifdef NATGRAD_EMULATE
@@ -22,7 +23,6 @@
 enum cusolverStatus_t { CUSOLVER_STATUS_SUCCESS = 0, CUSOLVER_STATUS_INVALID_VALUE = 3 };
 enum cusolverEigMode_t { CUSOLVER_EIG_MODE_NOVECTOR = 0, CUSOLVER_EIG_MODE_VECTOR = 1 };
 enum cublasFillMode_t { CUBLAS_FILL_MODE_LOWER = 0, CUBLAS_FILL_MODE_UPPER = 1 };
-enum cudaDataType { CUDA_R_32F = 0, CUDA_R_64F = 1 };
 using cusolverDnHandle_t = struct natgrad_emu_solver_handle*;
 using cusolverDnParams_t = struct natgrad_emu_solver_params*;
 

@@ -12,8 +12,8 @@ namespace emu {
 struct Counters {
   int64_t launches = 0;
   int64_t library_calls = 0;
-  int64_t barriers = 0;
-  int64_t uploads = 0;   // descriptor tables copied to the device (upload() in cuda/runtime.h: cache misses)  // __syncthreads() passed, summed over blocks: a kernel's loop trips, e.g. sweeps
+  int64_t barriers = 0;  // __syncthreads() passed, summed over blocks: a kernel's loop trips, e.g. sweeps
+  int64_t uploads = 0;   // descriptor tables copied to the device (upload() in cuda/runtime.h: cache misses)
   std::map<std::string, int64_t> by_name;  // kernel or library function -> calls
 };
 Counters counters();  // a snapshot
