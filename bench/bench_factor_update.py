@@ -69,8 +69,13 @@ def main(argv=None):
         # Counted on the same layers with few rows, which keeps the emulated run short; split-K's
         # second launch comes with many rows, so the full shape's count is the model's (which follows
         # factor_update.h row_slices), the emulated one a check of the rest.
+        # A layer's X~^T X~ goes to cuBLAS when rows x dim^2 reaches min_macs: the threshold scaled by
+        # 3 / rows keeps each layer on the path it takes at the full shape (a case's layers share rows).
         ef, ei, eo = make(layers, dtype, rows_override=3)
-        with ng.emulation.count() as c:
+        full = layers[0][0]
+        assert all(n == full for n, _, _ in layers)
+        scaled = -(-ops.library_gemms()["min_macs"] * 3 // full)
+        with ng.emulation.count() as c, ops.using_library_gemms(min_macs=scaled):
             ops.factor_update_(ef, ei, 0.95, scales, eo, impl="emulated")
         flops, bytes_moved = flops_bytes(layers, dtype)
         est = gpu_cost_model.factor_update(layers, name)

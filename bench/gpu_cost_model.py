@@ -19,6 +19,12 @@ What it models, per op (the sources it reads):
       edge of 32), each looping over all n rows: with fewer blocks than SMs, one block's loop is the
       critical path. Split-K (FACTOR_SPLIT_K) cuts the rows of a launch with under 2 x SMS tiles into
       slices, one block per (tile, slice), and a second launch sums them.
+  library products (cuda/library_gemm.h): a product of m n k >= LIBRARY_MIN_MACS multiply-adds goes
+      to cuBLAS: tiles of the largest edge in LIBRARY_TILES that fills the SMs, in waves, each SM at
+      LIBRARY_EFFICIENCY of its share of the peak of the arithmetic (IEEE FP32, TF32 or BF16 tensor
+      cores, FP64), plus one call's fixed cost; the grouped launch keeps an epilogue-only entry (one
+      pass over the product) where the stage has an epilogue. library_crossover() compares the two
+      paths on MLPs of growing width: the basis of the default LIBRARY_MIN_MACS.
   eigh_batched (cuda/eigh_batched.cu): n <= 64, one block of 256 threads per matrix running cyclic
       Jacobi: sweeps x (m - 1) rounds x 3 barrier-separated phases; larger n goes to cuSOLVER
       (syevBatched per size group, syevd per lone matrix) at an assumed rate: a chain of dependent
@@ -52,6 +58,9 @@ CLOCK_HZ = 1.98e9  # SXM5 max boost: 132 SMs x 128 lanes x 2 x 1.98 GHz = the da
 FP32_LANES_PER_SM = 128  # architecture: 4 sub-partitions x 32 FP32 lanes
 FP64_LANES_PER_SM = 64  # architecture: half the FP32 rate (datasheet 34 TFLOP/s FP64 non-tensor)
 FP32_PEAK_FLOPS = 67e12  # datasheet FP32 (non-tensor); the peak-FLOP bound's divisor
+TF32_PEAK_FLOPS = 495e12  # datasheet TF32 tensor cores, dense (989 with sparsity)
+BF16_PEAK_FLOPS = 989e12  # datasheet BF16 tensor cores, dense
+FP64_PEAK_FLOPS = 67e12  # datasheet FP64 tensor cores
 WARP = 32  # architecture
 SHARED_BANKS = 32  # architecture: 32 banks x 4 B, one wavefront (128 B) per clock per SM
 SHARED_BANK_BYTES = 4
@@ -81,6 +90,9 @@ SOLVER_FLOPS = 10e12  # ASSUMPTION: syevd's flops outside that chain (BLAS3 and 
 SOLVER_BLAS3_FLOPS = 0.5 * FP32_PEAK_FLOPS  # ASSUMPTION: potrf / trsm blocks in FP32 SIMT at half peak (TF32 off)
 POTRF_BLOCK = 64  # ASSUMPTION: panel width of cuSOLVER's blocked Cholesky and triangular solves
 POTRF_KERNELS_PER_PANEL = 3  # ASSUMPTION: panel factorisation, trsm, syrk per panel
+LIBRARY_EFFICIENCY = 0.7  # ASSUMPTION: fraction of peak a cuBLAS GEMM's busy SMs reach (large GEMMs: 60-80% in published runs)
+LIBRARY_TILES = (128, 64, 32)  # ASSUMPTION: cuBLAS's output tile edges; the model takes the largest that fills the SMs
+LIBRARY_MIN_MACS = 1 << 25  # csrc/library_gemms.h: products of m n k >= this go to cuBLAS (ops.set_library_gemms)
 JACOBI_SWEEPS = 8  # ASSUMPTION: the stopping rule ends after 4-10 sweeps (eigh_batched.cu); the bench measures it in emulation
 
 # ---- Kernel facts, read from the sources ----
@@ -219,10 +231,12 @@ def gemm_launch_seconds(gemms: Sequence[Gemm]) -> Dict[str, float]:
         tiles += t
         work += t * slabs
         pipe_work += t * slabs * pipe
-        bytes_moved += BYTES * (g.m * g.k + g.k * g.n + g.m * g.n)
+        bytes_moved += BYTES * (g.m * g.k + g.k * g.n + g.m * g.n) if g.k else 2 * BYTES * g.m * g.n
         longest = max(longest, slabs * (pipe + SLAB_LATENCY_CYCLES) + BLOCK_FIXED_CYCLES)
     if tiles == 0:
         return {"seconds": 0.0, "blocks": 0}
+    if work == 0:  # epilogue-only entries (the library computed A B): one pass over Y and C
+        return {"seconds": bytes_moved / (HBM_BYTES_PER_S * STREAM_EFFICIENCY), "blocks": tiles, "hbm_bytes": bytes_moved}
     resident = blocks_per_sm(GEMM_THREADS, GEMM_SHARED_BYTES)
     mean_slabs, mean_pipe = work / tiles, pipe_work / work
     cycles = grid_cycles(tiles, mean_slabs, mean_pipe, SLAB_LATENCY_CYCLES, resident, BLOCK_FIXED_CYCLES)
@@ -230,6 +244,30 @@ def gemm_launch_seconds(gemms: Sequence[Gemm]) -> Dict[str, float]:
     l2_bytes = work * 2 * TILE * CHUNK * BYTES  # each block reads its two slabs from L2 per step
     seconds = max(cycles / CLOCK_HZ, l2_bytes / L2_BYTES_PER_S, bytes_moved / HBM_BYTES_PER_S)
     return {"seconds": seconds, "blocks": tiles, "sm_cycles": cycles, "l2_bytes": l2_bytes, "hbm_bytes": bytes_moved}
+
+
+PRECISION_PEAKS = {"ieee": FP32_PEAK_FLOPS, "tf32": TF32_PEAK_FLOPS, "bf16": BF16_PEAK_FLOPS, "f64": FP64_PEAK_FLOPS}
+
+
+def library_gemm_seconds(m: int, n: int, k: int, precision: str = "ieee") -> Dict[str, float]:
+    """Device time of one cuBLAS GEMM (cuda/library_gemm.h): tiles of the largest edge in
+    LIBRARY_TILES that gives at least one per SM (else the smallest), run in waves over the SMs, each
+    SM at LIBRARY_EFFICIENCY of its share of the precision's peak; never below the HBM traffic."""
+    if precision not in PRECISION_PEAKS:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_PEAKS)}, got {precision!r}")
+    for edge in LIBRARY_TILES:
+        tiles = -(-m // edge) * -(-n // edge)
+        if tiles >= SMS:
+            break
+    waves = -(-tiles // SMS)
+    per_sm = PRECISION_PEAKS[precision] * LIBRARY_EFFICIENCY / SMS
+    compute = waves * 2 * edge * edge * k / per_sm
+    hbm = BYTES * (m * k + k * n + m * n) / HBM_BYTES_PER_S
+    return {"seconds": max(compute, hbm), "tile": edge, "waves": waves}
+
+
+def _library(m: int, n: int, k: int, min_macs: Optional[int]) -> bool:
+    return m * n * k >= (LIBRARY_MIN_MACS if min_macs is None else min_macs) and m * n * k > 0
 
 
 # ---- Per-op estimates ----
@@ -256,20 +294,24 @@ class Estimate:
         return d
 
 
-def peak_flop_bound(flops: float, bytes_moved: float, launches: int) -> float:
-    """The benches' former estimate: max(FLOPs / 67 TFLOP/s, bytes / 3 TB/s) + launches x 4 us."""
-    return max(flops / FP32_PEAK_FLOPS, bytes_moved / HBM_BYTES_PER_S) + launches * LAUNCH_SECONDS
+def peak_flop_bound(flops: float, bytes_moved: float, launches: int, peak_flops: float = FP32_PEAK_FLOPS) -> float:
+    """The benches' former estimate: max(FLOPs / 67 TFLOP/s, bytes / 3 TB/s) + launches x 4 us (with
+    tensor cores, the FLOPs over their peak instead)."""
+    return max(flops / peak_flops, bytes_moved / HBM_BYTES_PER_S) + launches * LAUNCH_SECONDS
 
 
-def _finish(op, shape, device_s, limiter, flops, bytes_moved, launches, library_calls, torch_ops, syncs, detail):
-    # Device time is never below the datasheet limits, whatever the structure says.
-    device_s = max(device_s, flops / FP32_PEAK_FLOPS, bytes_moved / HBM_BYTES_PER_S)
+def _finish(op, shape, device_s, limiter, flops, bytes_moved, launches, library_calls, torch_ops, syncs, detail,
+            peak_flops: float = FP32_PEAK_FLOPS):
+    # Device time is never below the datasheet limits (the peak of the fastest arithmetic used),
+    # whatever the structure says.
+    device_s = max(device_s, flops / peak_flops, bytes_moved / HBM_BYTES_PER_S)
     fixed = (launches + library_calls + torch_ops) * LAUNCH_SECONDS + syncs * SYNC_SECONDS
-    detail = {**detail, "fixed_s": fixed, "torch_ops_s": torch_ops * LAUNCH_SECONDS, "device_limiter": limiter}
+    detail = {**detail, "fixed_s": fixed, "torch_ops_s": torch_ops * LAUNCH_SECONDS, "device_limiter": limiter,
+              "peak_flops": peak_flops}
     if fixed > device_s:
         limiter = f"per-call overheads ({launches + library_calls} launches and calls, {torch_ops} torch ops)"
-    return Estimate(op, shape, device_s + fixed, peak_flop_bound(flops, bytes_moved, launches + library_calls), flops,
-                    bytes_moved, launches, library_calls, torch_ops, syncs, device_s, limiter, detail)
+    return Estimate(op, shape, device_s + fixed, peak_flop_bound(flops, bytes_moved, launches + library_calls, peak_flops),
+                    flops, bytes_moved, launches, library_calls, torch_ops, syncs, device_s, limiter, detail)
 
 
 def _check_layers(op: str, layers, arity: int):
@@ -294,20 +336,37 @@ def row_slices(n: int, tiles: int, sms: int = SMS) -> int:
 
 
 def factor_update(layers: Sequence[Tuple[int, int, bool]], shape: str = "", conv: bool = False,
-                  split_k: Optional[bool] = None) -> Estimate:
+                  split_k: Optional[bool] = None, min_macs: Optional[int] = None, precision: str = "ieee") -> Estimate:
     """ops.factor_update_ (one call, one dtype group): layers (rows n, width d, append_ones). `conv`:
     rows are patches read from the image (conv_factor_update_), assumed uncoalesced gathers.
-    `split_k`: the row slicing of factor_update.cu's split-K (a second, reducing launch); None: FACTOR_SPLIT_K."""
+    `split_k`: the row slicing of factor_update.cu's split-K (a second, reducing launch); None: FACTOR_SPLIT_K.
+    A dense layer with n dim^2 >= min_macs (None: LIBRARY_MIN_MACS) has X~^T X~ from cuBLAS (a SYRK
+    in IEEE arithmetic, the whole square by GEMM with tensor cores), and its blocks loop over no rows."""
     _check_layers("factor_update", layers, 3)
     split_k = FACTOR_SPLIT_K if split_k is None else split_k
     tiles_total = sum((lambda T: T * (T + 1) // 2)(-(-(d + int(bool(a))) // TILE)) for _, d, a in layers)
     blocks, work, longest, flops, bytes_moved = 0, 0.0, 0.0, 0.0, 0.0
     reduce_blocks, reduce_longest, partial_bytes = 0, 0, 0.0
+    library_s, library_calls, library_torch = 0.0, 0, 0
     pipe = slab_pipe_cycles(2 if conv else 0)["pipe"]
     for n, d, ones in layers:
         dim = d + int(bool(ones))
         T = -(-dim // TILE)
         t = T * (T + 1) // 2  # factor_update::upper_tile_count
+        flops += n * dim * (dim + 1)  # one triangle, multiply and add
+        bytes_moved += BYTES * (n * d + 2 * dim * dim)  # X, then F read and written
+        if not conv and _library(dim, dim, n, min_macs):
+            # IEEE arithmetic: one SYRK, assumed half the GEMM's time; tensor cores: the whole square
+            gemm_s = library_gemm_seconds(dim, dim, n, precision)["seconds"]
+            library_s += gemm_s / 2 if precision in ("ieee", "f64") else gemm_s
+            library_s += BYTES * dim * dim / (HBM_BYTES_PER_S * STREAM_EFFICIENCY)  # the kernel reads the product
+            if ones:  # X~ = [X, 1] by a torch cat: X read, X~ written
+                library_s += BYTES * 2 * n * dim / (HBM_BYTES_PER_S * STREAM_EFFICIENCY)
+                library_torch += 2
+            library_torch += 1  # the product's allocation
+            library_calls += 1
+            blocks += t
+            continue
         splits = row_slices(n, tiles_total) if split_k else 1
         slabs = -(-(-(-n // splits)) // CHUNK)
         blocks += t * splits
@@ -317,8 +376,6 @@ def factor_update(layers: Sequence[Tuple[int, int, bool]], shape: str = "", conv
             reduce_blocks += t
             reduce_longest = max(reduce_longest, splits)
             partial_bytes += 2 * t * splits * TILE * TILE * BYTES  # written, then read back
-        flops += n * dim * (dim + 1)  # one triangle, multiply and add
-        bytes_moved += BYTES * (n * d + 2 * dim * dim)  # X, then F read and written
     resident = blocks_per_sm(GEMM_THREADS, FACTOR_SHARED_BYTES)
     cycles = grid_cycles(blocks, work / blocks, pipe, SLAB_LATENCY_CYCLES, resident, BLOCK_FIXED_CYCLES, longest)
     critical = longest * (pipe + SLAB_LATENCY_CYCLES) + BLOCK_FIXED_CYCLES
@@ -334,21 +391,29 @@ def factor_update(layers: Sequence[Tuple[int, int, bool]], shape: str = "", conv
         reduce_s = max(reduce_cycles / CLOCK_HZ, partial_bytes / 2 / (HBM_BYTES_PER_S * STREAM_EFFICIENCY))
         device += reduce_s + partial_bytes / 2 / L2_BYTES_PER_S
         launches, uploads = 2, 2 * UPLOADS_PER_CALL  # the split layers' own table
-    return _finish("factor_update_", shape, device, limiter, flops, bytes_moved, launches, 0, uploads, 0,
+    if library_calls:
+        device += library_s
+        limiter = "cuBLAS" if library_s > device / 2 else limiter
+    return _finish("factor_update_", shape, device, limiter, flops, bytes_moved, launches, library_calls,
+                   uploads + library_torch, 0,
                    {"blocks": blocks, "sms_busy": min(blocks, SMS), "critical_path_s": critical / CLOCK_HZ,
                     "slab_pipe_cycles": pipe, "inner_loop_peak_fraction": inner_loop_peak_fraction(),
-                    "reduce_s": reduce_s})
+                    "reduce_s": reduce_s, "library_s": library_s},
+                   max(FP32_PEAK_FLOPS, PRECISION_PEAKS[precision]) if library_calls else FP32_PEAK_FLOPS)
 
 
 def precondition(layers: Sequence[Tuple[int, int]], shape: str = "", q_row_major: bool = False,
-                 loads_along_k: Optional[bool] = None) -> Estimate:
+                 loads_along_k: Optional[bool] = None, min_macs: Optional[int] = None,
+                 precision: str = "ieee") -> Estimate:
     """ops.precondition, full-rank layers (out o, in k): the four grouped GEMM stages of precondition.cu.
     The eigenvectors QA, QG come column-major from eigh_batched (q_row_major=False); M, T, V are row-major.
-    `loads_along_k`: see coalesced_a; None: GEMM_LOADS_ALONG_K."""
+    `loads_along_k`: see coalesced_a; None: GEMM_LOADS_ALONG_K. A product of m n k >= min_macs (None:
+    LIBRARY_MIN_MACS) is a cuBLAS call in `precision`; only stage 2's (its epilogue, the division)
+    then keeps an entry in the grouped launch, with no products (float32 gradients: stage 4 stores as is)."""
     _check_layers("precondition", layers, 2)
     q, lk = q_row_major, GEMM_LOADS_ALONG_K if loads_along_k is None else loads_along_k
     stages = [[], [], [], []]
-    flops, bytes_moved = 0.0, 0.0
+    flops, bytes_moved, library_s, library_calls, library_torch = 0.0, 0.0, 0.0, 0, 0
     for o, k in layers:
         # entry(M, F, QA, F, T); entry(QG, T, T, F, V); entry(V, F, QA, T, T); entry(QG, F, T, F, out)
         ops_ = [(o, k, k, coalesced_a(True, False, lk), coalesced_b(q, False, lk)),
@@ -356,16 +421,43 @@ def precondition(layers: Sequence[Tuple[int, int]], shape: str = "", q_row_major
                 (o, k, k, coalesced_a(True, False, lk), coalesced_b(q, True, lk)),
                 (o, k, o, coalesced_a(q, False, lk), coalesced_b(True, False, lk))]
         for s, (m, n, depth, ca, cb) in enumerate(ops_):
-            stages[s].append(Gemm(m, n, depth, 2 - int(ca) - int(cb)))
+            if _library(m, n, depth, min_macs):
+                library_s += library_gemm_seconds(m, n, depth, precision)["seconds"]
+                library_calls += 1
+                if s == 1:  # the division by the damped eigenvalue products, from the library's Y
+                    stages[s].append(Gemm(m, n, 0))
+                    library_torch += 1  # Y's allocation
+            else:
+                stages[s].append(Gemm(m, n, depth, 2 - int(ca) - int(cb)))
         flops += 2 * o * k * (2 * k + 2 * o)
         bytes_moved += BYTES * (2 * o * k + k * k + o * o + o + k)
     parts = [gemm_launch_seconds(s) for s in stages]
+    launches = sum(1 for s in stages if s)
     uncoalesced = sum(g.uncoalesced for s in stages for g in s[:1])
-    return _finish("precondition", shape, sum(p["seconds"] for p in parts), "shared-memory pipe (grouped GEMM)",
-                   flops, bytes_moved, 4, 0, UPLOADS_PER_CALL, 0,
+    grouped_s = sum(p["seconds"] for p in parts)
+    limiter = "cuBLAS" if library_s > grouped_s else "shared-memory pipe (grouped GEMM)"
+    return _finish("precondition", shape, grouped_s + library_s, limiter,
+                   flops, bytes_moved, launches, library_calls, UPLOADS_PER_CALL + library_torch, 0,
                    {"blocks_per_stage": parts[0]["blocks"], "stage_s": [p["seconds"] for p in parts],
-                    "uncoalesced_operands_of_8": uncoalesced,
-                    "inner_loop_peak_fraction": inner_loop_peak_fraction()})
+                    "library_s": library_s, "uncoalesced_operands_of_8": uncoalesced,
+                    "inner_loop_peak_fraction": inner_loop_peak_fraction()},
+                   max(FP32_PEAK_FLOPS, PRECISION_PEAKS[precision]) if library_calls else FP32_PEAK_FLOPS)
+
+
+def library_crossover(widths: Sequence[int] = (128, 192, 256, 320, 384, 512, 768, 1024, 2048),
+                      depth: int = 12) -> List[dict]:
+    """precondition of `depth` square layers (w x w+1) all in the grouped kernels, all in cuBLAS
+    (IEEE and TF32): where the library starts to pay, the basis of LIBRARY_MIN_MACS."""
+    rows = []
+    for w in widths:
+        layers = [(w, w + 1)] * depth
+        grouped = precondition(layers, min_macs=1 << 62).model_s
+        ieee = precondition(layers, min_macs=0, precision="ieee").model_s
+        tf32 = precondition(layers, min_macs=0, precision="tf32").model_s
+        rows.append({"width": w, "macs_per_product": w * (w + 1) * (w + 1), "grouped_s": grouped,
+                     "library_ieee_s": ieee, "library_tf32_s": tf32, "default_path":
+                     "library" if _library(w, w + 1, w + 1, None) else "grouped"})
+    return rows
 
 
 def jacobi_block_cycles(n: int, sweeps: int, resident: int) -> Dict[str, float]:
@@ -502,11 +594,16 @@ def table(sweeps_small: int = JACOBI_SWEEPS) -> List[Estimate]:
     small, wide = "MLP 12 x 256, batch 128", "1 layer 4096 x 4096"
     return [
         factor_update([(128, 256, True)] * 12 + [(128, 256, False)] * 12, small),
-        factor_update([(100_000, 300, True)], "conv factor: 1e5 rows x 300 (+1)", split_k=True),
-        factor_update([(100_000, 300, True)], "same, without split-K", split_k=False),
+        factor_update([(100_000, 300, True)], "conv factor: 1e5 rows x 300 (+1)", split_k=True, min_macs=1 << 62),
+        factor_update([(100_000, 300, True)], "same, without split-K", split_k=False, min_macs=1 << 62),
+        factor_update([(4096, 1024, True)] * 8, "8 dense: 4096 rows x 1024 (+1), kernel", min_macs=1 << 62),
+        factor_update([(4096, 1024, True)] * 8, "same, cuBLAS (default)"),
+        factor_update([(4096, 1024, True)] * 8, "same, cuBLAS TF32", precision="tf32"),
         precondition(mlp_layers(12, 256), small),
-        precondition([(4096, 4097)], wide),
-        precondition([(4096, 4097)], "same, strided operand reads (before)", loads_along_k=False),
+        precondition([(4096, 4097)], wide + ", grouped kernels", min_macs=1 << 62),
+        precondition([(4096, 4097)], "same, strided operand reads (before)", loads_along_k=False, min_macs=1 << 62),
+        precondition([(4096, 4097)], wide + ", cuBLAS (default)"),
+        precondition([(4096, 4097)], wide + ", cuBLAS TF32", precision="tf32"),
         eigh_batched([257] * 12 + [256] * 12, small + " (syevBatched)"),
         eigh_batched([4097, 4096], wide + " (syevd)"),
         eigh_batched([17] * 12 + [16] * 12, "MLP 12 x 16 (Jacobi)", sweeps_small),
@@ -554,7 +651,8 @@ def emulated_counts(quick: bool = False) -> dict:
         """Counts fn's launches; `model` is the model's estimate for a call of that path and layer count."""
         with emulation.count() as c:
             fn()
-        device_calls = sum(v for k, v in c.by_name.items() if k.startswith("cusolver") and not k.endswith("_bufferSize"))
+        device_calls = sum(v for k, v in c.by_name.items()
+                           if k.startswith("cublas") or (k.startswith("cusolver") and not k.endswith("_bufferSize")))
         out["per_call"][name] = {"launches": c.launches, "library_calls": c.library_calls,
                                  "device_library_calls": device_calls, "barriers": c.barriers, "by_name": c.by_name,
                                  "model_launches": model.launches, "model_library_calls": model.library_calls}
@@ -582,6 +680,14 @@ def emulated_counts(quick: bool = False) -> dict:
     counted("precondition (12 layers)", precondition([(8, 9)] * 12), lambda: ops.precondition(
         [torch.randn(8, 9, generator=g) for _ in range(depth)], QA, [torch.rand(9)] * depth, QG,
         [torch.rand(8)] * depth, 0.03, impl="emulated"))
+    with ops.using_library_gemms(min_macs=0, precision="ieee"):  # every product in cuBLAS
+        counted("precondition, cuBLAS (12 layers)", precondition([(8, 9)] * 12, min_macs=0), lambda: ops.precondition(
+            [torch.randn(8, 9, generator=g) for _ in range(depth)], QA, [torch.rand(9)] * depth, QG,
+            [torch.rand(8)] * depth, 0.03, impl="emulated"))
+        counted("factor_update_, cuBLAS (24 factors)", factor_update([(3, 8, True)] * 24, min_macs=0),
+                lambda: ops.factor_update_([torch.zeros(9, 9) for _ in range(2 * depth)],
+                                           [torch.randn(3, 8, generator=g) for _ in range(2 * depth)], 0.95,
+                                           [1.0] * (2 * depth), [True] * (2 * depth), impl="emulated"))
     counted("damped_inverse (24 matrices)", damped_inverse([9] * 12 + [8] * 12), lambda: ops.damped_inverse(
         [spd(9) for _ in range(depth)] + [spd(8) for _ in range(depth)], [0.1] * (2 * depth), impl="emulated"))
     params = [torch.randn(8, 9, generator=g) for _ in range(depth)]
@@ -634,6 +740,14 @@ def main(argv=None):
           f"(peak-FLOP bound {bound * 1e3:.3f} ms); " + ", ".join(f"{k} {e.model_s * 1e3:.2f}" for k, e in step.items())
           + f"; {launches['launches']} launches, {launches['library_calls']} library calls, "
             f"{launches['torch_ops']} torch ops and uploads")
+    crossover = library_crossover()
+    print("\nprecondition of 12 layers w x (w+1): grouped kernels against cuBLAS (IEEE, TF32), us; "
+          f"the default sends products of >= {LIBRARY_MIN_MACS} multiply-adds to cuBLAS")
+    print("| width | grouped | cuBLAS IEEE | cuBLAS TF32 | default path |")
+    print("|---|---|---|---|---|")
+    for r in crossover:
+        print(f"| {r['width']} | {r['grouped_s'] * 1e6:.0f} | {r['library_ieee_s'] * 1e6:.0f} | "
+              f"{r['library_tf32_s'] * 1e6:.0f} | {r['default_path']} |")
     if counts is not None:
         print(f"\nJacobi sweeps measured in emulation (12 x 17 + 12 x 16 SPD matrices): {counts['jacobi_sweeps_mean']:.1f}")
         print("launches per call (emulated):")
@@ -654,7 +768,7 @@ def main(argv=None):
                          "step": {"config": {"depth": 12, "width": 256, "batch": 128}, "model_s": total,
                                   "peak_flop_bound_s": bound, **launches,
                                   "ops": {k: e.as_dict() for k, e in step.items()}},
-                         "emulated_counts": counts})
+                         "library_crossover": crossover, "emulated_counts": counts})
 
 
 if __name__ == "__main__":

@@ -217,17 +217,30 @@ OP_NAMES = ["factor_update_", "factor_update_conv", "eigh_batched_jacobi", "eigh
             "ekfac_precondition", "kfac_update_"]
 
 
+# The ops with products that ops.set_library_gemms can send to cuBLAS, and the paths timed for them.
+LIBRARY_OPS = {"factor_update_", "kron_matmul", "precondition_eigen", "precondition_factored", "precondition_low_rank",
+               "ekfac_precondition"}
+PATHS = {"grouped kernels": dict(min_macs=2 ** 62), "cuBLAS IEEE": dict(min_macs=0, precision="ieee"),
+         "cuBLAS TF32": dict(min_macs=0, precision="tf32")}
+
+
 def run_ops(device, scale="small", impl="native") -> dict:
-    """Every case once (the program the sanitizer watches): {name: "ok" or the error}."""
+    """Every case once (the program the sanitizer watches), and the library ops again with every
+    product in cuBLAS ("<op>[library]": the grouped launches then only apply epilogues):
+    {name: "ok" or the error}."""
     out = {}
-    for case in op_cases(device, scale):
+    cases = op_cases(device, scale)
+    runs = [(c.name, c, {}) for c in cases] + [(c.name + "[library]", c, PATHS["cuBLAS IEEE"])
+                                                for c in cases if c.name in LIBRARY_OPS]
+    for name, case, setting in runs:
         try:
-            case.run(impl)
+            with ops.using_library_gemms(**setting):
+                case.run(impl)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
-            out[case.name] = "ok"
+            out[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, and the other ops still run
-            out[case.name] = f"{type(exc).__name__}: {exc}"
+            out[name] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -293,6 +306,14 @@ def run_timing(device, scales=("small", "large"), reps=20, warmup=3, budget_s=12
                     entry[label] = timed
                 else:
                     entry["baselines"][label] = timed
+            if case.name in LIBRARY_OPS:  # native again on each path: where cuBLAS starts to pay
+                entry["paths"] = {}
+                for label, setting in PATHS.items():
+                    try:
+                        with ops.using_library_gemms(**setting):
+                            entry["paths"][label] = measure(lambda: case.run("native"), device, reps, warmup, deadline)
+                    except Exception as exc:  # noqa: BLE001
+                        entry["paths"][label] = {"error": f"{type(exc).__name__}: {exc}"}
             native = entry.get("native", {}).get("median_ms")
             fastest = [t["median_ms"] for t in entry["baselines"].values() if "median_ms" in t]
             entry["speedup_vs_best_torch"] = (min(fastest) / native) if native and fastest else None
@@ -463,8 +484,10 @@ def summary(result: dict) -> str:
         nat = e.get("native", {}).get("median_ms")
         ref = e.get("reference", {}).get("median_ms")
         base = ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in e["baselines"].items() if "median_ms" in v)
+        paths = ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in e.get("paths", {}).items() if "median_ms" in v)
         lines.append(f"timing {e['op']:<22} {e['scale']:<5} native {nat if nat is None else round(nat, 3)} ms, "
-                     f"reference {ref if ref is None else round(ref, 3)} ms" + (f", {base} ms" if base else ""))
+                     f"reference {ref if ref is None else round(ref, 3)} ms" + (f", {base} ms" if base else "")
+                     + (f"; native by path: {paths} ms" if paths else ""))
     return "\n".join(lines)
 
 

@@ -74,6 +74,23 @@ def test_tracks_the_reference_over_50_steps(kind, backend, device, tol):
         assert torch.allclose(p.cpu(), q.cpu(), rtol=tol(1e-3, f32), atol=tol(1e-4, f32))
 
 
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_library_path_tracks_the_reference(kind, device, tol):
+    """Every product of the CUDA ops in cuBLAS (IEEE; emulated on the CPU): the same training."""
+    if device == "cpu" and not emulation.available():
+        pytest.skip("emulated backend not built")
+    backend = "emulated" if device == "cpu" else "native"
+    ref_model, ref_losses = train(kind, "reference", steps=20, device=device, damping=0.01)
+    with ng.ops.using_library_gemms(min_macs=0, precision="ieee"), emulation.count() as c:
+        model, losses = train(kind, backend, steps=20, device=device, damping=0.01)
+    assert device != "cpu" or c.by_name.get("cublasGemmEx", 0) > 0
+    f32 = torch.float32
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= tol(1e-3, f32) * abs(b) + tol(1e-5, f32)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p.cpu(), q.cpu(), rtol=tol(1e-3, f32), atol=tol(1e-4, f32))
+
+
 def test_factored_inverse_and_no_momentum_track_the_reference():
     _, ref = train("mlp", "reference", steps=20, inverse="factored", momentum=0.0, weight_decay=1e-3)
     _, nat = train("mlp", "emulated", steps=20, inverse="factored", momentum=0.0, weight_decay=1e-3)

@@ -12,6 +12,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+KERNEL = 1 << 62  # min_macs keeping every product in our kernels (the library path has its own tests)
+
 @pytest.fixture(scope="module")
 def cm():
     spec = importlib.util.spec_from_file_location("gpu_cost_model", BENCH / "gpu_cost_model.py")
@@ -57,7 +59,7 @@ def test_precondition_reads_half_its_operands_uncoalesced(cm):
 
 def test_factor_update_starved_layer_is_one_blocks_row_loop(cm):
     for n, d in ((100_000, 300), (20_000, 95)):
-        e = cm.factor_update([(n, d, True)], split_k=False)
+        e = cm.factor_update([(n, d, True)], split_k=False, min_macs=KERNEL)
         T = -(-(d + 1) // 32)
         assert e.detail["blocks"] == T * (T + 1) // 2 < cm.SMS
         assert e.device_s == pytest.approx(e.detail["critical_path_s"], rel=1e-12)
@@ -104,6 +106,9 @@ def all_estimates(cm):
         out.append(cm.factor_update([(n, d, False)], conv=True))
     for o, k in ((1, 1), (3, 700), (1000, 1000), (8192, 2049)):
         out.append(cm.precondition([(o, k)] * 3))
+        for precision in ("ieee", "tf32", "bf16"):
+            out.append(cm.precondition([(o, k)] * 3, min_macs=0, precision=precision))
+            out.append(cm.factor_update([(o, k, True)] * 3, min_macs=0, precision=precision))
     for sizes in ([1], [2, 3, 64], [64] * 2000, [65, 65], [65], [513, 513], [3000]):
         out.append(cm.eigh_batched(sizes))
         out.append(cm.damped_inverse(sizes))
@@ -116,7 +121,8 @@ def all_estimates(cm):
 def test_model_is_never_below_the_peak_flop_bound(cm):
     for e in all_estimates(cm):
         assert e.model_s >= e.peak_flop_bound_s, (e.op, e.shape)
-        assert e.device_s >= e.flops / cm.FP32_PEAK_FLOPS and e.device_s >= e.bytes / cm.HBM_BYTES_PER_S
+        assert e.device_s >= e.flops / e.detail["peak_flops"] and e.device_s >= e.bytes / cm.HBM_BYTES_PER_S
+        assert e.detail["peak_flops"] == cm.FP32_PEAK_FLOPS or e.library_calls > 0
 
 
 def test_launch_counts_follow_the_dispatch(cm):
@@ -171,9 +177,33 @@ def test_split_k_follows_row_slices_and_feeds_the_starved_sms(cm):
     assert cm.row_slices(100_000, 55) == 5  # ceil(2 x 132 / 55), rows to spare
     assert cm.row_slices(1000, 55) == 1  # slices no shorter than 512 rows
     assert cm.row_slices(10**6, 2 * cm.SMS) == 1  # enough tiles already
-    whole = cm.factor_update([(100_000, 300, True)], split_k=False)
-    split = cm.factor_update([(100_000, 300, True)], split_k=True)
+    whole = cm.factor_update([(100_000, 300, True)], split_k=False, min_macs=KERNEL)
+    split = cm.factor_update([(100_000, 300, True)], split_k=True, min_macs=KERNEL)
     assert (whole.launches, split.launches) == (1, 2)
     assert split.detail["blocks"] == 5 * whole.detail["blocks"]
     assert split.device_s < whole.device_s
     assert split.model_s >= split.peak_flop_bound_s
+
+
+def test_library_path_where_the_model_says_it_pays(cm):
+    # The default min_macs sends a product to cuBLAS exactly where the model finds cuBLAS (IEEE)
+    # faster than the grouped kernels for an MLP of that width: the default follows the estimate.
+    rows = cm.library_crossover()
+    assert rows[0]["default_path"] == "grouped" and rows[-1]["default_path"] == "library"
+    for r in rows:
+        assert (r["default_path"] == "library") == (r["library_ieee_s"] < r["grouped_s"]), r
+        if r["width"] >= 512:
+            assert r["library_tf32_s"] < r["library_ieee_s"]
+
+
+def test_library_launch_counts_follow_the_dispatch(cm):
+    # All products in cuBLAS: 4 calls per layer; only stage 2 (the division) keeps a launch.
+    e = cm.precondition([(64, 65)] * 5, min_macs=0)
+    assert (e.launches, e.library_calls) == (1, 20)
+    grouped = cm.precondition([(64, 65)] * 5, min_macs=1 << 62)
+    assert (grouped.launches, grouped.library_calls) == (4, 0)
+    f = cm.factor_update([(100, 64, True)] * 3 + [(100, 2, True)], min_macs=100 * 65 * 65)
+    assert (f.launches, f.library_calls) == (1, 3)
+    assert cm.factor_update([(100, 64, True)], conv=True, min_macs=0).library_calls == 0  # conv: the kernel
+    with pytest.raises(ValueError, match="precision"):
+        cm.library_gemm_seconds(8, 8, 8, "fp8")

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import natgrad_cuda as ng
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(_spec)
@@ -19,8 +21,17 @@ _spec.loader.exec_module(gpu_check)
 
 def test_every_op_runs_once():
     res = gpu_check.run_ops("cpu", "tiny")
-    assert set(gpu_check.OP_NAMES) <= set(res)
+    assert set(res) == set(gpu_check.OP_NAMES) | {op + "[library]" for op in gpu_check.LIBRARY_OPS}
     assert all(v == "ok" for v in res.values()), res
+
+
+@pytest.mark.skipif(not ng.emulation.available(), reason="emulated backend not built")
+def test_the_library_runs_reach_cublas():
+    # run_ops' "[library]" pass is what puts the library path under compute-sanitizer: in emulation
+    # (the CUDA source on the CPU) its calls must reach the (emulated) cuBLAS.
+    with ng.emulation.count() as c:
+        gpu_check.run_ops("cpu", "tiny", impl="emulated")
+    assert c.library_calls >= len(gpu_check.LIBRARY_OPS)
 
 
 def test_timing_covers_every_op_at_every_scale():
@@ -31,7 +42,8 @@ def test_timing_covers_every_op_at_every_scale():
     for e in entries:
         assert not e.get("skipped"), e
         assert {"op", "scale", "shape", "native", "reference", "baselines", "speedup_vs_best_torch"} <= set(e)
-        for timed in [e["native"], e["reference"], *e["baselines"].values()]:
+        assert ("paths" in e) == (e["op"] in gpu_check.LIBRARY_OPS)
+        for timed in [e["native"], e["reference"], *e["baselines"].values(), *e.get("paths", {}).values()]:
             assert set(timed) == {"median_ms", "reps"}, (e["op"], timed)
     json.dumps(out)  # JSON as it is
     # every op but the low-rank preconditioning (whose torch twin is the reference) has a torch baseline

@@ -80,7 +80,8 @@ def _case(op, dtype, grad_dtype, device):
                    for n, d in ((40, 7), (9, 16), (700, 3))])
     inputs[1] = inputs[1].T.contiguous().T  # strided: a transposed view
     ones = [True, False, True]
-    start = move([_spd(x.shape[1] + o, gen).to(dtype) for x, o in zip(inputs, ones)])
+    start = [_spd(x.shape[1] + o, gen).to(dtype) for x, o in zip(inputs, ones)]
+    start = move([(F + F.T) / 2 for F in start])  # exactly symmetric, as the optimizer's factors
 
     def run(impl):
         factors = [f.clone() for f in start]
@@ -119,9 +120,11 @@ def test_library_calls_and_launches(op):
     with ng.ops.using_library_gemms(min_macs=NONE), emulation.count() as grouped:
         run("emulated")
     assert grouped.library_calls == 0
-    with ng.ops.using_library_gemms(min_macs=ALL), emulation.count() as library:
+    with ng.ops.using_library_gemms(min_macs=ALL, precision="ieee"), emulation.count() as library:
         run("emulated")
-    assert library.by_name.get("cublasGemmEx", 0) == products
+    # factor_update_'s X~^T X~ is one SYRK in IEEE arithmetic (half a GEMM's products)
+    name = "cublasSsyrk" if op == "factor_update_" else "cublasGemmEx"
+    assert library.by_name.get(name, 0) == products == library.library_calls
     # Products whose result is stored as it is need no launch of ours; those with an epilogue (and
     # factor_update_'s decay and mirror) keep theirs, one per stage: never more launches than before.
     assert library.launches <= grouped.launches
@@ -191,6 +194,21 @@ def test_reduced_precision_float32_and_untouched_float64(op, device, cuda_impl):
             with ng.ops.using_library_gemms(min_macs=ALL, precision=precision):
                 outs.append(runb(cuda_impl))
         assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factor_update_library_gram_is_exactly_symmetric(dtype, device, cuda_impl):
+    """SYRK (IEEE) or a whole-square GEMM (TF32): either way the factor comes out bitwise symmetric,
+    the decay and scale applied by the kernel, as on the kernel's own path."""
+    run, _ = _case("factor_update_", dtype, None, device)
+    expect = run("reference")
+    for precision in ("ieee", "tf32"):
+        with ng.ops.using_library_gemms(min_macs=ALL, precision=precision):
+            got = run(cuda_impl)
+        for F in got:
+            assert torch.equal(F, F.T)
+        if precision == "ieee" or dtype == torch.float64:
+            _close(got, expect, dtype)
 
 
 def test_torch_precision_follows_torch_tf32_flag(device, cuda_impl):

@@ -17,6 +17,7 @@
 
 enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7, CUBLAS_STATUS_NOT_SUPPORTED = 15 };
 enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum cublasFillMode_t { CUBLAS_FILL_MODE_LOWER = 0, CUBLAS_FILL_MODE_UPPER = 1 };
 enum cudaDataType { CUDA_R_32F = 0, CUDA_R_64F = 1, CUDA_R_16F = 2, CUDA_R_16BF = 14 };  // cuda's values
 enum cublasComputeType_t {
   CUBLAS_COMPUTE_32F = 68,
@@ -48,6 +49,28 @@ cublasStatus_t gemm(const char* name, cublasOperation_t ta, cublasOperation_t tb
       }
       T& c = C[i + int64_t(j) * ldc];
       c = *alpha * acc + (*beta == T(0) ? T(0) : *beta * c);  // beta = 0: C is not read, as in cuBLAS
+    }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+// C = alpha op(A) op(A)^T + beta C on the `uplo` triangle of C only (the other is not touched),
+// column-major; op(A) is n x k (trans N: A is n x k, T: A is k x n).
+template <typename T>
+cublasStatus_t syrk(const char* name, cublasFillMode_t uplo, cublasOperation_t trans, int n, int k, const T* alpha,
+                    const T* A, int lda, const T* beta, T* C, int ldc) {
+  count_library_call(name);
+  if (n < 0 || k < 0 || lda < std::max(1, trans == CUBLAS_OP_N ? n : k) || ldc < std::max(1, n))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  for (int j = 0; j < n; ++j)
+    for (int i = uplo == CUBLAS_FILL_MODE_LOWER ? j : 0; i < (uplo == CUBLAS_FILL_MODE_LOWER ? n : j + 1); ++i) {
+      T acc = T(0);
+      for (int l = 0; l < k; ++l) {
+        const T a = trans == CUBLAS_OP_N ? A[i + int64_t(l) * lda] : A[l + int64_t(i) * lda];
+        const T b = trans == CUBLAS_OP_N ? A[j + int64_t(l) * lda] : A[l + int64_t(j) * lda];
+        acc += a * b;
+      }
+      T& c = C[i + int64_t(j) * ldc];
+      c = *alpha * acc + (*beta == T(0) ? T(0) : *beta * c);
     }
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -132,6 +155,15 @@ inline cublasStatus_t cublasDgemm(cublasHandle_t, cublasOperation_t ta, cublasOp
   return natgrad::emu::gemm("cublasDgemm", ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+inline cublasStatus_t cublasSsyrk(cublasHandle_t, cublasFillMode_t uplo, cublasOperation_t trans, int n, int k,
+                                  const float* alpha, const float* A, int lda, const float* beta, float* C, int ldc) {
+  return natgrad::emu::syrk("cublasSsyrk", uplo, trans, n, k, alpha, A, lda, beta, C, ldc);
+}
+inline cublasStatus_t cublasDsyrk(cublasHandle_t, cublasFillMode_t uplo, cublasOperation_t trans, int n, int k,
+                                  const double* alpha, const double* A, int lda, const double* beta, double* C,
+                                  int ldc) {
+  return natgrad::emu::syrk("cublasDsyrk", uplo, trans, n, k, alpha, A, lda, beta, C, ldc);
+}
 inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                    const void* alpha, const void* A, cudaDataType at, int lda, const void* B,
                                    cudaDataType bt, int ldb, const void* beta, void* C, cudaDataType ct, int ldc,

@@ -8,9 +8,10 @@
 // partial tile to a workspace, and a second launch sums each tile's slices in a fixed order (the
 // same bits on every run, unlike atomics) before the decay and the mirror.
 // Library path: a dense layer whose X~^T X~ is at least min_macs multiply-adds (library_gemms.h)
-// has it computed by cuBLAS (a full GEMM, so tensor cores apply; twice a triangle's products)
-// before the launch; its blocks then loop over no rows and take the upper triangle's sums from
-// that product, so the decay, the scale and the mirror are the kernel's as for any layer. Conv
+// has its upper triangle computed by cuBLAS before the launch (library_gram: a SYRK, or a GEMM for
+// the tensor cores); its blocks then loop over no rows and read their sums from that triangle
+// (both (i, j) and (j, i) of a diagonal tile from S[min][max]: the same bits), so the decay, the
+// scale and the mirror are the kernel's as for any layer. Conv
 // layers always take the kernel: their patches are never unfolded in memory.
 #include <ATen/Dispatch.h>
 
@@ -41,7 +42,7 @@ struct Layer {  // no padding bytes: upload() caches tables by their bytes
   int64_t conv;                // rows are patches of the image X (conv_factor_update_)
   int64_t shape[4];            // the image's shape
   factor_update::ConvGeometry g;
-  dev_ptr<const char> S;       // library: X~^T X~ (dim x dim, row stride dim, acc_t), n = 0
+  dev_ptr<const char> S;       // library: X~^T X~'s upper triangle (dim x dim, row stride dim, acc_t), n = 0
   int64_t library;
 };
 
@@ -102,7 +103,7 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
 #pragma unroll
     for (int q = 0; q < kTile / kRows; ++q) {
       const int64_t i = i0 + ty + q * kRows, j = j0 + tx;
-      if (i < L.dim && j < L.dim) acc[q] += S[i * L.dim + j];
+      if (i < L.dim && j < L.dim) acc[q] += S[std::min(i, j) * L.dim + std::max(i, j)];
     }
   }
   if (L.splits == 1) {
@@ -161,7 +162,7 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
         const at::Tensor& X = inputs[i];
         const at::Tensor Xt = L.dim > L.d ? at::cat({X, at::ones({L.n, 1}, X.options())}, 1) : X;
         const at::Tensor S = uninitialized({L.dim, L.dim}, factors[i].options());
-        library_gemm(Xt, true, Xt, false, S);
+        library_gram(Xt, S);
         products.push_back(S);
         L.S = device_ptr<const char>(S);
         L.library = 1;

@@ -1,5 +1,6 @@
 // Products handed to cuBLAS (library_gemms.h says which, and in what precision): C = alpha op(A)
-// op(B) + beta C for torch tensors of any strides, C of the factors' dtype (float32 or float64).
+// op(B) + beta C for torch tensors of any strides, C of the factors' dtype (float32 or float64),
+// and the symmetric X^T X (library_gram).
 // Row-major C is cuBLAS's column-major C^T = op(B)^T op(A)^T, so the call swaps the operands; an
 // operand cuBLAS cannot read in place (no unit stride, or not the factors' dtype) is copied first.
 // Used by the grouped ops (cuda/grouped_gemm.cuh) and factor_update_.
@@ -109,6 +110,40 @@ inline void library_gemm(const at::Tensor& A, bool ta, const at::Tensor& B, bool
                                     al, P.data_ptr(), data_type(P.scalar_type()), static_cast<int>(p.ld),
                                     Q.data_ptr(), data_type(Q.scalar_type()), static_cast<int>(q.ld), be,
                                     C.data_ptr(), data_type(dt), static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT));
+}
+
+// The upper triangle (i <= j) of C = X^T X (C dim x dim, row-major, of the factors' dtype; the lower
+// triangle is left unwritten or holds the same sums). Where the arithmetic is IEEE (float64, or
+// float32 without tensor cores) and X is of C's dtype, one SYRK: half a GEMM's products. Otherwise a
+// GEMM of the whole square, for the tensor cores (or bf16 and half operands as they are).
+inline void library_gram(const at::Tensor& X, const at::Tensor& C) {
+  const at::ScalarType dt = C.scalar_type();
+  const cublasComputeType_t compute = compute_type(dt, X.scalar_type());
+  if (X.scalar_type() != dt || !(compute == CUBLAS_COMPUTE_32F || compute == CUBLAS_COMPUTE_64F)) {
+    library_gemm(X, true, X, false, C);
+    return;
+  }
+  const int64_t dim = X.size(1), rows = X.size(0);
+  TORCH_CHECK(C.size(0) == dim && C.size(1) == dim && C.is_contiguous(), "library_gram: C must be a dense dim x dim matrix");
+  // Row-major C's upper triangle is column-major C's lower. X^T as cuBLAS reads it is op(A), dim x rows.
+  const at::Tensor Xc = column_major(X.t()).ok ? X : X.contiguous();
+  const ColumnMajor a = column_major(Xc.t());
+  constexpr int64_t kInt = int64_t(1) << 31;
+  TORCH_CHECK(dim < kInt && rows < kInt && a.ld < kInt, "library_gram: a dimension exceeds cuBLAS's 32-bit int");
+  if (dim == 0) return;
+  const cublasHandle_t handle = blas_handle();
+  NATGRAD_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  const int n = static_cast<int>(dim), k = static_cast<int>(rows), lda = static_cast<int>(a.ld);
+  const int ldc = static_cast<int>(std::max<int64_t>(1, dim));
+  if (dt == at::kDouble) {
+    const double one = 1.0, zero = 0.0;
+    NATGRAD_CUBLAS_CHECK(cublasDsyrk(handle, CUBLAS_FILL_MODE_LOWER, a.op, n, k, &one, Xc.data_ptr<double>(), lda,
+                                     &zero, C.data_ptr<double>(), ldc));
+  } else {
+    const float one = 1.0f, zero = 0.0f;
+    NATGRAD_CUBLAS_CHECK(cublasSsyrk(handle, CUBLAS_FILL_MODE_LOWER, a.op, n, k, &one, Xc.data_ptr<float>(), lda,
+                                     &zero, C.data_ptr<float>(), ldc));
+  }
 }
 
 }  // namespace NATGRAD_RUNTIME_NS
