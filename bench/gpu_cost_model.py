@@ -33,7 +33,7 @@ What it models, per op (the sources it reads):
       Per call and dtype, the host code adds 4 torch ops (the finiteness flags: one multi-tensor
       max-norm) and, per call, one synchronisation.
   damped_inverse (cuda/damped_inverse.cu): per matrix cuSOLVER potrf + potrs (assumed rates) and
-      the torch ops around them.
+      the torch ops around them, batched per group of equal sizes.
   kfac_update_ (cuda/kfac_update.cu): two multi-tensor launches, memory bound.
 
 Each op's estimate is the sum of its launches' device times, a fixed cost per launch, library call,
@@ -117,8 +117,8 @@ BYTES = 4  # fp32 throughout the model
 EIGH_TORCH_PER_SOLVER_CALL = 5  # solver_eigh: stack, clone, zeros(info), ne, masked_fill
 EIGH_TORCH_PER_DTYPE = 4  # the finiteness flags: _foreach_norm, stack, isfinite, all
 EIGH_TORCH_PER_CALL = 2  # cat of the flags, copy to the host (then one sync)
-INVERSE_TORCH_PER_MATRIX = 17  # cholesky_inverse: tril x 2, add, add_, eye, zeros, tril x 2, add_, eq, all, isfinite x 2, all x 2, logical_and x 2
-INVERSE_ELEMENTWISE_PASSES = 18  # those ops' reads and writes of an n x n fp32 matrix (the bool flags' passes counted as whole)
+INVERSE_TORCH_PER_GROUP = 23  # cholesky_inverses per size group: stack, tril x 2, add_, tensor, to, diagonal add_, eye, contiguous, zeros, workspace, tril x 2, add_, eq, all, isfinite x 2, all x 2, logical_and_ x 2, ...
+INVERSE_ELEMENTWISE_PASSES = 20  # those ops' reads and writes of each n x n fp32 matrix (the bool flags' passes counted as whole)
 INVERSE_TORCH_PER_CALL = 2  # stack of the flags, copy to the host (then one sync)
 UPDATE_TORCH_PER_CALL = 2  # zeros(vg), ones(nu)
 UPLOADS_PER_CALL = 1  # ASSUMPTION: the descriptor table's copy; none when upload() finds it cached (same tensors as before)
@@ -532,7 +532,8 @@ def eigh_batched(sizes: Sequence[int], shape: str = "", sweeps: int = JACOBI_SWE
 
 
 def damped_inverse(sizes: Sequence[int], shape: str = "") -> Estimate:
-    """ops.damped_inverse on fp32 matrices: per matrix cusolverDnXpotrf + cusolverDnXpotrs (B = I)."""
+    """ops.damped_inverse on fp32 matrices: per matrix cusolverDnXpotrf + cusolverDnXpotrs (B = I), the
+    torch ops around them batched per group of equal sizes."""
     if not sizes or any(n <= 0 for n in sizes):
         raise ValueError(f"damped_inverse: sizes must be positive, got {list(sizes)!r}")
     device, chains = 0.0, 0.0
@@ -546,7 +547,7 @@ def damped_inverse(sizes: Sequence[int], shape: str = "") -> Estimate:
     flops = sum(n ** 3 / 3 + 2 * n ** 3 for n in sizes)
     bytes_moved = sum(BYTES * 2 * n * n for n in sizes)
     return _finish("damped_inverse", shape, device, "cuSOLVER panel chain (assumed)", flops, bytes_moved, 0,
-                   2 * len(sizes), INVERSE_TORCH_PER_MATRIX * len(sizes) + INVERSE_TORCH_PER_CALL, 1,
+                   2 * len(sizes), INVERSE_TORCH_PER_GROUP * len(set(sizes)) + INVERSE_TORCH_PER_CALL, 1,
                    {"solver_kernel_chain_s": chains})
 
 

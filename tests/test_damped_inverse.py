@@ -152,8 +152,8 @@ def test_library_calls_per_matrix_and_one_synchronisation():
         with emulation.count() as c:
             ng.ops.damped_inverse(mats, [0.1] * len(mats), impl="emulated")
         assert c.launches == 0
-        expect = {"cusolverDnXpotrf_bufferSize": 2 * count, "cusolverDnXpotrf": 2 * count,
-                  "cusolverDnXpotrs": 2 * count}
+        # one workspace query per size (the group's calls share the workspace), two calls per matrix
+        expect = {"cusolverDnXpotrf_bufferSize": 2, "cusolverDnXpotrf": 2 * count, "cusolverDnXpotrs": 2 * count}
         assert {k: v for k, v in c.by_name.items() if k.startswith("cusolver")} == expect
 
 
@@ -196,3 +196,19 @@ def test_native_entry_points_check_too():
             op([torch.eye(2)], [1.0, 1.0])
         with pytest.raises(RuntimeError, match="float32 or float64"):
             op([torch.eye(2, dtype=torch.float16)], [1.0])
+
+
+@pytest.mark.skipif(not emulation.available(), reason="emulated backend not built")
+def test_equal_sizes_share_a_batch_but_not_their_results():
+    # The CUDA path treats equal sizes as one batch: each result is still the inverse of its own
+    # matrix with its own shift, and writing into one leaves the others as they were.
+    gen = torch.Generator().manual_seed(6)
+    mats = [spd_with_garbage(9, torch.float64, gen) for _ in range(3)]
+    shifts = [0.5, 0.01, 2.0]
+    out = ng.ops.damped_inverse(mats, shifts, impl="emulated")
+    for M, s, X in zip(mats, shifts, out):
+        check(M, s, X, torch.float64)
+    before = out[1].clone()
+    out[0].add_(1.0)
+    out[2].zero_()
+    assert torch.equal(out[1], before)

@@ -45,6 +45,21 @@ inline cudaDataType data_type(at::ScalarType t) {
   }
 }
 
+// The handle in the default math mode for one call, its mode restored after: torch configures its
+// handle for TF32 when torch.backends.cuda.matmul.allow_tf32 is set, and under that mode cuBLAS may
+// run a CUBLAS_COMPUTE_32F product on TF32 tensor cores; the compute type alone is to decide.
+struct DefaultMath {
+  explicit DefaultMath(cublasHandle_t h) : handle(h) {
+    NATGRAD_CUBLAS_CHECK(cublasGetMathMode(handle, &saved));
+    NATGRAD_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  }
+  ~DefaultMath() { cublasSetMathMode(handle, saved); }
+  DefaultMath(const DefaultMath&) = delete;
+  DefaultMath& operator=(const DefaultMath&) = delete;
+  cublasHandle_t handle;
+  cublasMath_t saved;
+};
+
 // X (r x c) as cuBLAS reads it: op N on a column-major r x c matrix (X[i][j] at i + j ld) or op T
 // on a column-major c x r one (X[i][j] at j + i ld); ok = false when neither fits its strides.
 struct ColumnMajor {
@@ -99,9 +114,7 @@ inline void library_gemm(const at::Tensor& A, bool ta, const at::Tensor& B, bool
   if (m == 0 || n == 0) return;
   const cublasComputeType_t compute = compute_type(dt, a.scalar_type());
   const cublasHandle_t handle = blas_handle();
-  // torch sets its handle's math mode from its own TF32 flag each time it hands the handle out; the
-  // compute type above decides instead (CUBLAS_COMPUTE_32F is IEEE only under the default mode).
-  NATGRAD_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  const DefaultMath math(handle);
   const double alpha64 = alpha, beta64 = beta;
   const float alpha32 = static_cast<float>(alpha), beta32 = static_cast<float>(beta);
   const void* al = dt == at::kDouble ? static_cast<const void*>(&alpha64) : &alpha32;
@@ -132,7 +145,7 @@ inline void library_gram(const at::Tensor& X, const at::Tensor& C) {
   TORCH_CHECK(dim < kInt && rows < kInt && a.ld < kInt, "library_gram: a dimension exceeds cuBLAS's 32-bit int");
   if (dim == 0) return;
   const cublasHandle_t handle = blas_handle();
-  NATGRAD_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  const DefaultMath math(handle);
   const int n = static_cast<int>(dim), k = static_cast<int>(rows), lda = static_cast<int>(a.ld);
   const int ldc = static_cast<int>(std::max<int64_t>(1, dim));
   if (dt == at::kDouble) {
