@@ -5,10 +5,12 @@ replace these estimates once it has run.
 
 What it models, per op (the sources it reads):
   grouped GEMM (cuda/grouped_gemm.cuh, cuda/grouped.cuh slab_multiply): precondition, kron_matmul.
-      A block of 32 x 8 threads computes one 32x32 tile, 4 outputs per thread. Per slab row r a
-      warp loads Bs[r][tx] once and As[r][ty + q kRows] for q = 0..3 (a broadcast: one warp has one
-      ty), i.e. 5 shared loads per 4 FMAs. One shared wavefront per clock per SM against 4 warp-FMAs
-      per clock caps the inner loop at 4 / (4 x 5) = 20% of FP32 peak. Staging a slab adds 2 shared
+      A block of 8 x 8 threads computes one 32x32 tile, 4 x 4 outputs per thread (TileShape). Per
+      slab row r a warp (4 values of ty, 8 of tx) loads As[r][ty + 8q] and Bs[r][tx + 8p] for
+      q, p = 0..3, each load one wavefront (4 or 8 distinct words), i.e. 8 shared loads per 16 FMAs.
+      One shared wavefront per clock per SM against 4 warp-FMAs per clock caps the inner loop at
+      16 / (4 x 8) = 50% of FP32 peak (it was 20% with 32 x 8 threads of 4 outputs each: 5 loads per
+      4 FMAs). Staging a slab adds 2 shared
       stores and 2 global loads per 32 elements; a global operand whose threads stride across rows
       (uncoalesced) costs one L1 wavefront per thread instead of one per warp; the kernel now reads
       every dense operand along its unit-stride index (GEMM_LOADS_ALONG_K), before that half of
@@ -19,12 +21,13 @@ What it models, per op (the sources it reads):
       edge of 32), each looping over all n rows: with fewer blocks than SMs, one block's loop is the
       critical path. Split-K (FACTOR_SPLIT_K) cuts the rows of a launch with under 2 x SMS tiles into
       slices, one block per (tile, slice), and a second launch sums them.
-  library products (cuda/library_gemm.h): a product of m n k >= LIBRARY_MIN_MACS multiply-adds goes
+  library products (cuda/library_gemm.h): a product of m n k >= LIBRARY_MIN_MACS multiply-adds (by
+      the arithmetic, as ops' default min_macs="auto") goes
       to cuBLAS: tiles of the largest edge in LIBRARY_TILES that fills the SMs, in waves, each SM at
       LIBRARY_EFFICIENCY of its share of the peak of the arithmetic (IEEE FP32, TF32 or BF16 tensor
       cores, FP64), plus one call's fixed cost; the grouped launch keeps an epilogue-only entry (one
       pass over the product) where the stage has an epilogue. library_crossover() compares the two
-      paths on MLPs of growing width: the basis of the default LIBRARY_MIN_MACS.
+      paths on MLPs of growing width: the basis of the default thresholds.
   eigh_batched (cuda/eigh_batched.cu): n <= 64, one block of 256 threads per matrix running cyclic
       Jacobi: sweeps x (m - 1) rounds x 3 barrier-separated phases; larger n goes to cuSOLVER
       (syevBatched per size group, syevd per lone matrix) at an assumed rate: a chain of dependent
@@ -92,14 +95,15 @@ POTRF_BLOCK = 64  # ASSUMPTION: panel width of cuSOLVER's blocked Cholesky and t
 POTRF_KERNELS_PER_PANEL = 3  # ASSUMPTION: panel factorisation, trsm, syrk per panel
 LIBRARY_EFFICIENCY = 0.7  # ASSUMPTION: fraction of peak a cuBLAS GEMM's busy SMs reach (large GEMMs: 60-80% in published runs)
 LIBRARY_TILES = (128, 64, 32)  # ASSUMPTION: cuBLAS's output tile edges; the model takes the largest that fills the SMs
-LIBRARY_MIN_MACS = 1 << 25  # csrc/library_gemms.h: products of m n k >= this go to cuBLAS (ops.set_library_gemms)
+LIBRARY_MIN_MACS = {"ieee": 1 << 28, "f64": 1 << 28, "tf32": 1 << 26, "bf16": 1 << 26}  # library_gemms.h kAuto: products of m n k >= this go to cuBLAS
 JACOBI_SWEEPS = 8  # ASSUMPTION: the stopping rule ends after 4-10 sweeps (eigh_batched.cu); the bench measures it in emulation
 
 # ---- Kernel facts, read from the sources ----
-TILE = 32  # grouped_gemm.cuh / factor_update.cu kTile: output tile edge = threads in x
-ROWS = 8  # kRows: threads in y; each thread owns TILE / ROWS = 4 rows of its column
+TILE = 32  # grouped.cuh TileShape::kTile: output tile edge
+EDGE = 8  # TileShape::kEdge: threads per block edge
+MICRO = TILE // EDGE  # TileShape::kMicro: each thread owns MICRO x MICRO outputs (rows ty + 8q, columns tx + 8p)
 CHUNK = 32  # kChunk: depth of the staged slabs
-GEMM_THREADS = TILE * ROWS  # 256
+GEMM_THREADS = EDGE * EDGE  # 64
 GEMM_SHARED_BYTES = 2 * CHUNK * (TILE + 1) * 4 + 32 * 4  # As, Bs (fp32) and the epilogue's scratch
 FACTOR_SHARED_BYTES = 2 * CHUNK * (TILE + 1) * 4  # As, Bs
 SPLIT_MIN_ROWS = 512  # factor_update.h kMinSliceRows: split-K's shortest row slice
@@ -176,22 +180,23 @@ def slab_pipe_cycles(uncoalesced: int, acc_bytes: int = BYTES, load_bytes: int =
     if uncoalesced not in (0, 1, 2):
         raise ValueError(f"uncoalesced must be 0, 1 or 2 operands, got {uncoalesced}")
     warps = GEMM_THREADS // WARP
-    rows_per_thread = TILE // ROWS
     wave = SHARED_BANKS * SHARED_BANK_BYTES
-    b_wavefronts = max(1, WARP * acc_bytes // wave)  # Bs[r][tx]: 32 distinct words
-    a_wavefronts = 1  # As[r][ty + q kRows]: one address per warp, a broadcast
-    inner = warps * CHUNK * (b_wavefronts + rows_per_thread * a_wavefronts)
+    # Per slab row a warp loads As[r][ty + 8q] (WARP // EDGE distinct words) and Bs[r][tx + 8p]
+    # (EDGE distinct words), MICRO of each.
+    a_wavefronts = max(1, (WARP // EDGE) * acc_bytes // wave)
+    b_wavefronts = max(1, EDGE * acc_bytes // wave)
+    inner = warps * CHUNK * MICRO * (a_wavefronts + b_wavefronts)
     warp_loads = TILE * CHUNK // WARP  # per operand and slab
-    stores = 2 * warp_loads * b_wavefronts
+    stores = 2 * warp_loads * max(1, WARP * acc_bytes // wave)  # a warp stores one 32-wide slab row
     coalesced_load = max(1, WARP * load_bytes // LINE_BYTES)
     loads = warp_loads * ((2 - uncoalesced) * coalesced_load + uncoalesced * UNCOALESCED_WAVEFRONTS)
     lanes = FP32_LANES_PER_SM if acc_bytes == 4 else FP64_LANES_PER_SM
-    fma = warps * CHUNK * rows_per_thread * WARP / lanes
+    fma = warps * CHUNK * MICRO * MICRO * WARP / lanes
     return {"inner_loop": inner, "staging": stores + loads, "fma": fma, "pipe": max(inner + stores + loads, fma)}
 
 
 def inner_loop_peak_fraction(acc_bytes: int = BYTES) -> float:
-    """The fraction of FP32 peak slab_multiply's inner loop alone can reach (shared-load bound): 0.2."""
+    """The fraction of FP32 peak slab_multiply's inner loop alone can reach (shared-load bound): 0.5."""
     c = slab_pipe_cycles(0, acc_bytes)
     return c["fma"] / c["inner_loop"]
 
@@ -266,8 +271,9 @@ def library_gemm_seconds(m: int, n: int, k: int, precision: str = "ieee") -> Dic
     return {"seconds": max(compute, hbm), "tile": edge, "waves": waves}
 
 
-def _library(m: int, n: int, k: int, min_macs: Optional[int]) -> bool:
-    return m * n * k >= (LIBRARY_MIN_MACS if min_macs is None else min_macs) and m * n * k > 0
+def _library(m: int, n: int, k: int, min_macs: Optional[int], precision: str) -> bool:
+    """Whether ops send the product to cuBLAS: min_macs None is the default "auto" threshold."""
+    return m * n * k >= (LIBRARY_MIN_MACS[precision] if min_macs is None else min_macs) and m * n * k > 0
 
 
 # ---- Per-op estimates ----
@@ -355,7 +361,7 @@ def factor_update(layers: Sequence[Tuple[int, int, bool]], shape: str = "", conv
         t = T * (T + 1) // 2  # factor_update::upper_tile_count
         flops += n * dim * (dim + 1)  # one triangle, multiply and add
         bytes_moved += BYTES * (n * d + 2 * dim * dim)  # X, then F read and written
-        if not conv and _library(dim, dim, n, min_macs):
+        if not conv and _library(dim, dim, n, min_macs, precision):
             # IEEE arithmetic: one SYRK, assumed half the GEMM's time; tensor cores: the whole square
             gemm_s = library_gemm_seconds(dim, dim, n, precision)["seconds"]
             library_s += gemm_s / 2 if precision in ("ieee", "f64") else gemm_s
@@ -421,7 +427,7 @@ def precondition(layers: Sequence[Tuple[int, int]], shape: str = "", q_row_major
                 (o, k, k, coalesced_a(True, False, lk), coalesced_b(q, True, lk)),
                 (o, k, o, coalesced_a(q, False, lk), coalesced_b(True, False, lk))]
         for s, (m, n, depth, ca, cb) in enumerate(ops_):
-            if _library(m, n, depth, min_macs):
+            if _library(m, n, depth, min_macs, precision):
                 library_s += library_gemm_seconds(m, n, depth, precision)["seconds"]
                 library_calls += 1
                 if s == 1:  # the division by the damped eigenvalue products, from the library's Y
@@ -444,19 +450,20 @@ def precondition(layers: Sequence[Tuple[int, int]], shape: str = "", q_row_major
                    max(FP32_PEAK_FLOPS, PRECISION_PEAKS[precision]) if library_calls else FP32_PEAK_FLOPS)
 
 
-def library_crossover(widths: Sequence[int] = (128, 192, 256, 320, 384, 512, 768, 1024, 2048),
+def library_crossover(widths: Sequence[int] = (128, 256, 384, 448, 512, 640, 768, 1024, 2048),
                       depth: int = 12) -> List[dict]:
     """precondition of `depth` square layers (w x w+1) all in the grouped kernels, all in cuBLAS
-    (IEEE and TF32): where the library starts to pay, the basis of LIBRARY_MIN_MACS."""
+    (IEEE and TF32), and on the default path of each precision: the basis of LIBRARY_MIN_MACS."""
     rows = []
     for w in widths:
         layers = [(w, w + 1)] * depth
-        grouped = precondition(layers, min_macs=1 << 62).model_s
-        ieee = precondition(layers, min_macs=0, precision="ieee").model_s
-        tf32 = precondition(layers, min_macs=0, precision="tf32").model_s
-        rows.append({"width": w, "macs_per_product": w * (w + 1) * (w + 1), "grouped_s": grouped,
-                     "library_ieee_s": ieee, "library_tf32_s": tf32, "default_path":
-                     "library" if _library(w, w + 1, w + 1, None) else "grouped"})
+        row = {"width": w, "macs_per_product": w * (w + 1) * (w + 1),
+               "grouped_s": precondition(layers, min_macs=1 << 62).model_s}
+        for precision in ("ieee", "tf32"):
+            row[f"library_{precision}_s"] = precondition(layers, min_macs=0, precision=precision).model_s
+            row[f"default_{precision}_s"] = precondition(layers, precision=precision).model_s
+            row[f"default_{precision}_path"] = "library" if _library(w, w + 1, w + 1, None, precision) else "grouped"
+        rows.append(row)
     return rows
 
 
@@ -730,7 +737,7 @@ def main(argv=None):
     step = step_estimates(12, 256, 128)
     print(NOTE)
     print(f"H100 SXM, {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz; slab_multiply's inner loop reaches at most "
-          f"{inner_loop_peak_fraction():.0%} of FP32 peak (5 shared loads per 4 FMAs); "
+          f"{inner_loop_peak_fraction():.0%} of FP32 peak (8 shared loads per 16 FMAs); "
           f"{blocks_per_sm(GEMM_THREADS, GEMM_SHARED_BYTES)} GEMM blocks per SM (assumed {REGISTERS_PER_THREAD} registers)")
     for line in format_rows(rows):
         print(line)
@@ -743,12 +750,13 @@ def main(argv=None):
             f"{launches['torch_ops']} torch ops and uploads")
     crossover = library_crossover()
     print("\nprecondition of 12 layers w x (w+1): grouped kernels against cuBLAS (IEEE, TF32), us; "
-          f"the default sends products of >= {LIBRARY_MIN_MACS} multiply-adds to cuBLAS")
-    print("| width | grouped | cuBLAS IEEE | cuBLAS TF32 | default path |")
-    print("|---|---|---|---|---|")
+          f"by default products of >= {LIBRARY_MIN_MACS['ieee']} (IEEE) or {LIBRARY_MIN_MACS['tf32']} (TF32) "
+          "multiply-adds go to cuBLAS")
+    print("| width | grouped | cuBLAS IEEE | cuBLAS TF32 | default path, IEEE | default path, TF32 |")
+    print("|---|---|---|---|---|---|")
     for r in crossover:
         print(f"| {r['width']} | {r['grouped_s'] * 1e6:.0f} | {r['library_ieee_s'] * 1e6:.0f} | "
-              f"{r['library_tf32_s'] * 1e6:.0f} | {r['default_path']} |")
+              f"{r['library_tf32_s'] * 1e6:.0f} | {r['default_ieee_path']} | {r['default_tf32_path']} |")
     if counts is not None:
         print(f"\nJacobi sweeps measured in emulation (12 x 17 + 12 x 16 SPD matrices): {counts['jacobi_sweeps_mean']:.1f}")
         print("launches per call (emulated):")

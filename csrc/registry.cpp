@@ -151,9 +151,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("library_gemms", [] {
     const natgrad::LibraryGemms s = natgrad::library_gemms();
     return py::make_tuple(s.min_macs, static_cast<int>(s.precision));
-  }, "Which products go to cuBLAS (min_macs) and their precision code (library_gemms.h)");
+  }, "Which products go to cuBLAS (min_macs, -1: by precision) and their precision code (library_gemms.h)");
   m.def("set_library_gemms", [](int64_t min_macs, int precision) {
-    TORCH_CHECK(min_macs >= 0 && precision >= 0 && precision <= 3, "set_library_gemms: bad setting");
+    TORCH_CHECK(min_macs >= natgrad::kAuto && precision >= 0 && precision <= 3, "set_library_gemms: bad setting");
     natgrad::set_library_gemms(natgrad::LibraryGemms{min_macs, static_cast<natgrad::GemmPrecision>(precision)});
   }, py::arg("min_macs"), py::arg("precision"));
 }

@@ -44,6 +44,7 @@ inline constexpr const char* kTestingSchemas[] = {
     "static_shared_overflow(Tensor like) -> Tensor",
     "misaligned_read(Tensor like) -> Tensor",
     "solver_batches(Tensor like, int count, int n, int limit) -> int[]",
+    "library_choice(Tensor factor, Tensor operand, int m, int n, int k) -> bool",
 };
 
 }  // namespace natgrad

@@ -26,7 +26,7 @@ from . import _ext, emulation, reference
 from ._checks import check_bool, check_number
 
 __all__ = ["factor_update_", "ConvPatches", "eigh_batched", "eigh_lowrank", "eigh_refine", "damped_inverse", "precondition",
-           "ekfac_precondition", "kron_matmul", "kfac_update_", "IMPLS", "GEMM_PRECISIONS", "library_gemms",
+           "ekfac_precondition", "kron_matmul", "kfac_update_", "IMPLS", "GEMM_PRECISIONS", "AUTO_MIN_MACS", "library_gemms",
            "set_library_gemms", "using_library_gemms"]
 
 IMPLS = (None, "reference", "native", "emulated")
@@ -36,39 +36,43 @@ _INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # ---- products handed to cuBLAS by the CUDA ops (csrc/library_gemms.h) ----
 GEMM_PRECISIONS = ("torch", "ieee", "tf32", "bf16")
-_LIBRARY_DEFAULTS = {"min_macs": 1 << 25, "precision": "torch"}
-_library_fallback = dict(_LIBRARY_DEFAULTS)  # what the setting holds without the compiled extension
+AUTO_MIN_MACS = {"ieee": 1 << 28, "tensor cores": 1 << 26}  # min_macs="auto", by the arithmetic
+_library_fallback = {"min_macs": "auto", "precision": "torch"}  # the setting without the compiled extension
 
 
 def library_gemms() -> dict:
     """Which products the CUDA ops (native on a GPU, and emulated) give to cuBLAS, and how.
 
-    ``min_macs``: a product of m x n x k multiply-adds goes to cuBLAS when m n k >= min_macs (default
-    2**25, about 323**3: a 512-wide layer's products go, a 256-wide layer's stay in the grouped
-    kernels, which run many layers per launch). ``precision`` for float32 factors (float64 factors
-    always multiply in float64): "torch" follows torch's own float32 matmul setting
-    (``torch.backends.cuda.matmul.allow_tf32``: TF32 when allowed, the default being IEEE), "ieee"
-    full float32, "tf32" TF32 tensor cores (operands rounded to 10 mantissa bits), "bf16" BF16 tensor
-    cores (7 bits); sums are float32 in every case. CPU kernels and the reference ignore it.
+    ``min_macs``: a product of m x n x k multiply-adds goes to cuBLAS when m n k >= min_macs; "auto"
+    (the default) takes 2**28 (about 645**3) for IEEE float32 and float64 products and 2**26 (about
+    406**3) where the library gets tensor cores (TF32, BF16, bf16 or fp16 inputs): from there the
+    GPU cost model (bench/gpu_cost_model.py) finds one library call faster than the grouped kernels,
+    which run many layers per launch; an estimate until scripts/gpu_check.sh measures both paths.
+    ``precision`` for float32 factors (float64 factors always multiply in float64): "torch" follows
+    torch's own float32 matmul setting (``torch.backends.cuda.matmul.allow_tf32``: TF32 when
+    allowed, the default being IEEE), "ieee" full float32, "tf32" TF32 tensor cores (operands
+    rounded to 10 mantissa bits), "bf16" BF16 tensor cores (7 bits); sums are float32 in every case.
+    CPU kernels and the reference ignore it.
     """
     if not _ext.loaded():
         return dict(_library_fallback)
     min_macs, code = _ext._C.library_gemms()
-    return {"min_macs": int(min_macs), "precision": GEMM_PRECISIONS[code]}
+    return {"min_macs": "auto" if min_macs < 0 else int(min_macs), "precision": GEMM_PRECISIONS[code]}
 
 
-def set_library_gemms(min_macs: Optional[int] = None, precision: Optional[str] = None) -> None:
+def set_library_gemms(min_macs=None, precision: Optional[str] = None) -> None:
     """Sets what ``library_gemms()`` returns (process-wide); arguments left None keep their value.
-    ``min_macs=0`` sends every product to cuBLAS, a huge value none."""
+    ``min_macs``: an int (0 sends every product to cuBLAS, a huge value none) or "auto"."""
     now = library_gemms()
     min_macs = now["min_macs"] if min_macs is None else min_macs
     precision = now["precision"] if precision is None else precision
-    if isinstance(min_macs, bool) or not isinstance(min_macs, int) or not 0 <= min_macs < 2 ** 63:
-        raise ValueError(f"min_macs must be an int in [0, 2**63), got {min_macs!r}")
+    if min_macs != "auto" and (isinstance(min_macs, bool) or not isinstance(min_macs, int)
+                               or not 0 <= min_macs < 2 ** 63):
+        raise ValueError(f"min_macs must be \"auto\" or an int in [0, 2**63), got {min_macs!r}")
     if precision not in GEMM_PRECISIONS:
         raise ValueError(f"precision must be one of {GEMM_PRECISIONS}, got {precision!r}")
     if _ext.loaded():
-        _ext._C.set_library_gemms(min_macs, GEMM_PRECISIONS.index(precision))
+        _ext._C.set_library_gemms(-1 if min_macs == "auto" else min_macs, GEMM_PRECISIONS.index(precision))
     else:
         _library_fallback.update(min_macs=min_macs, precision=precision)
 

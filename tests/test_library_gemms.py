@@ -223,10 +223,10 @@ def test_torch_precision_follows_torch_tf32_flag(device, cuda_impl):
 
 
 def test_setting_defaults_validation_and_restore():
-    assert ng.ops.library_gemms() == {"min_macs": 2 ** 25, "precision": "torch"}
+    assert ng.ops.library_gemms() == {"min_macs": "auto", "precision": "torch"}
     before = ng.ops.library_gemms()
     for bad in (dict(min_macs=-1), dict(min_macs=1.5), dict(min_macs=True), dict(min_macs=2 ** 63),
-                dict(precision="fp16"), dict(precision=None, min_macs="7")):
+                dict(precision="fp16"), dict(precision=None, min_macs="7"), dict(min_macs="Auto")):
         with pytest.raises(ValueError):
             ng.ops.set_library_gemms(**bad)
         assert ng.ops.library_gemms() == before  # a refused call changes nothing
@@ -236,7 +236,29 @@ def test_setting_defaults_validation_and_restore():
             raise RuntimeError("boom")
     assert ng.ops.library_gemms() == before
     ng.ops.set_library_gemms(precision="tf32")
-    assert ng.ops.library_gemms() == {"min_macs": 2 ** 25, "precision": "tf32"}
+    assert ng.ops.library_gemms() == {"min_macs": "auto", "precision": "tf32"}
+    ng.ops.set_library_gemms(min_macs=12)
+    ng.ops.set_library_gemms(min_macs="auto")
+    assert ng.ops.library_gemms()["min_macs"] == "auto"
+
+
+@pytest.mark.skipif(not emulation.available(), reason="emulated backend not built")
+@pytest.mark.parametrize("factor,operand,precision,threshold", [
+    (torch.float32, torch.float32, "ieee", "ieee"), (torch.float64, torch.float64, "tf32", "ieee"),
+    (torch.float32, torch.float32, "tf32", "tensor cores"), (torch.float32, torch.float32, "bf16", "tensor cores"),
+    (torch.float32, torch.bfloat16, "ieee", "tensor cores"), (torch.float64, torch.bfloat16, "ieee", "ieee")])
+def test_auto_threshold_follows_the_arithmetic(factor, operand, precision, threshold):
+    """min_macs="auto": the threshold of the arithmetic the product gets (float64 never reduced;
+    bf16 operands into float32 run on tensor cores whatever the precision); an explicit min_macs
+    overrides it. The decision itself, through the CUDA host code's own function."""
+    choice = torch.ops.natgrad_testing_emu.library_choice
+    f, x = torch.empty(0, dtype=factor), torch.empty(0, dtype=operand)
+    limit = ng.ops.AUTO_MIN_MACS[threshold]
+    with ng.ops.using_library_gemms(min_macs="auto", precision=precision):
+        assert choice(f, x, limit, 1, 1) and choice(f, x, 1, 2, limit // 2)
+        assert not choice(f, x, limit - 1, 1, 1) and not choice(f, x, 0, limit, 2)
+    with ng.ops.using_library_gemms(min_macs=5, precision=precision):
+        assert choice(f, x, 5, 1, 1) and not choice(f, x, 2, 2, 1)
 
 
 def test_cpu_kernels_and_reference_ignore_the_setting():

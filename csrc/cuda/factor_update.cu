@@ -26,9 +26,9 @@ namespace natgrad {
 namespace NATGRAD_KERNEL_NS {
 namespace {
 
-constexpr int kTile = 32;   // tile edge = threads in x
-constexpr int kRows = 8;    // threads in y; each thread owns kTile / kRows rows of the tile
-constexpr int kChunk = 32;  // rows of X staged per step
+// 8 x 8 threads per 32x32 tile, 4 x 4 outputs each; 32 rows of X staged per step (TileShape).
+constexpr int kTile = TileShape::kTile, kEdge = TileShape::kEdge, kMicro = TileShape::kMicro;
+constexpr int kChunk = TileShape::kChunk;
 
 struct Layer {  // no padding bytes: upload() caches tables by their bytes
   dev_ptr<char> F;  // typed by the kernel's template arguments
@@ -46,19 +46,20 @@ struct Layer {  // no padding bytes: upload() caches tables by their bytes
   int64_t library;
 };
 
-// F[i][j] <- decay F[i][j] + scale v for the thread's kTile / kRows elements of tile (ti, tj), and
-// the mirror outside a diagonal tile (which holds every (i, j) and its mirror, from the same sums).
+// F[i][j] <- decay F[i][j] + scale v for the thread's kMicro x kMicro elements of tile (ti, tj),
+// and the mirror outside a diagonal tile (which holds every (i, j) and its mirror, from the same
+// sums).
 template <typename acc_t>
-__device__ __forceinline__ void store_tile(const Layer& L, int64_t ti, int64_t tj, const acc_t (&acc)[kTile / kRows],
+__device__ __forceinline__ void store_tile(const Layer& L, int64_t ti, int64_t tj, const acc_t (&acc)[kMicro][kMicro],
                                            acc_t decay, int tx, int ty) {
   const dev_ptr<acc_t> F = ptr_cast<acc_t>(L.F);
   const acc_t scale = static_cast<acc_t>(L.scale);
-  const int64_t j = tj * kTile + tx;
 #pragma unroll
-  for (int q = 0; q < kTile / kRows; ++q) {
-    const int64_t i = ti * kTile + ty + q * kRows;
+  for (int e = 0; e < kMicro * kMicro; ++e) {
+    const int q = e / kMicro, p = e % kMicro;
+    const int64_t i = ti * kTile + ty + q * kEdge, j = tj * kTile + tx + p * kEdge;
     if (i >= L.dim || j >= L.dim) continue;
-    const acc_t v = factor_update::decayed<acc_t>(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q];
+    const acc_t v = factor_update::decayed<acc_t>(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q][p];
     F[i * L.fs0 + j * L.fs1] = v;
     if (ti != tj) F[j * L.fs0 + i * L.fs1] = v;
   }
@@ -78,32 +79,36 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
 
   NATGRAD_SHARED(acc_t, As, [kChunk][kTile + 1]);  // +1: no bank conflicts on the transposed read
   NATGRAD_SHARED(acc_t, Bs, [kChunk][kTile + 1]);
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  acc_t acc[kTile / kRows];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = tx + kEdge * ty, lane = tid % 32, warp = tid / 32;
+  acc_t acc[kMicro][kMicro];
 #pragma unroll
-  for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);
+  for (int q = 0; q < kMicro; ++q)
+#pragma unroll
+    for (int p = 0; p < kMicro; ++p) acc[q][p] = acc_t(0);
 
   for (int64_t k0 = row_begin; k0 < row_end; k0 += kChunk) {
-    for (int r = ty; r < kChunk; r += kRows) {  // rows at or past row_end read as zeros
+    // A warp stages one row of both panels per step, lane = column: rows at or past row_end read as zeros.
+    for (int r = warp; r < kChunk; r += TileShape::kLoadGroups) {
       if (L.conv) {  // uniform over the block
-        As[r][tx] = factor_update::load_patch<acc_t>(x, row_end, L.d, L.shape, L.xs, L.g, ones, k0 + r, i0 + tx);
-        Bs[r][tx] = factor_update::load_patch<acc_t>(x, row_end, L.d, L.shape, L.xs, L.g, ones, k0 + r, j0 + tx);
+        As[r][lane] = factor_update::load_patch<acc_t>(x, row_end, L.d, L.shape, L.xs, L.g, ones, k0 + r, i0 + lane);
+        Bs[r][lane] = factor_update::load_patch<acc_t>(x, row_end, L.d, L.shape, L.xs, L.g, ones, k0 + r, j0 + lane);
       } else {
-        As[r][tx] = factor_update::load_augmented<acc_t>(x, row_end, L.d, L.xs[0], L.xs[1], ones, k0 + r, i0 + tx);
-        Bs[r][tx] = factor_update::load_augmented<acc_t>(x, row_end, L.d, L.xs[0], L.xs[1], ones, k0 + r, j0 + tx);
+        As[r][lane] = factor_update::load_augmented<acc_t>(x, row_end, L.d, L.xs[0], L.xs[1], ones, k0 + r, i0 + lane);
+        Bs[r][lane] = factor_update::load_augmented<acc_t>(x, row_end, L.d, L.xs[0], L.xs[1], ones, k0 + r, j0 + lane);
       }
     }
     __syncthreads();
-    slab_multiply<kChunk, kTile, kRows>(As, Bs, acc, tx, ty);
+    slab_multiply(As, Bs, acc, tx, ty);
     __syncthreads();
   }
 
   if (L.library) {
     const dev_ptr<const acc_t> S = ptr_cast<const acc_t>(L.S);
 #pragma unroll
-    for (int q = 0; q < kTile / kRows; ++q) {
-      const int64_t i = i0 + ty + q * kRows, j = j0 + tx;
-      if (i < L.dim && j < L.dim) acc[q] += S[std::min(i, j) * L.dim + std::max(i, j)];
+    for (int e = 0; e < kMicro * kMicro; ++e) {
+      const int q = e / kMicro, p = e % kMicro;
+      const int64_t i = i0 + ty + q * kEdge, j = j0 + tx + p * kEdge;
+      if (i < L.dim && j < L.dim) acc[q][p] += S[std::min(i, j) * L.dim + std::max(i, j)];
     }
   }
   if (L.splits == 1) {
@@ -112,7 +117,10 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
   }
   const dev_ptr<acc_t> part = ptr_cast<acc_t>(L.work) + (tile * L.splits + slice) * (kTile * kTile);
 #pragma unroll
-  for (int q = 0; q < kTile / kRows; ++q) part[(ty + q * kRows) * kTile + tx] = acc[q];
+  for (int e = 0; e < kMicro * kMicro; ++e) {
+    const int q = e / kMicro, p = e % kMicro;
+    part[(ty + q * kEdge) * kTile + tx + p * kEdge] = acc[q][p];
+  }
 }
 
 // Split-K's second launch: one block per tile of the split layers (numbered by tile_begin in this
@@ -126,12 +134,13 @@ __global__ void factor_reduce_kernel(dev_ptr<const Layer> layers, int num_layers
   factor_update::upper_tile(tile, L.T, &ti, &tj);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const dev_ptr<const acc_t> parts = ptr_cast<const acc_t>(L.work) + tile * L.splits * (kTile * kTile);
-  acc_t acc[kTile / kRows];
+  acc_t acc[kMicro][kMicro];
 #pragma unroll
-  for (int q = 0; q < kTile / kRows; ++q) {
+  for (int e = 0; e < kMicro * kMicro; ++e) {
+    const int q = e / kMicro, p = e % kMicro;
     acc_t v = acc_t(0);
-    for (int64_t s = 0; s < L.splits; ++s) v += parts[s * (kTile * kTile) + (ty + q * kRows) * kTile + tx];
-    acc[q] = v;
+    for (int64_t s = 0; s < L.splits; ++s) v += parts[s * (kTile * kTile) + (ty + q * kEdge) * kTile + tx + p * kEdge];
+    acc[q][p] = v;
   }
   store_tile(L, ti, tj, acc, decay, tx, ty);
 }
@@ -158,7 +167,7 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
       L.S = device_ptr<const char>(factors[i]);
       make(i, &L);
       if (L.dim == 0) continue;
-      if (!L.conv && use_library(L.dim, L.dim, L.n)) {
+      if (!L.conv && use_library(L.dim, L.dim, L.n, fdt, xdt)) {
         const at::Tensor& X = inputs[i];
         const at::Tensor Xt = L.dim > L.d ? at::cat({X, at::ones({L.n, 1}, X.options())}, 1) : X;
         const at::Tensor S = uninitialized({L.dim, L.dim}, factors[i].options());
@@ -207,7 +216,7 @@ void launch_groups(at::TensorList factors, at::TensorList inputs, double decay, 
     at::Tensor split_table;
     if (!split.empty()) split_table = upload(split.data(), split.size() * sizeof(Layer), factors[first]);
 
-    const dim3 block(kTile, kRows), grid(static_cast<unsigned>(blocks));
+    const dim3 block(kEdge, kEdge), grid(static_cast<unsigned>(blocks));
     AT_DISPATCH_SWITCH(xdt, "factor_update_",
         AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
           using x_t = scalar_t;

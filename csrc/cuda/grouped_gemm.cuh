@@ -1,7 +1,7 @@
 // The grouped GEMM kernel of precondition, ekfac_precondition and kron_matmul: C = A B (+ an
 // epilogue) for many layers in one launch. Each layer's tiles are laid end to end in the grid
-// (cuda/grouped.cuh); a block computes one 32x32 tile of C, staging 32-deep slabs of A and B in
-// shared memory, accumulating in acc_t. Transposes are strides: the kernel takes any (row, column)
+// (cuda/grouped.cuh); a block of 8 x 8 threads computes one 32x32 tile of C, 4 x 4 outputs per
+// thread (TileShape), staging 32-deep slabs of A and B in shared memory, accumulating in acc_t. Transposes are strides: the kernel takes any (row, column)
 // strides of A, B, C and X.
 //
 // Epilogues (per table entry, so one launch mixes them), on v = (A B)[i][j]:
@@ -39,9 +39,8 @@ namespace natgrad {
 namespace NATGRAD_KERNEL_NS {
 namespace {
 
-constexpr int kTile = 32;   // tile edge = threads in x
-constexpr int kRows = 8;    // threads in y; each thread owns kTile / kRows rows of the tile
-constexpr int kChunk = 32;  // depth of the staged slabs
+constexpr int kTile = TileShape::kTile, kEdge = TileShape::kEdge, kMicro = TileShape::kMicro;
+constexpr int kChunk = TileShape::kChunk;
 
 enum Epilogue : int {
   kStore = 0,
@@ -92,39 +91,41 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
   const int64_t i0 = (t / G.tiles_n) * kTile, j0 = (t % G.tiles_n) * kTile;
   const dev_ptr<const a_t> a = ptr_cast<const a_t>(G.A);
   const dev_ptr<const acc_t> b = ptr_cast<const acc_t>(G.B);
-  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = tx + kEdge * ty, lane = tid % 32, warp = tid / 32;
 
   NATGRAD_SHARED(acc_t, As, [kChunk][kTile + 1]);  // As[r][x] = A[i0 + x][k0 + r]
   NATGRAD_SHARED(acc_t, Bs, [kChunk][kTile + 1]);  // Bs[r][x] = B[k0 + r][j0 + x]
   NATGRAD_SHARED(acc_t, scratch, [32]);
-  acc_t acc[kTile / kRows];
+  acc_t acc[kMicro][kMicro];
 #pragma unroll
-  for (int q = 0; q < kTile / kRows; ++q) acc[q] = acc_t(0);
+  for (int q = 0; q < kMicro; ++q)
+#pragma unroll
+    for (int p = 0; p < kMicro; ++p) acc[q][p] = acc_t(0);
 
-  // Coalesced loads: a warp (fixed ty, tx = 0..31) reads 32 consecutive elements of whichever index
-  // of each operand has unit stride; the tiles' odd row length keeps the shared writes free of bank
-  // conflicts either way. Uniform over the block (the strides are the entry's).
+  // Coalesced loads: a warp (one slab row r per step, lane = 0..31) reads 32 consecutive elements
+  // of whichever index of each operand has unit stride; the tiles' odd row length keeps the shared
+  // writes free of bank conflicts either way. Uniform over the block (the strides are the entry's).
   const bool a_along_k = G.a1 == 1 && G.a0 != 1, b_along_k = G.b0 == 1 && G.b1 != 1;
   static_assert(kChunk == kTile, "the transposed loads swap the slab's two indices");
   for (int64_t k0 = 0; k0 < G.k; k0 += kChunk) {
-    for (int r = ty; r < kChunk; r += kRows) {
-      // a_along_k: thread tx loads k index k0 + tx of row i0 + r; otherwise row i0 + tx at k0 + r.
-      const int64_t ai = i0 + (a_along_k ? r : tx), ak = k0 + (a_along_k ? tx : r);
+    for (int r = warp; r < kChunk; r += TileShape::kLoadGroups) {
+      // a_along_k: lane loads k index k0 + lane of row i0 + r; otherwise row i0 + lane at k0 + r.
+      const int64_t ai = i0 + (a_along_k ? r : lane), ak = k0 + (a_along_k ? lane : r);
       const acc_t av = (ai < G.m && ak < G.k) ? static_cast<acc_t>(a[ai * G.a0 + ak * G.a1]) : acc_t(0);
-      if (a_along_k) As[tx][r] = av; else As[r][tx] = av;
-      const int64_t bk = k0 + (b_along_k ? tx : r), bj = j0 + (b_along_k ? r : tx);
+      if (a_along_k) As[lane][r] = av; else As[r][lane] = av;
+      const int64_t bk = k0 + (b_along_k ? lane : r), bj = j0 + (b_along_k ? r : lane);
       const acc_t bv = (bk < G.k && bj < G.n) ? static_cast<acc_t>(b[bk * G.b0 + bj * G.b1]) : acc_t(0);
-      if (b_along_k) Bs[tx][r] = bv; else Bs[r][tx] = bv;
+      if (b_along_k) Bs[lane][r] = bv; else Bs[r][lane] = bv;
     }
     __syncthreads();
-    slab_multiply<kChunk, kTile, kRows>(As, Bs, acc, tx, ty);
+    slab_multiply(As, Bs, acc, tx, ty);
     __syncthreads();
   }
 
   const dev_ptr<const acc_t> dG = ptr_cast<const acc_t>(G.dG), dA = ptr_cast<const acc_t>(G.dA);
   precondition::Damping damp = precondition::exact(G.damping);
   if (needs_pi(G.epilogue, G.add)) {  // uniform over the block: pi from the means of the layer's eigenvalues
-    const int tid = tx + kTile * ty, nt = kTile * kRows;
+    const int nt = TileShape::kThreads;
     acc_t sa = acc_t(0), sg = acc_t(0);
     for (int64_t j = tid; j < G.nA; j += nt) sa += dA[j];
     for (int64_t i = tid; i < G.nG; i += nt) sg += dG[i];
@@ -140,12 +141,12 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
   const double over = G.add == kAddOverDamping ? damp.lambda : G.add == kAddOverGA ? damp.gA : damp.gG;
   const dev_ptr<const x_t> x = ptr_cast<const x_t>(G.X);
   const dev_ptr<c_t> c = ptr_cast<c_t>(G.C);
-  const int64_t j = j0 + tx;
 #pragma unroll
-  for (int q = 0; q < kTile / kRows; ++q) {
-    const int64_t i = i0 + ty + q * kRows;
+  for (int e = 0; e < kMicro * kMicro; ++e) {
+    const int q = e / kMicro, p = e % kMicro;
+    const int64_t i = i0 + ty + q * kEdge, j = j0 + tx + p * kEdge;
     if (i >= G.m || j >= G.n) continue;
-    acc_t v = acc[q];
+    acc_t v = acc[q][p];
     if (G.init) v += ptr_cast<const acc_t>(G.Y)[i * G.y0 + j * G.y1];
     switch (G.epilogue) {
       case kExact:
@@ -213,7 +214,7 @@ Gemm entry(const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at:
 template <typename a_t, typename c_t, typename x_t, typename acc_t>
 void launch_stage(dev_ptr<const Gemm> table, int count, int64_t tiles, stream_t stream) {
   if (tiles == 0) return;
-  const dim3 grid(static_cast<unsigned>(tiles)), block(kTile, kRows);
+  const dim3 grid(static_cast<unsigned>(tiles)), block(kEdge, kEdge);
   NATGRAD_LAUNCH((grouped_gemm_kernel<a_t, c_t, x_t, acc_t>), grid, block, 0, stream, table, count);
   NATGRAD_KERNEL_LAUNCH_CHECK();
 }
@@ -261,7 +262,7 @@ struct Stages {
   void add(size_t s, const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at::Tensor& C,
            const EpilogueArgs& e = {}) {
     const int64_t m = C.size(0), n = C.size(1), k = ta ? A.size(0) : A.size(1);
-    if (!use_library(m, n, k)) {
+    if (!use_library(m, n, k, acc, acc)) {  // operands of another dtype are converted to the factors
       gemms[s].push_back(entry(A, ta, B, tb, C, &tiles[s], e));
       return;
     }

@@ -17,13 +17,6 @@
 namespace natgrad {
 inline namespace NATGRAD_RUNTIME_NS {
 
-// Whether a product of m x n x k multiply-adds goes to the library (never an empty one).
-inline bool use_library(int64_t m, int64_t n, int64_t k) {
-  if (m <= 0 || n <= 0 || k <= 0) return false;
-  return static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) >=
-         static_cast<double>(library_gemms().min_macs);
-}
-
 // The compute type for a product into C of dtype `dt`, operands of dtype `in`.
 inline cublasComputeType_t compute_type(at::ScalarType dt, at::ScalarType in) {
   if (dt == at::kDouble) return CUBLAS_COMPUTE_64F;
@@ -34,6 +27,20 @@ inline cublasComputeType_t compute_type(at::ScalarType dt, at::ScalarType in) {
     case GemmPrecision::kBf16: return CUBLAS_COMPUTE_32F_FAST_16BF;
     default: return at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   }
+}
+
+// Whether a product of m x n x k multiply-adds into the factors' dtype `dt`, operands of dtype
+// `in`, goes to the library (never an empty one); min_macs = kAuto: by the arithmetic it would get.
+inline bool use_library(int64_t m, int64_t n, int64_t k, at::ScalarType dt, at::ScalarType in) {
+  if (m <= 0 || n <= 0 || k <= 0) return false;
+  int64_t min_macs = library_gemms().min_macs;
+  if (min_macs == kAuto) {
+    const cublasComputeType_t c = compute_type(dt, in);
+    const bool tensor_cores = c == CUBLAS_COMPUTE_32F_FAST_TF32 || c == CUBLAS_COMPUTE_32F_FAST_16BF ||
+                              (dt == at::kFloat && in != at::kFloat);
+    min_macs = tensor_cores ? kAutoTensorCores : kAutoIeee;
+  }
+  return static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) >= static_cast<double>(min_macs);
 }
 
 inline cudaDataType data_type(at::ScalarType t) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cuda/blas.h"
+#include "cuda/library_gemm.h"
 #include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
 #include "eigh_batched.h"
@@ -327,6 +328,12 @@ std::vector<int64_t> solver_batches(const at::Tensor& like, int64_t count, int64
   return eigh_batched::solver_batches(count, n, limit);
 }
 
+// Whether a product of m x n x k multiply-adds into a factor of `factor`'s dtype, operands of
+// `operand`'s dtype, goes to cuBLAS under the current setting (ops.set_library_gemms).
+bool library_choice(const at::Tensor& factor, const at::Tensor& operand, int64_t m, int64_t n, int64_t k) {
+  return use_library(m, n, k, factor.scalar_type(), operand.scalar_type());
+}
+
 // Row-major a @ b through column-major cuBLAS: C^T = B^T A^T, i.e. gemm on the same buffers with the
 // operands swapped. `miswire` passes them in row-major order instead, a wiring mistake that cuBLAS
 // (and its emulation) must reject through the leading dimensions.
@@ -379,6 +386,7 @@ NATGRAD_CUDA_IMPL(natgrad_testing, m) {
   m.impl("static_shared_overflow", &static_shared_overflow);
   m.impl("misaligned_read", &misaligned_read);
   m.impl("solver_batches", &solver_batches);
+  m.impl("library_choice", &library_choice);
 }
 
 }  // namespace NATGRAD_KERNEL_NS
