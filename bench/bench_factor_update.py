@@ -74,7 +74,10 @@ def main(argv=None):
         ef, ei, eo = make(layers, dtype, rows_override=3)
         full = layers[0][0]
         assert all(n == full for n, _, _ in layers)
-        scaled = -(-ops.library_gemms()["min_macs"] * 3 // full)
+        limit = ops.library_gemms()["min_macs"]
+        if limit == "auto":  # float32 factors: tensor cores for bf16 / fp16 rows, IEEE (torch's default) else
+            limit = ops.AUTO_MIN_MACS["tensor cores" if dtype in (torch.bfloat16, torch.float16) else "ieee"]
+        scaled = -(-limit * 3 // full)
         with ng.emulation.count() as c, ops.using_library_gemms(min_macs=scaled):
             ops.factor_update_(ef, ei, 0.95, scales, eo, impl="emulated")
         flops, bytes_moved = flops_bytes(layers, dtype)
