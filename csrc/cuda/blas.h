@@ -31,6 +31,25 @@ using cublasHandle_t = struct natgrad_emu_blas_handle*;
 
 namespace natgrad {
 namespace emu {
+// The offset of op(X)[i][l] in a column-major X of leading dimension ld.
+inline int64_t op_offset(cublasOperation_t op, int i, int l, int ld) {
+  return op == CUBLAS_OP_N ? i + int64_t(l) * ld : l + int64_t(i) * ld;
+}
+
+// C[i][j] = alpha sum_l a(i, l) b(l, j) + beta C[i][j] (column-major C, sums in Acc) for the (i, j)
+// of an m x n C that `stored` admits; beta = 0: C is not read, as in cuBLAS.
+template <typename Acc, typename T, typename LoadA, typename LoadB, typename Stored>
+void product_loop(int m, int n, int k, Acc alpha, Acc beta, T* C, int ldc, LoadA a, LoadB b, Stored stored) {
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) {
+      if (!stored(i, j)) continue;
+      Acc acc = Acc(0);
+      for (int l = 0; l < k; ++l) acc += a(i, l) * b(l, j);
+      T& c = C[i + int64_t(j) * ldc];
+      c = static_cast<T>(alpha * acc + (beta == Acc(0) ? Acc(0) : beta * static_cast<Acc>(c)));
+    }
+}
+
 // C = alpha op(A) op(B) + beta C, all column-major; op(A) is m x k, op(B) k x n, C m x n.
 template <typename T>
 cublasStatus_t gemm(const char* name, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
@@ -39,17 +58,8 @@ cublasStatus_t gemm(const char* name, cublasOperation_t ta, cublasOperation_t tb
   const int rows_a = ta == CUBLAS_OP_N ? m : k, rows_b = tb == CUBLAS_OP_N ? k : n;
   if (m < 0 || n < 0 || k < 0 || lda < std::max(1, rows_a) || ldb < std::max(1, rows_b) || ldc < std::max(1, m))
     return CUBLAS_STATUS_INVALID_VALUE;
-  for (int j = 0; j < n; ++j)
-    for (int i = 0; i < m; ++i) {
-      T acc = T(0);
-      for (int l = 0; l < k; ++l) {
-        const T a = ta == CUBLAS_OP_N ? A[i + int64_t(l) * lda] : A[l + int64_t(i) * lda];
-        const T b = tb == CUBLAS_OP_N ? B[l + int64_t(j) * ldb] : B[j + int64_t(l) * ldb];
-        acc += a * b;
-      }
-      T& c = C[i + int64_t(j) * ldc];
-      c = *alpha * acc + (*beta == T(0) ? T(0) : *beta * c);  // beta = 0: C is not read, as in cuBLAS
-    }
+  product_loop<T>(m, n, k, *alpha, *beta, C, ldc, [&](int i, int l) { return A[op_offset(ta, i, l, lda)]; },
+                  [&](int l, int j) { return B[op_offset(tb, l, j, ldb)]; }, [](int, int) { return true; });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -61,17 +71,9 @@ cublasStatus_t syrk(const char* name, cublasFillMode_t uplo, cublasOperation_t t
   count_library_call(name);
   if (n < 0 || k < 0 || lda < std::max(1, trans == CUBLAS_OP_N ? n : k) || ldc < std::max(1, n))
     return CUBLAS_STATUS_INVALID_VALUE;
-  for (int j = 0; j < n; ++j)
-    for (int i = uplo == CUBLAS_FILL_MODE_LOWER ? j : 0; i < (uplo == CUBLAS_FILL_MODE_LOWER ? n : j + 1); ++i) {
-      T acc = T(0);
-      for (int l = 0; l < k; ++l) {
-        const T a = trans == CUBLAS_OP_N ? A[i + int64_t(l) * lda] : A[l + int64_t(i) * lda];
-        const T b = trans == CUBLAS_OP_N ? A[j + int64_t(l) * lda] : A[l + int64_t(j) * lda];
-        acc += a * b;
-      }
-      T& c = C[i + int64_t(j) * ldc];
-      c = *alpha * acc + (*beta == T(0) ? T(0) : *beta * c);
-    }
+  const auto op_a = [&](int i, int l) { return A[op_offset(trans, i, l, lda)]; };
+  product_loop<T>(n, n, k, *alpha, *beta, C, ldc, op_a, [&](int l, int j) { return op_a(j, l); },
+                  [&](int i, int j) { return uplo == CUBLAS_FILL_MODE_LOWER ? i >= j : i <= j; });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -111,32 +113,21 @@ inline cublasStatus_t gemm_ex(cublasOperation_t ta, cublasOperation_t tb, int m,
   const int rows_a = ta == CUBLAS_OP_N ? m : k, rows_b = tb == CUBLAS_OP_N ? k : n;
   if (m < 0 || n < 0 || k < 0 || lda < std::max(1, rows_a) || ldb < std::max(1, rows_b) || ldc < std::max(1, m))
     return CUBLAS_STATUS_INVALID_VALUE;
+  const auto all = [](int, int) { return true; };
+  if (f64) {
+    product_loop<double>(m, n, k, *static_cast<const double*>(alpha), *static_cast<const double*>(beta),
+                         static_cast<double*>(C), ldc, [&](int i, int l) { return load_element(A, at, op_offset(ta, i, l, lda)); },
+                         [&](int l, int j) { return load_element(B, bt, op_offset(tb, l, j, ldb)); }, all);
+    return CUBLAS_STATUS_SUCCESS;
+  }
   const int bits = compute == CUBLAS_COMPUTE_32F_FAST_TF32 ? 10 : compute == CUBLAS_COMPUTE_32F_FAST_16BF ? 7 : 23;
-  const auto operand = [&](const void* p, cudaDataType t, int64_t i) -> double {
-    const double v = load_element(p, t, i);
-    return bits < 23 ? round_mantissa(static_cast<float>(v), bits) : v;
+  const auto operand = [&](const void* p, cudaDataType t, int64_t i) {
+    const float v = static_cast<float>(load_element(p, t, i));
+    return bits < 23 ? round_mantissa(v, bits) : v;
   };
-  const double a_scale = f64 ? *static_cast<const double*>(alpha) : *static_cast<const float*>(alpha);
-  const double b_scale = f64 ? *static_cast<const double*>(beta) : *static_cast<const float*>(beta);
-  for (int j = 0; j < n; ++j)
-    for (int i = 0; i < m; ++i) {
-      double acc64 = 0.0;
-      float acc32 = 0.0f;
-      for (int l = 0; l < k; ++l) {
-        const double a = operand(A, at, ta == CUBLAS_OP_N ? i + int64_t(l) * lda : l + int64_t(i) * lda);
-        const double b = operand(B, bt, tb == CUBLAS_OP_N ? l + int64_t(j) * ldb : j + int64_t(l) * ldb);
-        if (f64) acc64 += a * b; else acc32 += static_cast<float>(a) * static_cast<float>(b);
-      }
-      const int64_t c = i + int64_t(j) * ldc;
-      if (f64) {
-        double* out = static_cast<double*>(C);
-        out[c] = a_scale * acc64 + (b_scale == 0.0 ? 0.0 : b_scale * out[c]);  // beta = 0: C is not read
-      } else {
-        float* out = static_cast<float*>(C);
-        const float sa = static_cast<float>(a_scale), sb = static_cast<float>(b_scale);
-        out[c] = sa * acc32 + (sb == 0.0f ? 0.0f : sb * out[c]);
-      }
-    }
+  product_loop<float>(m, n, k, *static_cast<const float*>(alpha), *static_cast<const float*>(beta),
+                      static_cast<float*>(C), ldc, [&](int i, int l) { return operand(A, at, op_offset(ta, i, l, lda)); },
+                      [&](int l, int j) { return operand(B, bt, op_offset(tb, l, j, ldb)); }, all);
   return CUBLAS_STATUS_SUCCESS;
 }
 }  // namespace emu

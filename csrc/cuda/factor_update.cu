@@ -54,15 +54,13 @@ __device__ __forceinline__ void store_tile(const Layer& L, int64_t ti, int64_t t
                                            acc_t decay, int tx, int ty) {
   const dev_ptr<acc_t> F = ptr_cast<acc_t>(L.F);
   const acc_t scale = static_cast<acc_t>(L.scale);
-#pragma unroll
-  for (int e = 0; e < kMicro * kMicro; ++e) {
-    const int q = e / kMicro, p = e % kMicro;
-    const int64_t i = ti * kTile + ty + q * kEdge, j = tj * kTile + tx + p * kEdge;
-    if (i >= L.dim || j >= L.dim) continue;
+  for_each_output(tx, ty, [&](int q, int p, int row, int col) {
+    const int64_t i = ti * kTile + row, j = tj * kTile + col;
+    if (i >= L.dim || j >= L.dim) return;
     const acc_t v = factor_update::decayed<acc_t>(decay, F[i * L.fs0 + j * L.fs1]) + scale * acc[q][p];
     F[i * L.fs0 + j * L.fs1] = v;
     if (ti != tj) F[j * L.fs0 + i * L.fs1] = v;
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -80,11 +78,7 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
   NATGRAD_SHARED(acc_t, As, [kChunk][kTile + 1]);  // +1: no bank conflicts on the transposed read
   NATGRAD_SHARED(acc_t, Bs, [kChunk][kTile + 1]);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = tx + kEdge * ty, lane = tid % 32, warp = tid / 32;
-  acc_t acc[kMicro][kMicro];
-#pragma unroll
-  for (int q = 0; q < kMicro; ++q)
-#pragma unroll
-    for (int p = 0; p < kMicro; ++p) acc[q][p] = acc_t(0);
+  acc_t acc[kMicro][kMicro] = {};
 
   for (int64_t k0 = row_begin; k0 < row_end; k0 += kChunk) {
     // A warp stages one row of both panels per step, lane = column: rows at or past row_end read as zeros.
@@ -104,23 +98,17 @@ __global__ void factor_update_kernel(dev_ptr<const Layer> layers, int num_layers
 
   if (L.library) {
     const dev_ptr<const acc_t> S = ptr_cast<const acc_t>(L.S);
-#pragma unroll
-    for (int e = 0; e < kMicro * kMicro; ++e) {
-      const int q = e / kMicro, p = e % kMicro;
-      const int64_t i = i0 + ty + q * kEdge, j = j0 + tx + p * kEdge;
+    for_each_output(tx, ty, [&](int q, int p, int row, int col) {
+      const int64_t i = i0 + row, j = j0 + col;
       if (i < L.dim && j < L.dim) acc[q][p] += S[std::min(i, j) * L.dim + std::max(i, j)];
-    }
+    });
   }
   if (L.splits == 1) {
     store_tile(L, ti, tj, acc, decay, tx, ty);
     return;
   }
   const dev_ptr<acc_t> part = ptr_cast<acc_t>(L.work) + (tile * L.splits + slice) * (kTile * kTile);
-#pragma unroll
-  for (int e = 0; e < kMicro * kMicro; ++e) {
-    const int q = e / kMicro, p = e % kMicro;
-    part[(ty + q * kEdge) * kTile + tx + p * kEdge] = acc[q][p];
-  }
+  for_each_output(tx, ty, [&](int q, int p, int row, int col) { part[row * kTile + col] = acc[q][p]; });
 }
 
 // Split-K's second launch: one block per tile of the split layers (numbered by tile_begin in this
@@ -134,14 +122,10 @@ __global__ void factor_reduce_kernel(dev_ptr<const Layer> layers, int num_layers
   factor_update::upper_tile(tile, L.T, &ti, &tj);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const dev_ptr<const acc_t> parts = ptr_cast<const acc_t>(L.work) + tile * L.splits * (kTile * kTile);
-  acc_t acc[kMicro][kMicro];
-#pragma unroll
-  for (int e = 0; e < kMicro * kMicro; ++e) {
-    const int q = e / kMicro, p = e % kMicro;
-    acc_t v = acc_t(0);
-    for (int64_t s = 0; s < L.splits; ++s) v += parts[s * (kTile * kTile) + (ty + q * kEdge) * kTile + tx + p * kEdge];
-    acc[q][p] = v;
-  }
+  acc_t acc[kMicro][kMicro] = {};
+  for_each_output(tx, ty, [&](int q, int p, int row, int col) {
+    for (int64_t s = 0; s < L.splits; ++s) acc[q][p] += parts[s * (kTile * kTile) + row * kTile + col];
+  });
   store_tile(L, ti, tj, acc, decay, tx, ty);
 }
 

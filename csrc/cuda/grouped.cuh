@@ -31,6 +31,15 @@ struct TileShape {
   static constexpr int kLoadGroups = kThreads / 32;  // warps: a slab is staged one row per warp per step
 };
 
+// f(q, p, row, col) for each of thread (tx, ty)'s outputs: acc[q][p] is the tile's (row, col).
+template <typename F>
+__device__ __forceinline__ void for_each_output(int tx, int ty, F&& f) {
+#pragma unroll
+  for (int q = 0; q < TileShape::kMicro; ++q)
+#pragma unroll
+    for (int p = 0; p < TileShape::kMicro; ++p) f(q, p, ty + q * TileShape::kEdge, tx + p * TileShape::kEdge);
+}
+
 // The inner product of a staged slab pair: acc[q][p] += sum over r of As[r][ty + q kEdge] *
 // Bs[r][tx + p kEdge]. Per slab row a warp (4 values of ty, 8 of tx) makes 2 kMicro shared loads,
 // each a broadcast over 4 or 8 distinct consecutive words (one wavefront), for kMicro^2 FMAs: 8

@@ -1,8 +1,8 @@
 // The grouped GEMM kernel of precondition, ekfac_precondition and kron_matmul: C = A B (+ an
 // epilogue) for many layers in one launch. Each layer's tiles are laid end to end in the grid
 // (cuda/grouped.cuh); a block of 8 x 8 threads computes one 32x32 tile of C, 4 x 4 outputs per
-// thread (TileShape), staging 32-deep slabs of A and B in shared memory, accumulating in acc_t. Transposes are strides: the kernel takes any (row, column)
-// strides of A, B, C and X.
+// thread (TileShape), staging 32-deep slabs of A and B in shared memory, accumulating in acc_t.
+// Transposes are strides: the kernel takes any (row, column) strides of A, B, C and X.
 //
 // Epilogues (per table entry, so one launch mixes them), on v = (A B)[i][j]:
 //   kStore                v
@@ -96,11 +96,7 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
   NATGRAD_SHARED(acc_t, As, [kChunk][kTile + 1]);  // As[r][x] = A[i0 + x][k0 + r]
   NATGRAD_SHARED(acc_t, Bs, [kChunk][kTile + 1]);  // Bs[r][x] = B[k0 + r][j0 + x]
   NATGRAD_SHARED(acc_t, scratch, [32]);
-  acc_t acc[kMicro][kMicro];
-#pragma unroll
-  for (int q = 0; q < kMicro; ++q)
-#pragma unroll
-    for (int p = 0; p < kMicro; ++p) acc[q][p] = acc_t(0);
+  acc_t acc[kMicro][kMicro] = {};
 
   // Coalesced loads: a warp (one slab row r per step, lane = 0..31) reads 32 consecutive elements
   // of whichever index of each operand has unit stride; the tiles' odd row length keeps the shared
@@ -141,11 +137,9 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
   const double over = G.add == kAddOverDamping ? damp.lambda : G.add == kAddOverGA ? damp.gA : damp.gG;
   const dev_ptr<const x_t> x = ptr_cast<const x_t>(G.X);
   const dev_ptr<c_t> c = ptr_cast<c_t>(G.C);
-#pragma unroll
-  for (int e = 0; e < kMicro * kMicro; ++e) {
-    const int q = e / kMicro, p = e % kMicro;
-    const int64_t i = i0 + ty + q * kEdge, j = j0 + tx + p * kEdge;
-    if (i >= G.m || j >= G.n) continue;
+  for_each_output(tx, ty, [&](int q, int p, int row, int col) {
+    const int64_t i = i0 + row, j = j0 + col;
+    if (i >= G.m || j >= G.n) return;
     acc_t v = acc[q][p];
     if (G.init) v += ptr_cast<const acc_t>(G.Y)[i * G.y0 + j * G.y1];
     switch (G.epilogue) {
@@ -170,7 +164,7 @@ __global__ void grouped_gemm_kernel(dev_ptr<const Gemm> table, int count) {
     }
     if (G.add != kNoAdd) v += static_cast<acc_t>(x[i * G.x0 + j * G.x1]) / acc_t(over);
     c[i * G.c0 + j * G.c1] = static_cast<c_t>(v);
-  }
+  });
 }
 
 // One stage's table entry for C = op(A) op(B) (op a transpose when ta / tb); tiles are appended to
@@ -266,8 +260,7 @@ struct Stages {
       gemms[s].push_back(entry(A, ta, B, tb, C, &tiles[s], e));
       return;
     }
-    const bool row_major = (C.stride(1) == 1 || n == 1) && (C.stride(0) >= n || m == 1);
-    if (e.epilogue == kStore && e.add == kNoAdd && C.scalar_type() == acc && row_major) {
+    if (e.epilogue == kStore && e.add == kNoAdd && C.scalar_type() == acc && row_major(C)) {
       library[s].push_back({A, ta, B, tb, C});
       return;
     }

@@ -92,14 +92,19 @@ inline ColumnMajor column_major(const at::Tensor& X) {
   return out;
 }
 
+// Whether cuBLAS can write C (m x n) in place as row-major (column-major C^T).
+inline bool row_major(const at::Tensor& C) {
+  const int64_t m = C.size(0), n = C.size(1);
+  return (C.stride(1) == 1 || n == 1) && (C.stride(0) >= std::max<int64_t>(1, n) || m == 1);
+}
+
 // C = alpha op(A) op(B) + beta C (beta = 0: C is not read). C must be row-major-strided
 // (stride(1) == 1, stride(0) >= its columns) and of the factors' dtype; A and B may be anything.
 inline void library_gemm(const at::Tensor& A, bool ta, const at::Tensor& B, bool tb, const at::Tensor& C,
                          double alpha = 1.0, double beta = 0.0) {
   const at::ScalarType dt = C.scalar_type();
   const int64_t m = C.size(0), n = C.size(1);
-  TORCH_CHECK((dt == at::kFloat || dt == at::kDouble) && (C.stride(1) == 1 || n == 1) &&
-                  (C.stride(0) >= std::max<int64_t>(1, n) || m == 1),
+  TORCH_CHECK((dt == at::kFloat || dt == at::kDouble) && row_major(C),
               "library_gemm: C must be a row-major float32 or float64 matrix");
   // Operands in C's dtype, except bf16 and half into float32 (cuBLAS multiplies those as they are).
   const auto operand = [&](const at::Tensor& X) {
